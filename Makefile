@@ -1,0 +1,59 @@
+# llamagate — `make run` serves, `make test` tests; both set themselves up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CUDA ?= 0
+LLAMA_SERVER := $(shell CUDA=$(CUDA) bash scripts/build_llama_server.sh --print-path)
+DATA_DIR ?= ./data
+PYTEST_ARGS ?=
+
+export LLAMA_SERVER_PATH ?= $(LLAMA_SERVER)
+export DATA_DIR
+
+.PHONY: help setup run test bench lint typecheck llama-server test-model docker docker-cpu clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev]'
+	@touch $@
+
+$(LLAMA_SERVER):
+	CUDA=$(CUDA) PYTHON=$(PY) bash scripts/build_llama_server.sh
+
+setup: $(STAMP) $(LLAMA_SERVER) ## virtualenv, dependencies, llama-server (built once, cached)
+
+llama-server: $(LLAMA_SERVER) ## build llama-server (CUDA=1 for GPU) into ~/.cache/llamagate
+	@echo $(LLAMA_SERVER)
+
+test-model: $(STAMP) ## write the tiny demo/test model to $(DATA_DIR)/demo/llamagate-tiny.gguf
+	$(PY) scripts/make_test_model.py $(DATA_DIR)/demo/llamagate-tiny.gguf
+
+run: setup ## serve on :8000 (health on :8001); .env is read when present
+	@set -a; [ -f .env ] && . ./.env; set +a; exec $(VENV)/bin/llamagate serve
+
+test: setup ## the whole suite against a real llama-server
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup ## gateway overhead vs direct llama-server (scripts/benchmark.py)
+	$(PY) scripts/benchmark.py
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check .
+
+typecheck: $(STAMP) ## mypy
+	$(VENV)/bin/mypy llamagate gateway health backend keys
+
+docker: ## CUDA image
+	docker build -t llamagate:cuda -f Dockerfile .
+
+docker-cpu: ## CPU image
+	docker build -t llamagate:cpu -f docker/Dockerfile.cpu .
+
+clean: ## remove the virtualenv and caches (not the llama-server cache)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,43 @@
+"""Restart policy for the backend: exponential backoff plus a circuit breaker.
+
+A crash-looping llama-server (bad model, out of VRAM) must not spin: after
+`max_failures` within `window` seconds the circuit opens, and only one probe
+start is attempted after `open_seconds`. The clock is injected for tests.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RestartPolicy:
+    max_failures: int = 5
+    window: float = 300.0
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+    open_seconds: float = 60.0
+    _failures: deque[float] = field(default_factory=deque)
+    _opened_at: float | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened_at is not None
+
+    def record_failure(self, now: float) -> float:
+        """Note a crash; return the delay before the next start attempt."""
+        self._failures.append(now)
+        while self._failures and now - self._failures[0] > self.window:
+            self._failures.popleft()
+        if len(self._failures) >= self.max_failures:
+            self._opened_at = now
+            return self.open_seconds
+        return min(self.max_delay, self.base_delay * 2 ** (len(self._failures) - 1))
+
+    def record_success(self) -> None:
+        """A start that reached ready closes the circuit; old failures still count in the window."""
+        self._opened_at = None
+
+    def recent_failures(self, now: float) -> int:
+        return sum(1 for t in self._failures if now - t <= self.window)

@@ -1,0 +1,80 @@
+"""Bounded admission to the backend: at most `limit` requests in flight, at most
+`max_queue` waiting, each waiter for at most `timeout` seconds.
+
+Waiters are served first in, first out. A waiter whose task is cancelled (its
+client went away) leaves the queue and never takes a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+
+
+class QueueFull(Exception):
+    pass
+
+
+class QueueTimeout(Exception):
+    pass
+
+
+class Admission:
+    def __init__(self, limit: int, max_queue: int, timeout: float) -> None:
+        self.limit = limit
+        self.max_queue = max_queue
+        self.timeout = timeout
+        self.in_flight = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        if self.in_flight < self.limit and not self._waiters:
+            self.in_flight += 1
+            return
+        if len(self._waiters) >= self.max_queue:
+            raise QueueFull
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.timeout)
+        except TimeoutError:
+            if fut.done() and not fut.cancelled():
+                return  # the slot arrived at the deadline: keep it
+            fut.cancel()
+            self._discard(fut)
+            raise QueueTimeout from None
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed a slot while being cancelled: give it on
+            else:
+                fut.cancel()
+                self._discard(fut)
+            raise
+
+    def _discard(self, fut: asyncio.Future[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(fut)
+
+    def release(self) -> None:
+        # hand the slot straight to the next waiter so in_flight never dips and a
+        # newcomer cannot overtake the queue
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.in_flight -= 1
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        await self.acquire()
+        try:
+            yield
+        finally:
+            self.release()

@@ -1,0 +1,113 @@
+"""The gateway app factory: wires config, upstream, admission, metrics and routes.
+
+Every background task and resource is owned by a cleanup context, so tests can
+build the app, serve it on 127.0.0.1 and tear it down without leaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway import pipeline, proxy, routes
+from gateway.admission import Admission
+from gateway.cors import Cors
+from gateway.metrics import BackendCollector, GatewayMetrics, make_registries
+from gateway.state import APP_STATE, AppState, ModelCatalog
+from gateway.upstream import Upstream
+from llamagate import runtime
+from llamagate.config import Config
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Where the backend is, as decided by the serve process (or BACKEND_URL)."""
+
+    backend_url: str
+    backend_key: str | None
+    runtime_dir: Path | None  # None: no serve process; follow the backend's /health
+    models: tuple[str, ...] = ()
+
+
+def create_app(config: Config, wiring: Wiring) -> web.Application:
+    app = web.Application(client_max_size=config.max_body_bytes)
+    made, exposed = make_registries()
+    upstream = Upstream(wiring.backend_url, wiring.backend_key,
+                        pool_size=max(16, config.concurrency_limit * 2))
+    state = AppState(
+        config=config,
+        upstream=upstream,
+        admission=Admission(config.concurrency_limit, config.max_queue_size, config.queue_timeout),
+        metrics=GatewayMetrics(made),
+        models=ModelCatalog(wiring.models, wiring.models[0] if wiring.models else None),
+        exposed_registry=exposed,
+    )
+    exposed.register(BackendCollector(lambda: (upstream.status.ready, upstream.status.restarts)))
+    app[APP_STATE] = state
+    pipeline.install(app, Cors(config.cors_origins))
+    app.router.add_get("/ping", routes.ping)
+    app.router.add_get("/health", routes.health)
+    app.router.add_get("/metrics", routes.metrics)
+    app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
+    app.cleanup_ctx.append(_upstream_ctx(state, wiring))
+    if wiring.runtime_dir is not None:
+        app.cleanup_ctx.append(_heartbeat_ctx(state, wiring.runtime_dir))
+    return app
+
+
+def _background(coro_fn: Callable[[], Coroutine[Any, Any, None]], name: str
+                ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(coro_fn(), name=name)
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return ctx
+
+
+def _upstream_ctx(state: AppState, wiring: Wiring
+                  ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await state.upstream.open()
+        if wiring.runtime_dir is not None:
+            watcher = state.upstream.follow_serve_file(wiring.runtime_dir)
+        else:
+            watcher = state.upstream.poll_health()
+        task = asyncio.create_task(watcher, name="backend-status")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await state.upstream.close()
+    return ctx
+
+
+def _heartbeat_ctx(state: AppState, runtime_dir: Path
+                   ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    path = runtime_dir / f"{runtime.WORKER_PREFIX}{os.getpid()}.json"
+
+    async def beat() -> None:
+        while True:
+            runtime.write_state(path, {
+                "in_flight": state.admission.in_flight, "queued": state.admission.queued,
+                "last_activity": state.activity.last, "draining": state.draining})
+            await asyncio.sleep(runtime.HEARTBEAT)  # heartbeat period
+
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        async with _background(beat, "heartbeat")(app):
+            yield
+        # a worker that exits cleanly must not look like a hung one
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return ctx

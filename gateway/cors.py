@@ -1,0 +1,56 @@
+"""CORS for browser clients: exact origin match, header sets computed once.
+
+Off when CORS_ORIGINS is empty. Preflight OPTIONS is answered by the middleware
+with 204, before auth, since browsers never send credentials on a preflight.
+Headers on real responses are added in `on_response_prepare`, so streamed and
+error responses get them too. `*` is answered literally and then never
+together with Allow-Credentials.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+_ALLOW_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
+_ALLOW_HEADERS = ("Authorization, Content-Type, X-API-Key, X-Request-ID, X-Request-Timeout, "
+                  "OpenAI-Organization, OpenAI-Project")
+_EXPOSE = ("X-Request-ID, Retry-After, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
+           "x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, "
+           "x-ratelimit-reset-tokens")
+
+
+class Cors:
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        self.allowed = frozenset(origins)
+        self.wildcard = "*" in self.allowed
+        self._preflight = {"Access-Control-Allow-Methods": _ALLOW_METHODS,
+                           "Access-Control-Allow-Headers": _ALLOW_HEADERS,
+                           "Access-Control-Max-Age": "600"}
+
+    def _origin_headers(self, origin: str) -> dict[str, str]:
+        if self.wildcard:
+            return {"Access-Control-Allow-Origin": "*"}
+        return {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true"}
+
+    def _allowed(self, origin: str | None) -> bool:
+        return origin is not None and (self.wildcard or origin in self.allowed)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            origin = request.headers.get("Origin")
+            headers = {"Vary": "Origin"}
+            if self._allowed(origin):
+                assert origin is not None
+                headers |= self._origin_headers(origin) | self._preflight
+            return web.Response(status=204, headers=headers)
+        return await handler(request)
+
+    async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("Origin")
+        response.headers.add("Vary", "Origin")
+        if self._allowed(origin):
+            assert origin is not None
+            response.headers.update(self._origin_headers(origin))
+            response.headers["Access-Control-Expose-Headers"] = _EXPOSE

@@ -1,0 +1,39 @@
+"""Per-request record filled in along the pipeline and read by the access log
+and metrics once the response is finished."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+EXCHANGE = "llamagate.exchange"  # aiohttp request-dict key
+
+
+@dataclass(eq=False)
+class Exchange:
+    request_id: str
+    route: str
+    started: float = field(default_factory=time.monotonic)
+    key_id: str = "-"
+    model: str = "-"
+    stream: bool = False
+    max_tokens: int | None = None
+    queue_wait: float | None = None
+    first_byte_at: float | None = None
+    tokens: tuple[int, int] | None = None
+    completed: bool = False
+    error: str | None = None
+    inference: bool = False
+    response: web.StreamResponse | None = None
+    shutdown: bool = False  # ended by a drain deadline
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_byte_at is None else self.first_byte_at - self.started
+
+
+def exchange_of(request: web.Request) -> Exchange:
+    ex: Exchange = request[EXCHANGE]
+    return ex

@@ -1,0 +1,97 @@
+"""Prometheus metrics of the gateway, bound to an injected registry.
+
+With several gateway workers (GATEWAY_WORKERS > 1) the serve process sets
+PROMETHEUS_MULTIPROC_DIR, prometheus_client then keeps values in shared files
+and `collect_registry()` sums them, so any worker's /metrics reports totals.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "llamagate_requests", "Requests answered, by route, status, model and key id",
+            ["route", "status", "model", "key_id"], registry=registry)
+        self.duration = Histogram(
+            "llamagate_request_duration_seconds", "Time from request to the end of the response",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.ttft = Histogram(
+            "llamagate_time_to_first_token_seconds",
+            "Time from request to the first byte of the response body from the backend",
+            ["model"], buckets=_TTFT_BUCKETS, registry=registry)
+        self.queue_wait = Histogram(
+            "llamagate_queue_wait_seconds", "Time spent waiting for a backend slot",
+            buckets=_QUEUE_BUCKETS, registry=registry)
+        self.prompt_tokens = Counter(
+            "llamagate_prompt_tokens", "Prompt tokens processed, from the backend's usage",
+            ["model", "key_id"], registry=registry)
+        self.completion_tokens = Counter(
+            "llamagate_completion_tokens", "Completion tokens generated, from the backend's usage",
+            ["model", "key_id"], registry=registry)
+        self.in_flight = Gauge(
+            "llamagate_in_flight_requests", "Requests holding a backend slot",
+            registry=registry, multiprocess_mode="livesum")
+        self.queue_depth = Gauge(
+            "llamagate_queue_depth", "Requests waiting for a backend slot",
+            registry=registry, multiprocess_mode="livesum")
+        self.rejections = Counter(
+            "llamagate_rejections", "Requests refused by the gateway, by reason",
+            ["reason"], registry=registry)
+
+
+class BackendCollector(Collector):
+    """Backend up/restarts, read from the live status at scrape time."""
+
+    def __init__(self, status: Callable[[], tuple[bool, int]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterable[Metric]:
+        up, restarts = self._status()
+        yield GaugeMetricFamily("llamagate_backend_up", "1 when the backend is ready", value=int(up))
+        yield GaugeMetricFamily("llamagate_backend_restarts",
+                                "Restarts of the supervised backend since boot", value=restarts)
+
+
+def make_registries() -> tuple[CollectorRegistry, CollectorRegistry]:
+    """(registry metrics are created in, registry that is exposed)."""
+    if multiprocess_enabled():
+        exposed = CollectorRegistry()
+        MultiProcessCollector(exposed)
+        return CollectorRegistry(), exposed
+    registry = CollectorRegistry()
+    return registry, registry
+
+
+def label_backend_metrics(text: str, model: str) -> str:
+    """Add a model label to each sample of llama-server's exposition."""
+    out = []
+    label = f'model="{model}"'
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            out.append(line)
+            continue
+        name, sep, rest = line.partition("{")
+        if sep:
+            out.append(f"{name}{{{label},{rest}")
+        else:
+            metric, _, value = line.partition(" ")
+            out.append(f"{metric}{{{label}}} {value}")
+    return "\n".join(out) + "\n"

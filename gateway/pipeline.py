@@ -1,0 +1,31 @@
+"""The order every request passes through, in one place (a test pins it).
+
+request id → observe (metrics, access log) → CORS preflight → errors → auth →
+handler (validation → admission → proxy → SSE relay).
+
+Errors sit inside the observers so that metrics, the access log and response
+headers (request id, CORS, added in on_response_prepare) see every error as an
+ordinary response.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.auth import auth_middleware
+from gateway.cors import Cors
+from gateway.error_middleware import error_middleware
+from gateway.observe import observe_middleware
+from gateway.request_id import echo_request_id, request_id_middleware
+
+
+def install(app: web.Application, cors: Cors) -> None:
+    app.middlewares.extend([
+        request_id_middleware,
+        observe_middleware,
+        cors.middleware,
+        error_middleware,
+        auth_middleware,
+    ])
+    app.on_response_prepare.append(echo_request_id)
+    app.on_response_prepare.append(cors.on_prepare)

@@ -1,0 +1,153 @@
+"""Forwards /v1/* requests to llama-server: validate, admit, forward, relay.
+
+The body is forwarded byte for byte; only inference routes are parsed (for
+validation, the model name and token limits). Backend work is cancelled as soon
+as the client goes away: the app runs with handler cancellation, and an
+unfinished upstream response is closed, not returned to the pool, which makes
+llama-server drop the request and free its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+from aiohttp import web
+
+from gateway import sse
+from gateway.admission import QueueFull, QueueTimeout
+from gateway.errors import (
+    BackendUnavailable,
+    BadRequest,
+    NotFound,
+    RateLimited,
+    UpstreamTimeout,
+    sse_error_event,
+)
+from gateway.exchange import Exchange, exchange_of
+from gateway.state import APP_STATE
+from gateway.usage import tokens_from_body
+from gateway.validation import validate
+
+INFERENCE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_PASS_HEADERS = ("Content-Type",)
+
+
+def request_timeout(request: web.Request, default: float) -> float:
+    raw = request.headers.get("X-Request-Timeout")
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 1 <= value <= 600:
+        raise BadRequest("X-Request-Timeout must be a number of seconds from 1 to 600",
+                         code="invalid_timeout")
+    return value
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    state = request.app[APP_STATE]
+    ex = exchange_of(request)
+    raw = await request.read()
+    if request.method == "POST" and request.path in INFERENCE_ROUTES:
+        info = validate(request.path, raw)
+        ex.inference, ex.stream, ex.max_tokens = True, info.stream, info.max_tokens
+        ex.model = state.models.resolve(info.model)
+        if ex.model is None:
+            raise NotFound(f"model '{info.model}' does not exist; available: "
+                           f"{', '.join(state.models.names)}", code="model_not_found", param="model")
+        state.activity.touch()
+    timeout = request_timeout(request, state.config.request_timeout)
+    status = state.upstream.status
+    if status.draining:
+        raise BackendUnavailable("the server is shutting down", code="shutting_down", retry_after=5)
+    if not status.ready:
+        raise BackendUnavailable(f"the backend is not ready ({status.state})", retry_after=5)
+
+    queued_at = time.monotonic()
+    metrics = state.metrics
+    metrics.queue_depth.inc()
+    try:
+        await state.admission.acquire()
+    except QueueFull:
+        metrics.rejections.labels("queue_full").inc()
+        raise RateLimited("too many requests are queued; retry shortly", code="queue_full",
+                          retry_after=1) from None
+    except QueueTimeout:
+        metrics.rejections.labels("queue_timeout").inc()
+        raise BackendUnavailable("timed out waiting for a free backend slot", code="queue_timeout",
+                                 retry_after=2) from None
+    finally:
+        metrics.queue_depth.dec()
+    ex.queue_wait = time.monotonic() - queued_at
+    metrics.in_flight.inc()
+    task = asyncio.current_task()
+    assert task is not None
+    state.active[ex] = task
+    state.idle.clear()
+    try:
+        async with asyncio.timeout(timeout):
+            return await _exchange(request, raw)
+    except asyncio.CancelledError:
+        if not ex.shutdown:
+            raise  # the client went away
+        task.uncancel()
+        return await _end_stream(ex, "the server is shutting down", "server_error", "shutting_down")
+    except TimeoutError:
+        if ex.response is not None:  # headers already sent: end the stream with an event
+            return await _end_stream(ex, f"the request exceeded its timeout of {timeout:g}s",
+                                     "timeout", "upstream_timeout")
+        raise UpstreamTimeout(f"the backend did not answer within {timeout:g}s") from None
+    finally:
+        state.admission.release()
+        metrics.in_flight.dec()
+        del state.active[ex]
+        if not state.active:
+            state.idle.set()
+
+
+async def _end_stream(ex: Exchange, message: str, type_: str, code: str) -> web.StreamResponse:
+    """Close a request cut short by shutdown: an SSE error event, or a 503."""
+    ex.error = code
+    if ex.response is None:
+        raise BackendUnavailable(message, code=code, retry_after=5)
+    await ex.response.write(sse_error_event(message, type_, code))
+    await ex.response.write_eof()
+    return ex.response
+
+
+async def _exchange(request: web.Request, raw: bytes) -> web.StreamResponse:
+    state = request.app[APP_STATE]
+    ex = exchange_of(request)
+    upstream = state.upstream
+    url = upstream.base_url + request.rel_url.path_qs
+    headers = upstream.headers(request.headers.get("Content-Type"), ex.request_id)
+    try:
+        resp = await upstream.session.request(request.method, url, data=raw or None,
+                                              headers=headers)
+    except aiohttp.ClientConnectionError as exc:
+        raise BackendUnavailable(f"cannot reach the backend ({type(exc).__name__})",
+                                 retry_after=2) from None
+    try:
+        if ex.stream and resp.status == 200 and \
+                resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+            return await sse.relay(request, resp, ex)
+        try:
+            body = await resp.read()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise BackendUnavailable(f"the backend connection broke ({type(exc).__name__})",
+                                     retry_after=2) from None
+        ex.first_byte_at = time.monotonic()
+        ex.completed = True
+        if ex.inference and resp.status == 200:
+            ex.tokens = tokens_from_body(body)
+        out_headers = {h: resp.headers[h] for h in _PASS_HEADERS if h in resp.headers}
+        return web.Response(status=resp.status, body=body, headers=out_headers)
+    finally:
+        if ex.completed:
+            resp.release()
+        else:
+            resp.close()  # unfinished: drop the connection so llama-server stops the work

@@ -1,0 +1,78 @@
+"""The gateway's own endpoints: probes on the main port and /metrics."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.metrics import label_backend_metrics
+from gateway.state import APP_STATE, AppState
+
+
+def _ping_status(state: AppState) -> int:
+    status = state.upstream.status
+    if state.draining or status.draining:
+        return 503
+    if status.ready:
+        return 200
+    return 503 if status.state in ("circuit_open", "stopped", "unreachable", "error") else 204
+
+
+async def ping(request: web.Request) -> web.Response:
+    return web.Response(status=_ping_status(request.app[APP_STATE]))
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[APP_STATE]
+    code = _ping_status(state)
+    status = {200: "healthy", 204: "initializing"}.get(code, "unhealthy")
+    if state.draining or state.upstream.status.draining:
+        status = "draining"
+    body = {
+        "status": status,
+        "backend": {"state": state.upstream.status.state,
+                    "restarts": state.upstream.status.restarts},
+        "models": list(state.models.names),
+        "in_flight": state.admission.in_flight,
+        "queued": state.admission.queued,
+        "auth": state.config.auth_enabled,
+    }
+    return web.json_response(body, status=200 if code == 200 else 503 if code == 503 else 200)
+
+
+async def _backend_metrics(state: AppState) -> str:
+    """llama-server's own llamacpp:* metrics, labelled with the model; '' if unavailable."""
+    if not state.upstream.status.ready:
+        return ""
+    upstream = state.upstream
+    try:
+        async with upstream.session.get(f"{upstream.base_url}/metrics",
+                                        headers=upstream.headers(None, "metrics-scrape"),
+                                        timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            if resp.status != 200:
+                return ""
+            text = await resp.text()
+    except (TimeoutError, aiohttp.ClientError):
+        return ""
+    return label_backend_metrics(text, state.models.default or "-")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[APP_STATE]
+    ours = generate_latest(state.exposed_registry).decode()
+    theirs = await _backend_metrics(state)
+    if "application/json" in request.headers.get("Accept", ""):
+        families = {}
+        for family in text_string_to_metric_families(ours + theirs):
+            families[family.name] = {
+                "type": family.type, "help": family.documentation,
+                "samples": [{"name": s.name, "labels": s.labels, "value": s.value}
+                            for s in family.samples]}
+        return web.Response(body=json.dumps(families), content_type="application/json")
+    return web.Response(body=(ours + theirs).encode(),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+

@@ -1,0 +1,57 @@
+"""Relays a backend SSE stream to the client as it arrives.
+
+Each chunk read from the backend is written to the client at once: no
+re-chunking, no waiting for event boundaries, no re-encoding. Only the last two
+chunks are kept (for the final event's token counts). A backend that dies mid
+stream ends the client's stream with a final error event instead of a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+
+from gateway.errors import sse_error_event
+from gateway.exchange import Exchange
+from gateway.usage import tokens_from_body
+
+log = logging.getLogger("llamagate.gateway.sse")
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+async def relay(request: web.Request, upstream: aiohttp.ClientResponse,
+                ex: Exchange) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, headers=SSE_HEADERS)
+    ex.response = response
+    await response.prepare(request)
+    prev = last = b""
+    reader = upstream.content
+    while True:
+        try:
+            chunk = await reader.readany()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            log.warning("backend stream broke: %s", type(exc).__name__)
+            ex.error = "backend_stream_error"
+            await response.write(sse_error_event(
+                "the backend stopped in the middle of the stream", "server_error",
+                "backend_disconnected"))
+            break
+        if not chunk:
+            ex.completed = True
+            break
+        if ex.first_byte_at is None:
+            ex.first_byte_at = time.monotonic()
+        # a departed client raises ConnectionResetError here; the caller closes upstream
+        await response.write(chunk)
+        prev, last = last, chunk
+    ex.tokens = tokens_from_body(prev + last)
+    await response.write_eof()
+    return response

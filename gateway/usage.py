@@ -1,0 +1,52 @@
+"""Token counts read out of backend responses without decoding whole bodies.
+
+Non-streaming bodies carry OpenAI `usage`. llama-server's final stream event
+carries `timings` (prompt_n, predicted_n) even when the client did not ask for
+`stream_options.include_usage`, so streams are counted without changing what
+the client receives.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_decoder = json.JSONDecoder()
+
+
+def _object_after(data: str, key: str) -> dict[str, Any] | None:
+    at = data.rfind(f'"{key}"')
+    if at < 0:
+        return None
+    colon = data.find(":", at)
+    if colon < 0:
+        return None
+    start = colon + 1
+    while start < len(data) and data[start] in " \t\r\n":
+        start += 1
+    try:
+        value, _ = _decoder.raw_decode(data, start)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def tokens_from_text(data: str) -> tuple[int, int] | None:
+    """(prompt, completion) from the last `usage` or `timings` object in `data`."""
+    usage = _object_after(data, "usage")
+    if usage is not None:
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+        if isinstance(prompt, int) and isinstance(completion, int):
+            return prompt, completion
+    timings = _object_after(data, "timings")
+    if timings is not None:
+        prompt, completion = timings.get("prompt_n"), timings.get("predicted_n")
+        if isinstance(prompt, int) and isinstance(completion, int):
+            return prompt, completion
+    return None
+
+
+def tokens_from_body(body: bytes) -> tuple[int, int] | None:
+    if b'"usage"' not in body and b'"timings"' not in body:
+        return None
+    return tokens_from_text(body.decode("utf-8", "replace"))

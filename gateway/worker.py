@@ -1,0 +1,93 @@
+"""A gateway worker process: `python -m gateway.worker --wiring JSON`.
+
+Started by the serve process (one or GATEWAY_WORKERS of them sharing the port
+with SO_REUSEPORT). On SIGTERM it drains: new requests get 503 with
+Retry-After, requests in flight get up to SHUTDOWN_GRACE_SECONDS to finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.app import Wiring, create_app
+from gateway.drain import drain
+from gateway.state import APP_STATE
+from llamagate.config import ConfigError, load_config
+from llamagate.logs import setup_logging
+
+log = logging.getLogger("llamagate.gateway")
+
+
+def parse_wiring(raw: str) -> Wiring:
+    data = json.loads(raw)
+    key = None
+    if data.get("backend_key_file"):
+        key = Path(data["backend_key_file"]).read_text().strip()
+    return Wiring(backend_url=data["backend_url"], backend_key=key or data.get("backend_key"),
+                  runtime_dir=Path(data["runtime_dir"]) if data.get("runtime_dir") else None,
+                  models=tuple(data.get("models", ())))
+
+
+async def run(app: web.Application, host: str, port: int, reuse_port: bool) -> None:
+    state = app[APP_STATE]
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
+    await site.start()
+    log.info("gateway listening", extra={"host": host, "port": port, "pid": os.getpid()})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        stop.set()
+        if signals > 1:
+            state.drain_deadline_now()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await stop.wait()
+    await drain(state)
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway.worker")
+    parser.add_argument("--wiring", required=True)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(os.environ)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    setup_logging("gateway", config.log_level, config.log_format)
+    wiring = parse_wiring(args.wiring)
+    app = create_app(config, wiring)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(run(app, config.host, config.port, config.gateway_workers > 1))
+    return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The health process: `python -m health.server --runtime-dir DIR`.
+
+Its own process and event loop, so it answers when the gateway is busy, hung or
+dead. It only reads the state files the other processes write; it never calls
+them, so a stuck gateway cannot make it hang. Probes here are not activity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from health.gpu import gpu_info
+from health.readiness import Verdict, judge
+from llamagate import runtime
+from llamagate.config import Config, ConfigError, load_config
+from llamagate.logs import setup_logging
+
+VERSION = "0.1.0"
+CONFIG = web.AppKey("config", Config)
+RUNTIME_DIR = web.AppKey("runtime_dir", Path)
+
+
+def _verdict(app: web.Application) -> tuple[dict[str, Any] | None, list[dict[str, Any]], Verdict]:
+    rdir = app[RUNTIME_DIR]
+    serve = runtime.read_state(rdir / runtime.SERVE_FILE)
+    workers = runtime.read_workers(rdir)
+    return serve, workers, judge(serve, workers, time.time(), app[CONFIG].gateway_workers)
+
+
+async def ping(request: web.Request) -> web.Response:
+    _, _, verdict = _verdict(request.app)
+    return web.Response(status=verdict.ping)
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    _, _, verdict = _verdict(request.app)
+    ok = verdict.ping == 200
+    return web.json_response({"ready": ok, "reason": verdict.reason},
+                             status=200 if ok else 503)
+
+
+async def health(request: web.Request) -> web.Response:
+    serve, workers, verdict = _verdict(request.app)
+    config = request.app[CONFIG]
+    serve = serve or {}
+    backend = dict(serve.get("backend", {}))
+    started = float(serve.get("started", time.time()))
+    gpus = await asyncio.to_thread(gpu_info)
+    body = {
+        "status": verdict.status,
+        "reason": verdict.reason,
+        "version": VERSION,
+        "uptime_s": round(time.time() - started, 1),
+        "platform": config.platform.value,
+        "backend": {"state": backend.get("state"), "restarts": backend.get("restarts", 0),
+                    "last_error": backend.get("last_error")},
+        "models": serve.get("models", []),
+        "in_flight": sum(int(w.get("in_flight", 0)) for w in workers),
+        "queued": sum(int(w.get("queued", 0)) for w in workers),
+        "workers": len(workers),
+        "auth": config.auth_enabled,
+        "gpu": gpus,
+    }
+    code = 503 if verdict.ping == 503 else 200
+    return web.json_response(body, status=code)
+
+
+def create_app(config: Config, runtime_dir: Path) -> web.Application:
+    app = web.Application()
+    app[CONFIG] = config
+    app[RUNTIME_DIR] = runtime_dir
+    app.router.add_get("/ping", ping)
+    app.router.add_get("/health", health)
+    app.router.add_get("/health/live", live)
+    app.router.add_get("/health/ready", ready)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="health.server")
+    parser.add_argument("--runtime-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(os.environ)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    setup_logging("health", config.log_level, config.log_format)
+    web.run_app(create_app(config, args.runtime_dir), host=config.host, port=config.port_health,
+                access_log=None, print=None, shutdown_timeout=1.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Append-only audit log of key changes (who did what to which key, and when).
+
+Details hold names, scopes and times, never secrets or hashes. Triggers in the schema refuse
+UPDATE and DELETE so the log cannot be edited through this database connection.
+"""
+
+import json
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+CLI_ACTOR: Final = "cli"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One audit record; ``actor`` is a key id or ``"cli"``."""
+
+    id: int
+    ts: float
+    actor: str
+    action: str
+    target: str | None
+    detail: dict[str, object]
+
+
+class AuditLog:
+    """Audit records in the usage database. Synchronous: call it from a thread in async code."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def record_audit(
+        self,
+        *,
+        ts: float,
+        actor: str,
+        action: str,
+        target: str | None,
+        detail: Mapping[str, object] | None = None,
+    ) -> None:
+        """Append one entry and commit it."""
+        with self._conn:
+            self._conn.execute(
+                "INSERT INTO audit_log (ts, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+                (ts, actor, action, target, json.dumps(dict(detail or {}), sort_keys=True)),
+            )
+
+    def list_audit(
+        self,
+        *,
+        target: str | None = None,
+        actor: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[AuditEntry]:
+        """Return the newest ``limit`` matching entries, oldest first."""
+        where, params = _filters(target=target, actor=actor, since=since)
+        rows = self._conn.execute(
+            "SELECT id, ts, actor, action, target, detail FROM audit_log"
+            f"{where} ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        return [
+            AuditEntry(
+                id=r[0], ts=r[1], actor=r[2], action=r[3], target=r[4], detail=json.loads(r[5])
+            )
+            for r in reversed(rows)
+        ]
+
+
+def _filters(
+    *, target: str | None, actor: str | None, since: float | None
+) -> tuple[str, tuple[object, ...]]:
+    clauses: list[str] = []
+    params: list[object] = []
+    for clause, value in (("target = ?", target), ("actor = ?", actor), ("ts >= ?", since)):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)

@@ -1,0 +1,127 @@
+"""Token usage per key, per model, per hour: the pure aggregation and the SQLite table.
+
+Hours are UTC buckets identified by their start (unix seconds, a multiple of 3600).
+"""
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+HOUR: Final = 3600
+
+
+class UsageEvent(NamedTuple):
+    """One finished request, as recorded on the request path (a NamedTuple: cheap to build)."""
+
+    key_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """Totals for one key and model within one hour."""
+
+    key_id: str
+    model: str
+    hour: int
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBatch:
+    """Events folded into per-hour increments plus each key's latest timestamp."""
+
+    rows: tuple[UsageRow, ...]
+    last_used: dict[str, float]
+
+
+def hour_bucket(ts: float) -> int:
+    """Start of the UTC hour containing ``ts``."""
+    return int(ts // HOUR) * HOUR
+
+
+def aggregate(events: Iterable[UsageEvent]) -> UsageBatch:
+    """Fold events into one increment per (key, model, hour)."""
+    totals: dict[tuple[str, str, int], list[int]] = {}
+    last_used: dict[str, float] = {}
+    for e in events:
+        t = totals.setdefault((e.key_id, e.model, hour_bucket(e.ts)), [0, 0, 0])
+        t[0] += 1
+        t[1] += e.prompt_tokens
+        t[2] += e.completion_tokens
+        if e.ts > last_used.get(e.key_id, float("-inf")):
+            last_used[e.key_id] = e.ts
+    rows = tuple(UsageRow(k, m, h, t[0], t[1], t[2]) for (k, m, h), t in totals.items())
+    return UsageBatch(rows=rows, last_used=last_used)
+
+
+class UsageStore:
+    """The usage tables. Synchronous: async code calls it through ``UsageRecorder``."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def write(self, batch: UsageBatch) -> None:
+        """Add a batch to the counters in one transaction."""
+        with self._conn:
+            self._conn.executemany(
+                "INSERT INTO usage_hourly (key_id, model, hour, requests, prompt_tokens,"
+                " completion_tokens) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (key_id, model, hour) DO UPDATE SET"
+                " requests = requests + excluded.requests,"
+                " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+                " completion_tokens = completion_tokens + excluded.completion_tokens",
+                [
+                    (r.key_id, r.model, r.hour, r.requests, r.prompt_tokens, r.completion_tokens)
+                    for r in batch.rows
+                ],
+            )
+            self._conn.executemany(
+                "INSERT INTO key_last_used (key_id, ts) VALUES (?, ?)"
+                " ON CONFLICT (key_id) DO UPDATE SET ts = max(ts, excluded.ts)",
+                list(batch.last_used.items()),
+            )
+
+    def usage(
+        self, key_id: str | None = None, since: float | None = None, until: float | None = None
+    ) -> list[UsageRow]:
+        """Rows for hours overlapping ``[since, until)``, oldest hour first.
+
+        The hour containing ``since`` is included, as hours are the finest grain stored.
+        """
+        clauses: list[str] = []
+        params: list[object] = []
+        if key_id is not None:
+            clauses.append("key_id = ?")
+            params.append(key_id)
+        if since is not None:
+            clauses.append("hour >= ?")
+            params.append(hour_bucket(since))
+        if until is not None:
+            clauses.append("hour < ?")
+            params.append(until)
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        rows = self._conn.execute(
+            "SELECT key_id, model, hour, requests, prompt_tokens, completion_tokens"
+            f" FROM usage_hourly{where} ORDER BY hour, key_id, model",
+            params,
+        ).fetchall()
+        return [UsageRow(*r) for r in rows]
+
+    def last_used(self, key_id: str) -> float | None:
+        """Time of the key's latest recorded request, or None if it was never used."""
+        row = self._conn.execute(
+            "SELECT ts FROM key_last_used WHERE key_id = ?", (key_id,)
+        ).fetchone()
+        return None if row is None else float(row[0])
+
+    def last_used_all(self) -> dict[str, float]:
+        """Latest request time of every key that has one."""
+        rows = self._conn.execute("SELECT key_id, ts FROM key_last_used")
+        return {key_id: float(ts) for key_id, ts in rows}

@@ -1,0 +1,42 @@
+"""The `llamagate` command: serve, keys, pull, make-test-model."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    command, rest = (args[0], args[1:]) if args else ("serve", [])
+    if command in ("-h", "--help", "help"):
+        print("usage: llamagate {serve|keys|pull|make-test-model} [options]")
+        return 0
+    if command == "serve":
+        from llamagate.config import ConfigError, load_config
+        from llamagate.logs import setup_logging
+        from llamagate.serve import serve
+
+        try:
+            config = load_config(os.environ)
+        except ConfigError as exc:
+            print(f"llamagate: {exc}", file=sys.stderr)
+            return 2
+        setup_logging("serve", config.log_level, config.log_format)
+        return serve(config)
+    if command == "keys":
+        from keys.cli import main as keys_main
+        return keys_main(rest)
+    if command == "pull":
+        from llamagate.pull_cli import main as pull_main
+        return pull_main(rest)
+    if command == "make-test-model":
+        from llamagate.tiny_model import main as model_main
+        return model_main(rest)
+    print(f"llamagate: unknown command {command!r}; try serve, keys, pull, make-test-model",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""`llamagate serve`: starts and stops the three tiers.
+
+This process owns the backend (a supervised llama-server, or a BACKEND_URL it
+watches), the health process and the gateway worker processes, and publishes
+the backend's state to the runtime directory for them. SIGTERM/SIGINT drain
+everything in order: gateway workers first, then the backend, then health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from backend.argv import ServerSpec
+from backend.binary import BinaryNotFound, find_llama_server
+from backend.restarts import RestartPolicy
+from backend.supervisor import StartupError, Supervisor
+from llamagate import runtime
+from llamagate.banner import banner
+from llamagate.children import Child
+from llamagate.config import Config
+from llamagate.external import ExternalBackend
+from llamagate.models import ModelChoice, choose_model
+
+log = logging.getLogger("llamagate.serve")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Service:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.runtime_dir = runtime.make_runtime_dir()
+        self.phase = "starting"
+        self.backend_state: dict[str, Any] = {"state": "starting", "restarts": 0}
+        self.models: tuple[str, ...] = ()
+        self.supervisor: Supervisor | None = None
+        self.external: ExternalBackend | None = None
+        self.children: list[Child] = []
+        self.stop_event = asyncio.Event()
+        self.exit_code = 0
+
+    def publish(self) -> None:
+        runtime.write_state(self.runtime_dir / runtime.SERVE_FILE, {
+            "phase": self.phase, "backend": self.backend_state, "models": list(self.models),
+            "auth": self.config.auth_enabled, "platform": self.config.platform.value,
+            "started": self.started})
+
+    def _on_backend(self, snap: Any) -> None:
+        self.backend_state = {"state": snap.state.value, "restarts": snap.restarts,
+                              "pid": snap.pid, "last_error": snap.last_error}
+        self.publish()
+
+    async def run(self) -> int:
+        self.started = time.time()
+        self.publish()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+        env = self._child_env()
+        health = Child("health", [sys.executable, "-m", "health.server",
+                                  "--runtime-dir", str(self.runtime_dir)], env)
+        await health.start()
+        self.children.append(health)
+        try:
+            wiring = await self._prepare_backend()
+        except (StartupError, BinaryNotFound, FileNotFoundError, ValueError) as exc:
+            log.error("startup failed: %s", exc)
+            print(f"llamagate: startup failed: {exc}", file=sys.stderr)
+            self.phase = "stopped"
+            self.publish()
+            await health.stop(5)
+            return 1
+        workers = [Child(f"gateway-{i}", [sys.executable, "-m", "gateway.worker", "--wiring",
+                                          json.dumps(wiring)], env, restart=True)
+                   for i in range(self.config.gateway_workers)]
+        for w in workers:
+            await w.start()
+        self.children.extend(workers)
+        tasks = [asyncio.create_task(self._heartbeat(), name="serve-heartbeat")]
+        tasks += [asyncio.create_task(w.watch(), name=f"watch-{w.name}") for w in workers]
+        if self.supervisor is not None:
+            tasks.append(asyncio.create_task(self._start_backend(), name="backend"))
+        if self.external is not None:
+            tasks.append(asyncio.create_task(self.external.follow(self._set_external),
+                                             name="external-backend"))
+        if self.config.idle_shutdown_seconds:
+            tasks.append(asyncio.create_task(self._idle_watch(), name="idle-watch"))
+        await self.stop_event.wait()
+        await self._shutdown(workers, health, tasks)
+        return self.exit_code
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.config.gateway_workers > 1:
+            metrics_dir = self.runtime_dir / "metrics"
+            metrics_dir.mkdir()
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        return env
+
+    async def _prepare_backend(self) -> dict[str, Any]:
+        config = self.config
+        if config.backend_url is not None:
+            self.external = ExternalBackend(config.backend_url, config.backend_api_key)
+            self.models = await self.external.model_names()
+            return {"backend_url": config.backend_url, "backend_key": config.backend_api_key,
+                    "runtime_dir": str(self.runtime_dir), "models": list(self.models)}
+        choice: ModelChoice = choose_model(config)
+        binary = find_llama_server(config.llama_server_path)
+        key_file = self.runtime_dir / "backend.key"
+        runtime.write_secret(key_file, secrets.token_urlsafe(32))
+        port = config.port_backend or free_port()
+        spec = ServerSpec(binary=binary, model_path=choice.path, alias=choice.name, port=port,
+                          api_key_file=key_file, ctx=config.ctx, parallel=config.parallel,
+                          ngl=config.ngl, threads=config.threads,
+                          sleep_idle_seconds=config.backend_sleep_seconds,
+                          extra_args=config.extra_args)
+        policy = RestartPolicy(max_failures=config.backend_max_restarts,
+                               window=config.backend_restart_window)
+        self.supervisor = Supervisor(spec, start_timeout=config.backend_start_timeout,
+                                     stop_grace=config.backend_stop_grace, policy=policy,
+                                     on_change=self._on_backend)
+        self.models = (choice.name,)
+        print(banner(config, choice, binary, port), file=sys.stderr)
+        if not spec.model_path.is_file():
+            raise FileNotFoundError(f"model file not found: {spec.model_path} (MODEL_PATH)")
+        return {"backend_url": self.supervisor.url, "backend_key_file": str(key_file),
+                "runtime_dir": str(self.runtime_dir), "models": list(self.models)}
+
+    async def _start_backend(self) -> None:
+        assert self.supervisor is not None
+        try:
+            await self.supervisor.start()
+        except StartupError as exc:
+            log.error("backend failed to start: %s", exc)
+            print(f"llamagate: backend failed to start: {exc}", file=sys.stderr)
+            self.exit_code = 1
+            self.stop_event.set()
+            return
+        self.phase = "running"
+        self.publish()
+        await self.supervisor.watch()
+
+    def _set_external(self, state: str, ready: bool) -> None:
+        self.backend_state = {"state": state, "restarts": 0}
+        if ready and self.phase == "starting":
+            self.phase = "running"
+        self.publish()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.publish()
+            await asyncio.sleep(runtime.HEARTBEAT)  # heartbeat period
+
+    async def _idle_watch(self) -> None:
+        limit = self.config.idle_shutdown_seconds
+        while not self.stop_event.is_set():
+            workers = runtime.read_workers(self.runtime_dir)
+            last = max([w.get("last_activity", 0.0) for w in workers] + [self.started])
+            busy = any(w.get("in_flight") or w.get("queued") for w in workers)
+            if not busy and time.time() - last >= limit:
+                log.info("idle for %ss: shutting down (IDLE_SHUTDOWN_SECONDS)", limit)
+                self.stop_event.set()
+                return
+            await asyncio.sleep(min(1.0, limit / 4))  # idle check period
+
+    def _on_signal(self) -> None:
+        if self.stop_event.is_set():
+            # a second signal shortens the drain
+            for child in self.children:
+                child.signal(signal.SIGINT)
+        self.stop_event.set()
+
+    async def _shutdown(self, workers: list[Child], health: Child,
+                        tasks: list[asyncio.Task[None]]) -> None:
+        self.phase = "draining"
+        self.publish()
+        log.info("shutting down")
+        grace = self.config.shutdown_grace_seconds
+        await asyncio.gather(*(w.stop(grace + 10) for w in workers))
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        self.phase = "stopped"
+        self.publish()
+        await health.stop(5)
+        with contextlib.suppress(OSError):
+            for path in sorted(self.runtime_dir.rglob("*"), reverse=True):
+                path.rmdir() if path.is_dir() else path.unlink()
+            self.runtime_dir.rmdir()
+
+
+def serve(config: Config) -> int:
+    try:
+        import uvloop
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(Service(config).run())
+
+
+__all__ = ["Path", "serve"]
