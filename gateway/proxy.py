@@ -62,6 +62,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         state.activity.touch()
     timeout = request_timeout(request, state.config.request_timeout)
     status = state.upstream.status
+    if not status.ready:
+        status = state.upstream.refresh()
     if status.draining:
         raise BackendUnavailable("the server is shutting down", code="shutting_down", retry_after=5)
     if not status.ready:

@@ -35,6 +35,7 @@ class Upstream:
         self.status = BackendStatus()
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
+        self._serve_file: Path | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -62,23 +63,34 @@ class Upstream:
             headers["Authorization"] = self.auth_header
         return headers
 
+    def refresh(self) -> BackendStatus:
+        """Re-read the serve file now (only on the not-ready path), so a request
+        never sees an older state than the health port has just reported."""
+        if self._serve_file is not None:
+            self._read_serve_file(self._serve_file)
+        return self.status
+
+    def _read_serve_file(self, path: Path) -> None:
+        state = runtime.read_state(path)
+        if state is None:
+            return
+        backend = state.get("backend", {})
+        self.status = BackendStatus(
+            state=str(backend.get("state", "unknown")),
+            ready=backend.get("state") == "ready",
+            draining=state.get("phase") == "draining",
+            restarts=int(backend.get("restarts", 0)))
+
     async def follow_serve_file(self, runtime_dir: Path, interval: float = 0.1) -> None:
         """Track the supervised backend's state as published by the serve process."""
-        path = runtime_dir / runtime.SERVE_FILE
+        path = self._serve_file = runtime_dir / runtime.SERVE_FILE
         last_mtime = 0
         while True:
             with contextlib.suppress(OSError):
                 mtime = path.stat().st_mtime_ns
                 if mtime != last_mtime:
                     last_mtime = mtime
-                    state = runtime.read_state(path)
-                    if state is not None:
-                        backend = state.get("backend", {})
-                        self.status = BackendStatus(
-                            state=str(backend.get("state", "unknown")),
-                            ready=backend.get("state") == "ready",
-                            draining=state.get("phase") == "draining",
-                            restarts=int(backend.get("restarts", 0)))
+                    self._read_serve_file(path)
             await asyncio.sleep(interval)  # poll period of a shared file
 
     async def poll_health(self, interval: float = 1.0) -> None:

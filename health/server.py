@@ -65,7 +65,7 @@ async def health(request: web.Request) -> web.Response:
         "uptime_s": round(time.time() - started, 1),
         "platform": config.platform.value,
         "backend": {"state": backend.get("state"), "restarts": backend.get("restarts", 0),
-                    "last_error": backend.get("last_error")},
+                    "pid": backend.get("pid"), "last_error": backend.get("last_error")},
         "models": serve.get("models", []),
         "in_flight": sum(int(w.get("in_flight", 0)) for w in workers),
         "queued": sum(int(w.get("queued", 0)) for w in workers),

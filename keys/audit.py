@@ -58,21 +58,16 @@ class AuditLog:
         """Return the newest ``limit`` matching entries, oldest first."""
         where, params = _filters(target=target, actor=actor, since=since)
         rows = self._conn.execute(
-            "SELECT id, ts, actor, action, target, detail FROM audit_log"
-            f"{where} ORDER BY id DESC LIMIT ?",
+            f"SELECT id, ts, actor, action, target, detail FROM audit_log{where} ORDER BY id DESC LIMIT ?",
             (*params, limit),
         ).fetchall()
         return [
-            AuditEntry(
-                id=r[0], ts=r[1], actor=r[2], action=r[3], target=r[4], detail=json.loads(r[5])
-            )
+            AuditEntry(id=r[0], ts=r[1], actor=r[2], action=r[3], target=r[4], detail=json.loads(r[5]))
             for r in reversed(rows)
         ]
 
 
-def _filters(
-    *, target: str | None, actor: str | None, since: float | None
-) -> tuple[str, tuple[object, ...]]:
+def _filters(*, target: str | None, actor: str | None, since: float | None) -> tuple[str, tuple[object, ...]]:
     clauses: list[str] = []
     params: list[object] = []
     for clause, value in (("target = ?", target), ("actor = ?", actor), ("ts >= ?", since)):

@@ -39,9 +39,7 @@ def _scopes(text: str) -> frozenset[str]:
     unknown = scopes - SCOPES
     if not scopes or unknown:
         bad = ", ".join(sorted(unknown)) or "(none)"
-        raise argparse.ArgumentTypeError(
-            f"unknown scope(s) {bad}; choose from {', '.join(sorted(SCOPES))}"
-        )
+        raise argparse.ArgumentTypeError(f"unknown scope(s) {bad}; choose from {', '.join(sorted(SCOPES))}")
     return scopes
 
 

@@ -71,9 +71,5 @@ class CliAudit:
     log: AuditLog
     now: float
 
-    def __call__(
-        self, action: str, target: str | None, detail: Mapping[str, object] | None = None
-    ) -> None:
-        self.log.record_audit(
-            ts=self.now, actor=CLI_ACTOR, action=action, target=target, detail=detail
-        )
+    def __call__(self, action: str, target: str | None, detail: Mapping[str, object] | None = None) -> None:
+        self.log.record_audit(ts=self.now, actor=CLI_ACTOR, action=action, target=target, detail=detail)

@@ -88,9 +88,7 @@ def cmd_import(ctx: CliContext, args: argparse.Namespace) -> int:
         raise KeyFileError(f"cannot read {source}: {describe_error(exc)}") from exc
     entries = parse_legacy(text)
     with ctx.audit_log() as audit:
-        added = ctx.store.update(
-            lambda keys: ops.import_legacy(keys, entries, args.scopes, ctx.now)
-        )
+        added = ctx.store.update(lambda keys: ops.import_legacy(keys, entries, args.scopes, ctx.now))
         for key in added:
             audit("import", key.id, {"source": str(source), "scopes": sorted(key.scopes)})
     ctx.emit(f"Imported {len(added)} key(s): {', '.join(k.id for k in added) or '-'}")

@@ -140,17 +140,12 @@ def cmd_audit(ctx: CliContext, args: argparse.Namespace) -> int:
     since = parse_instant(args.since, ctx.now, future=False) if args.since else None
     with ctx.existing_db() as conn:
         entries = (
-            []
-            if conn is None
-            else AuditLog(conn).list_audit(target=args.id, since=since, limit=args.limit)
+            [] if conn is None else AuditLog(conn).list_audit(target=args.id, since=since, limit=args.limit)
         )
     if args.json:
         ctx.emit_json([asdict(e) for e in entries])
         return 0
-    rows = [
-        (format_instant(e.ts), e.actor, e.action, e.target or "-", _detail(e.detail))
-        for e in entries
-    ]
+    rows = [(format_instant(e.ts), e.actor, e.action, e.target or "-", _detail(e.detail)) for e in entries]
     ctx.emit(format_table(("TIME (UTC)", "ACTOR", "ACTION", "TARGET", "DETAIL"), rows))
     return 0
 

@@ -41,9 +41,7 @@ BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 """
 
 
-def open_db(
-    path: Path, *, busy_timeout: float = 10.0, any_thread: bool = False
-) -> sqlite3.Connection:
+def open_db(path: Path, *, busy_timeout: float = 10.0, any_thread: bool = False) -> sqlite3.Connection:
     """Open (creating if needed) the usage/audit database at ``path``.
 
     ``any_thread`` allows use from worker threads; the caller must then serialise access.

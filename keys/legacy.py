@@ -32,13 +32,9 @@ def parse_legacy(text: str) -> list[LegacyEntry]:
         if not sep or not key_id or not secret:
             raise LegacyImportError(line_no, "expected key_id:api_key")
         if not KEY_ID_RE.fullmatch(key_id):
-            raise LegacyImportError(
-                line_no, "key id may only hold letters, digits, '_', '.', '-' (max 64)"
-            )
+            raise LegacyImportError(line_no, "key id may only hold letters, digits, '_', '.', '-' (max 64)")
         if key_id in seen:
-            raise LegacyImportError(
-                line_no, f"key id {key_id!r} already used on line {seen[key_id]}"
-            )
+            raise LegacyImportError(line_no, f"key id {key_id!r} already used on line {seen[key_id]}")
         seen[key_id] = line_no
         entries.append(LegacyEntry(line_no, key_id, secret))
     return entries

@@ -89,9 +89,7 @@ class KeyReloader:
         except FileNotFoundError:
             self._signature = None
             self._install(Keyring())
-            self._log.warning(
-                "keys file %s does not exist: no API key will authenticate", self._path
-            )
+            self._log.warning("keys file %s does not exist: no API key will authenticate", self._path)
             return ReloadResult(ok=True, key_count=0)
         except (KeyFileError, KeyFormatError) as exc:
             # Remember the bad file's signature so the poller reports it once, not every tick.

@@ -117,10 +117,7 @@ class KeyStore:
                 return result
         except filelock.Timeout:
             raise KeyFileError(
-                f"keys file {self._path} is locked by another process (waited "
-                f"{self._lock_timeout:g}s)"
+                f"keys file {self._path} is locked by another process (waited {self._lock_timeout:g}s)"
             ) from None
         except OSError as exc:
-            raise KeyFileError(
-                f"cannot lock keys file {self._path}: {describe_error(exc)}"
-            ) from exc
+            raise KeyFileError(f"cannot lock keys file {self._path}: {describe_error(exc)}") from exc

@@ -10,6 +10,5 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
     lines = [headers, *rows]
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-        for line in lines
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines
     )

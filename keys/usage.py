@@ -116,9 +116,7 @@ class UsageStore:
 
     def last_used(self, key_id: str) -> float | None:
         """Time of the key's latest recorded request, or None if it was never used."""
-        row = self._conn.execute(
-            "SELECT ts FROM key_last_used WHERE key_id = ?", (key_id,)
-        ).fetchone()
+        row = self._conn.execute("SELECT ts FROM key_last_used WHERE key_id = ?", (key_id,)).fetchone()
         return None if row is None else float(row[0])
 
     def last_used_all(self) -> dict[str, float]:

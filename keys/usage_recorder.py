@@ -72,9 +72,7 @@ class UsageRecorder:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="usage-flusher")
 
-    def record(
-        self, key_id: str, model: str, prompt_tokens: int, completion_tokens: int, ts: float
-    ) -> None:
+    def record(self, key_id: str, model: str, prompt_tokens: int, completion_tokens: int, ts: float) -> None:
         """Note one finished request. Never blocks and never raises on the request path."""
         if self._closed or len(self._pending) >= self._max_pending:
             self._dropped += 1

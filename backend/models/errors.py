@@ -14,6 +14,7 @@
         ├── HubUnavailable       network failure or Hub-side error
         ├── NotEnoughSpace       the download cannot fit on the models disk
         ├── DestinationExists    a different file already sits at the destination
+        ├── StorageError         MODELS_DIR cannot be written (disk full, permissions)
         ├── VerificationFailed   size or sha256 of the downloaded bytes is wrong
         └── PullCancelled        the job was cancelled
 
@@ -125,6 +126,11 @@ class NotEnoughSpace(PullError):
 class DestinationExists(PullError):
     code = "destination_exists"
     http_status = 409
+
+
+class StorageError(PullError):
+    code = "storage_error"
+    http_status = 507
 
 
 class VerificationFailed(PullError):

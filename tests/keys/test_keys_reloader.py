@@ -18,9 +18,7 @@ def with_new_key(keys: KeySet = ()) -> tuple[KeySet, str]:
     return new_keys, secret
 
 
-def test_missing_file_means_no_key_works(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_missing_file_means_no_key_works(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     reloader = KeyReloader(tmp_path / "keys.json")
     with caplog.at_level(logging.WARNING, logger="llamagate.keys"):
         result = reloader.reload()
@@ -58,9 +56,7 @@ def test_reload_picks_up_a_change(tmp_path: Path) -> None:
     assert reloader.keyring.authenticate(second, T0).ok
 
 
-@pytest.mark.parametrize(
-    "corrupt", ["{not json", '{"version": 1, "keys": [{"id": "x"}]}', '{"version": 9}']
-)
+@pytest.mark.parametrize("corrupt", ["{not json", '{"version": 1, "keys": [{"id": "x"}]}', '{"version": 9}'])
 def test_corrupt_file_keeps_last_good_set(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, corrupt: str
 ) -> None:
