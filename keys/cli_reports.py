@@ -6,7 +6,7 @@ from dataclasses import asdict
 from keys import ops
 from keys.audit import AuditLog
 from keys.cli_context import CliContext
-from keys.durations import format_instant, parse_instant
+from keys.durations import format_instant, format_seconds, parse_instant
 from keys.errors import UnknownKeyError
 from keys.model import ApiKey
 from keys.table import format_table
@@ -85,15 +85,7 @@ def cmd_show(ctx: CliContext, args: argparse.Namespace) -> int:
         ctx.emit_json(summary)
         return 0
     for name, value in summary.items():
-        if name in ("created", "expires", "last_used", "old_secret_valid_until"):
-            value = format_instant(value) if isinstance(value, float) else "-"
-        elif isinstance(value, list):
-            value = ",".join(value)
-        elif isinstance(value, dict):
-            value = " ".join(f"{k}={'default' if v is None else v}" for k, v in value.items())
-        elif value is None:
-            value = "-" if name != "models" else "* (all)"
-        ctx.emit(f"{name + ':':<24}{value}")
+        ctx.emit(f"{name + ':':<24}{_render(name, value)}")
     return 0
 
 
@@ -151,7 +143,27 @@ def cmd_audit(ctx: CliContext, args: argparse.Namespace) -> int:
 
 
 def _detail(detail: dict[str, object]) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(detail.items()) if v is not None)
+    return " ".join(f"{k}={_render(k, v)}" for k, v in sorted(detail.items()) if v is not None)
+
+
+_TIME_FIELDS = frozenset({"created", "expires", "last_used", "old_secret_valid_until"})
+
+
+def _render(name: str, value: object) -> str:
+    """One field of a key summary or audit detail, for humans."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float) and name in _TIME_FIELDS:
+        return format_instant(value)
+    if isinstance(value, int | float) and name == "grace_seconds":
+        return format_seconds(value) if value else "0"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return " ".join(f"{k}={'default' if v is None else v}" for k, v in value.items())
+    if value is None:
+        return "* (all)" if name == "models" else "-"
+    return str(value)
 
 
 def _limit(value: int | None) -> str:

@@ -19,6 +19,7 @@ SCOPES: Final = frozenset({SCOPE_INFERENCE, SCOPE_ADMIN, SCOPE_METRICS})
 # Ids appear in logs, URLs and CLI arguments, so keep them to a shell- and log-safe alphabet.
 KEY_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 HASH_RE: Final = re.compile(r"sha256:[0-9a-f]{64}")
+MAX_NAME_LENGTH: Final = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,9 @@ class ApiKey:
     def __post_init__(self) -> None:
         if not KEY_ID_RE.fullmatch(self.id):
             raise KeyFormatError(f"invalid key id {self.id!r}")
+        # Names are printed in tables and logs: one printable line, of a sane length.
+        if not self.name or len(self.name) > MAX_NAME_LENGTH or not self.name.isprintable():
+            raise KeyFormatError(f"key {self.id}: name must be 1-{MAX_NAME_LENGTH} printable characters")
         if not HASH_RE.fullmatch(self.secret_hash):
             raise KeyFormatError(f"key {self.id}: secret hash is not sha256:<64 hex>")
         unknown = self.scopes - SCOPES

@@ -15,7 +15,7 @@ from typing import Final, TypeVar
 
 import filelock
 
-from keys.codec import dump_keys, parse_keys
+from keys.codec import check_unique, dump_keys, parse_keys
 from keys.errors import KeyFileError, KeyFormatError, describe_error
 from keys.model import ApiKey
 
@@ -43,7 +43,13 @@ def read_keys_file(path: Path) -> KeySet:
 
 
 def write_keys_file(path: Path, keys: Iterable[ApiKey]) -> None:
-    """Atomically replace the keys file with ``keys``; the file ends up with mode 0600."""
+    """Atomically replace the keys file with ``keys``; the file ends up with mode 0600.
+
+    Raises KeyFormatError, writing nothing, if two keys share an id or secret: the store never
+    writes a file that a reload would reject.
+    """
+    keys = tuple(keys)
+    check_unique(keys)
     data = dump_keys(keys).encode("utf-8")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -82,9 +82,11 @@ class UsageRecorder:
     async def flush(self) -> int:
         """Write everything buffered so far; returns the number of events written."""
         async with self._flush_lock:
-            batch, self._pending = self._pending, []
-            if not batch:
+            if not self._pending:
                 return 0
+            if self._store is None:
+                raise RuntimeError("UsageRecorder.open() has not been called")
+            batch, self._pending = self._pending, []
             try:
                 await self._in_thread(lambda store: store.write(aggregate(batch)))
             except (sqlite3.Error, OSError) as exc:
@@ -108,6 +110,10 @@ class UsageRecorder:
                 self._log.error("usage flusher had stopped: %r", task.exception())
         if self._conn is not None:
             await self.flush()
+            if self._pending:
+                self._log.error("dropping %d usage events that could not be written", len(self._pending))
+                self._dropped += len(self._pending)
+                self._pending = []
             conn, self._conn, self._store = self._conn, None, None
             await asyncio.to_thread(self._close_conn, conn)
 

@@ -346,3 +346,9 @@ def test_failed_mutation_is_not_audited(cli: Cli) -> None:
 
 def test_unknown_key_error_names_the_id() -> None:
     assert "key_abc" in str(UnknownKeyError("key_abc"))
+
+
+@pytest.mark.parametrize("name", ["", "two\nlines", "x" * 201])
+def test_bad_name_exits_2(cli: Cli, name: str) -> None:
+    result = cli("generate", "--name", name)
+    assert result.rc == 2 and "name must be" in result.err

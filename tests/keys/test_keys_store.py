@@ -7,7 +7,7 @@ import pytest
 from keys_testlib import T0
 
 from keys import ops
-from keys.errors import KeyFileError
+from keys.errors import KeyFileError, KeyFormatError
 from keys.model import ApiKey
 from keys.store import KeySet, KeyStore, read_keys_file, write_keys_file
 
@@ -96,3 +96,10 @@ def test_unwritable_location_raises_key_file_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(KeyFileError):
         KeyStore(blocker / "keys.json").update(add_one)
+
+
+def test_store_refuses_to_write_duplicate_ids(tmp_path: Path) -> None:
+    keys, _ = add_one(())
+    with pytest.raises(KeyFormatError, match="duplicate"):
+        write_keys_file(tmp_path / "keys.json", keys * 2)
+    assert not (tmp_path / "keys.json").exists()

@@ -99,3 +99,14 @@ async def test_usage_before_open_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="open"):
         await recorder.usage()
     await recorder.close()
+
+
+async def test_flush_before_open_keeps_events(tmp_path: Path) -> None:
+    recorder = UsageRecorder(tmp_path / "usage.db")
+    recorder.record("k1", "m", 1, 1, T0)
+    with pytest.raises(RuntimeError, match="open"):
+        await recorder.flush()
+    assert recorder.pending == 1
+    await recorder.open()
+    await recorder.close()
+    assert rows_on_disk(tmp_path / "usage.db") == [UsageRow("k1", "m", H0, 1, 1, 1)]
