@@ -64,7 +64,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     status = state.upstream.status
     if not status.ready:
         status = state.upstream.refresh()
-    if status.draining:
+    if state.draining or status.draining:
         raise BackendUnavailable("the server is shutting down", code="shutting_down", retry_after=5)
     if not status.ready:
         raise BackendUnavailable(f"the backend is not ready ({status.state})", retry_after=5)

@@ -69,7 +69,7 @@ async def health(request: web.Request) -> web.Response:
         "models": serve.get("models", []),
         "in_flight": sum(int(w.get("in_flight", 0)) for w in workers),
         "queued": sum(int(w.get("queued", 0)) for w in workers),
-        "workers": len(workers),
+        "workers": [int(w.get("pid", 0)) for w in workers],
         "auth": config.auth_enabled,
         "gpu": gpus,
     }

@@ -35,6 +35,8 @@ class ReloadResult:
     ok: bool
     key_count: int
     error: str | None = None
+    # The file does not exist: a valid state (no key works), reported so an operator sees it.
+    file_missing: bool = False
 
 
 def file_signature(path: Path) -> FileSignature:
@@ -90,7 +92,7 @@ class KeyReloader:
             self._signature = None
             self._install(Keyring())
             self._log.warning("keys file %s does not exist: no API key will authenticate", self._path)
-            return ReloadResult(ok=True, key_count=0)
+            return ReloadResult(ok=True, key_count=0, file_missing=True)
         except (KeyFileError, KeyFormatError) as exc:
             # Remember the bad file's signature so the poller reports it once, not every tick.
             self._signature = signature

@@ -62,6 +62,9 @@ class Config:
     max_tokens_per_minute: int = 0
     max_concurrent_per_key: int = 0
     auth_failures_per_minute: int = 20
+    keys_reload_interval: float = 2.0
+    usage_db: Path = Path("data/usage.db")
+    usage_flush_interval: float = 1.0
     # gateway edge
     max_body_bytes: int = 10 * 1024 * 1024
     request_timeout: float = 600.0
@@ -214,6 +217,9 @@ def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
         max_tokens_per_minute=r.integer("MAX_TOKENS_PER_MINUTE", 0, 0, 10**12),
         max_concurrent_per_key=r.integer("MAX_CONCURRENT_PER_KEY", 0, 0, 100_000),
         auth_failures_per_minute=r.integer("AUTH_FAILURES_PER_MINUTE", 20, 1, 1_000_000),
+        keys_reload_interval=r.number("KEYS_RELOAD_INTERVAL", 2.0, 0, 3600),
+        usage_db=Path(r.raw("USAGE_DB") or data_dir / "usage.db"),
+        usage_flush_interval=r.number("USAGE_FLUSH_INTERVAL", 1.0, 0.05, 1.0),
         max_body_bytes=r.integer("MAX_BODY_BYTES", 10 * 1024 * 1024, 1024, 2**31),
         request_timeout=r.number("REQUEST_TIMEOUT", 600.0, 1, 86400),
         max_concurrent_requests=r.integer("MAX_CONCURRENT_REQUESTS", 0, 0, 100_000),

@@ -9,7 +9,7 @@ against a *real* llama-server without downloading anything.
 What is in the file:
 
 * Architecture ``llama``: embedding 64, 2 layers, 4 attention heads with 2 KV heads
-  (GQA, head dim 16), feed-forward 128, context length 2048, RoPE base 10000, RMS
+  (GQA, head dim 16), feed-forward 128, context length 65536 (so tests can run long generations), RoPE base 10000, RMS
   norm epsilon 1e-5. 2-D weights are F16, norm vectors F32 (``general.file_type`` =
   MOSTLY_F16); weights are ``normal * 0.02`` and norms are ones, which keeps the
   logits small, so sampling is numerically stable and picks varied tokens.
@@ -105,7 +105,7 @@ class Hyperparameters:
     n_head: int = 4
     n_head_kv: int = 2
     n_ff: int = 128
-    n_ctx: int = 2048
+    n_ctx: int = 65536
     rope_freq_base: float = 10000.0
     rms_eps: float = 1e-5
     init_std: float = 0.02

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx2
 from huggingface_hub import (
     HfApi,
+    constants,
     get_hf_file_metadata,
     get_session,
     hf_hub_url,
@@ -48,7 +49,6 @@ from backend.models.errors import (
     RemoteNotFound,
 )
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 LIBRARY = "llamagate"
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -80,8 +80,9 @@ class HubClient:
     def __init__(
         self, endpoint: str | None = None, token: str | None = None, *, timeout_s: float = 10.0
     ) -> None:
-        # token=None lets huggingface_hub use HF_TOKEN or the stored login.
-        self.endpoint = (endpoint or DEFAULT_ENDPOINT).rstrip("/")
+        # None defers to huggingface_hub's own settings: HF_ENDPOINT (read when it was
+        # imported) and HF_TOKEN or the stored login. Pass them explicitly to be sure.
+        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
         self._token = token
         self._timeout = timeout_s
 

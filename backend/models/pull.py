@@ -14,7 +14,6 @@ is the only thread that touches the store.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -195,7 +194,7 @@ class PullManager:
             del self._running[job_id]
         result = self._finish(job_id, future, token)
         if result is not None and self._on_success is not None and not self._closing:
-            await self._call_on_success(result.paths[0])
+            await _call_hook(self._on_success, result.paths[0])
 
     def _record_progress(self, job_id: str, progress: PullProgress, meter: RateMeter) -> None:
         done, total, files = progress.snapshot()
@@ -255,14 +254,15 @@ class PullManager:
         self._notify()
         return result
 
-    async def _call_on_success(self, path: Path) -> None:
-        try:
-            await self._on_success(path) if self._on_success else None
-        except Exception:
-            # The file is in place and the job is done; a failing hook (a rescan) is
-            # the hook owner's problem to report, not a reason to fail the pull.
-            log.exception("on_success hook failed for %s", path)
-
     def list(self, limit: int = 100) -> list[Job]:
         """Most recent jobs first. (Defined last: the name shadows the builtin in the class.)"""
         return self._store.recent(limit)
+
+
+async def _call_hook(hook: OnSuccess, path: Path) -> None:
+    try:
+        await hook(path)
+    except Exception:
+        # The file is in place and the job is done; a failing hook (a rescan) is the
+        # hook owner's problem to report, not a reason to fail the pull.
+        log.exception("on_success hook failed for %s", path)

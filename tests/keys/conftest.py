@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import pytest
-from keys_testlib import Cli, CliResult, FakeClock, Paths
 
 from keys.cli import main
+from tests.keys.helpers import Cli, CliResult, FakeClock, Paths
 
 
 @pytest.fixture

@@ -75,7 +75,7 @@ def test_hyperparameters(reader: GGUFReader) -> None:
     assert _field(reader, "llama.attention.head_count") == 4
     assert _field(reader, "llama.attention.head_count_kv") == 2
     assert _field(reader, "llama.feed_forward_length") == 128
-    assert _field(reader, "llama.context_length") == 2048
+    assert _field(reader, "llama.context_length") == 65536
     assert _field(reader, "llama.rope.dimension_count") == 16
     assert _field(reader, "llama.rope.freq_base") == pytest.approx(10000.0)
     assert _field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)

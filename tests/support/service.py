@@ -58,7 +58,10 @@ class Service:
         self.log_path = tmp / f"service-{self.port}.log"
         self.env = {**os.environ, "PORT": str(self.port), "PORT_HEALTH": str(self.port_health),
                     "PORT_BACKEND": "0", "HOST": "127.0.0.1", "DATA_DIR": str(tmp / "data"),
-                    "LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1", **env}
+                    "LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1",
+                    # one llama.cpp thread: its spinning threadpool collapses when the
+                    # 2-core test machine is oversubscribed
+                    "THREADS": "1", **env}
         self.env.setdefault("LLAMA_SERVER_PATH", str(llama_server()))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -114,6 +117,8 @@ class Service:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         assert self.proc is not None
+        if self._log.closed:
+            return self.proc.returncode
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:

@@ -3,10 +3,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from keys_testlib import T0
 
 from keys.audit import AuditLog
 from keys.db import open_db
+from tests.keys.helpers import T0
 
 
 def test_record_and_list(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Helpers for the keys tests (a unique module name: test dirs here have no __init__.py)."""
+"""Helpers for the keys tests."""
 
 import asyncio
 from collections.abc import Callable

@@ -2,12 +2,12 @@ import json
 from dataclasses import replace
 
 import pytest
-from keys_testlib import T0
 
 from keys.codec import dump_keys, key_to_dict, parse_keys
 from keys.errors import KeyFormatError
 from keys.hashing import display_prefix, hash_secret, new_secret
 from keys.model import ApiKey, Limits, PreviousSecret
+from tests.keys.helpers import T0
 
 
 def sample_key() -> ApiKey:

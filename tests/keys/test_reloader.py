@@ -3,12 +3,12 @@ import logging
 from pathlib import Path
 
 import pytest
-from keys_testlib import T0, StepSleep
 
 from keys import ops
 from keys.keyring import AuthFailure
 from keys.reloader import KeyReloader
 from keys.store import KeySet, write_keys_file
+from tests.keys.helpers import T0, StepSleep
 
 SPEC = ops.KeySpec(name="svc", scopes=frozenset({"inference"}))
 
@@ -22,7 +22,7 @@ def test_missing_file_means_no_key_works(tmp_path: Path, caplog: pytest.LogCaptu
     reloader = KeyReloader(tmp_path / "keys.json")
     with caplog.at_level(logging.WARNING, logger="llamagate.keys"):
         result = reloader.reload()
-    assert result.ok and result.key_count == 0
+    assert result.ok and result.key_count == 0 and result.file_missing
     assert len(reloader.keyring) == 0
     assert reloader.keyring.authenticate("lg-anything", T0).reason is AuthFailure.INVALID
     assert "does not exist" in caplog.text

@@ -1,12 +1,12 @@
 from dataclasses import replace
 
 import pytest
-from keys_testlib import T0
 
 from keys.errors import KeyFormatError
 from keys.hashing import display_prefix, hash_secret, new_key_id, new_secret
 from keys.keyring import AuthFailure, Keyring, allows_model, has_scope, visible_models
 from keys.model import ApiKey, PreviousSecret
+from tests.keys.helpers import T0
 
 
 def make_key(secret: str, **changes: object) -> ApiKey:

@@ -1,10 +1,9 @@
 import contextlib
 from pathlib import Path
 
-from keys_testlib import T0
-
 from keys.db import open_db
 from keys.usage import HOUR, UsageEvent, UsageRow, UsageStore, aggregate, hour_bucket
+from tests.keys.helpers import T0
 
 H0 = hour_bucket(T0)
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from keys_testlib import REPO_ROOT
+from tests.keys.helpers import REPO_ROOT
 
 FORBIDDEN = {"gateway", "health", "backend", "llamagate"}
 PACKAGE = REPO_ROOT / "keys"

@@ -4,7 +4,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from keys_testlib import T0, Cli, FakeClock, Paths
 
 from keys.cli import main
 from keys.codec import parse_keys
@@ -14,6 +13,7 @@ from keys.hashing import hash_secret
 from keys.keyring import AuthFailure, Keyring
 from keys.store import KeyStore
 from keys.usage import HOUR, UsageEvent, UsageStore, aggregate, hour_bucket
+from tests.keys.helpers import T0, Cli, FakeClock, Paths
 
 
 def generate(cli: Cli, *extra: str) -> tuple[str, str]:

@@ -1,10 +1,10 @@
 import pytest
-from keys_testlib import T0
 
 from keys import ops
 from keys.errors import DuplicateKeyError, LegacyImportError
 from keys.keyring import Keyring
 from keys.legacy import parse_legacy
+from tests.keys.helpers import T0
 
 LEGACY = """\
 # old keys file

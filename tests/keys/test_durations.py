@@ -1,8 +1,8 @@
 import pytest
-from keys_testlib import T0
 
 from keys.durations import format_instant, format_seconds, parse_duration, parse_instant
 from keys.errors import DurationError
+from tests.keys.helpers import T0
 
 
 @pytest.mark.parametrize(

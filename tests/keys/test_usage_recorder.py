@@ -3,11 +3,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from keys_testlib import T0, StepSleep
 
 from keys.db import open_db
 from keys.usage import HOUR, UsageRow, UsageStore, hour_bucket
 from keys.usage_recorder import UsageRecorder
+from tests.keys.helpers import T0, StepSleep
 
 H0 = hour_bucket(T0)
 

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import filelock
 import pytest
-from keys_testlib import T0
 
 from keys import ops
 from keys.errors import KeyFileError, KeyFormatError
 from keys.model import ApiKey
 from keys.store import KeySet, KeyStore, read_keys_file, write_keys_file
+from tests.keys.helpers import T0
 
 SPEC = ops.KeySpec(name="alice", scopes=frozenset({"inference"}))
 

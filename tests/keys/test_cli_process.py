@@ -5,10 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from keys_testlib import REPO_ROOT, T0, Paths
-
 from keys.keyring import Keyring
 from keys.store import KeyStore
+from tests.keys.helpers import REPO_ROOT, T0, Paths
 
 SCRIPT = REPO_ROOT / "scripts" / "key_mgmt.py"
 # Each writer process runs many generate commands back to back, so the read-modify-write

@@ -6,11 +6,11 @@ import logging
 from pathlib import Path
 
 import pytest
-from keys_testlib import T0, Cli, Paths
 
 from keys.db import open_db
 from keys.reloader import KeyReloader
 from keys.usage_recorder import UsageRecorder
+from tests.keys.helpers import T0, Cli, Paths
 
 LEGACY_SECRET = "sk-legacy-0123456789abcdef"
 

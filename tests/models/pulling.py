@@ -1,0 +1,56 @@
+"""Shared helpers for the pull tests."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from backend.models.hub import HubClient
+from backend.models.jobs import Job, JobStore
+from backend.models.pull import PullManager
+
+from .fakehub import FakeHub
+
+DEADLINE_S = 15.0
+
+
+def manager(
+    hub: FakeHub | str, models_dir: Path, data_dir: Path, **kwargs: Any
+) -> tuple[PullManager, JobStore]:
+    store = JobStore(data_dir / "jobs.sqlite3", clock=time.time)
+    endpoint = hub if isinstance(hub, str) else hub.endpoint
+    options: dict[str, Any] = {"progress_interval_s": 0.05, "backoff_s": 0.01}
+    options.update(kwargs)
+    return PullManager(store, models_dir, HubClient(endpoint), **options), store
+
+
+async def finished(pulls: PullManager, job: Job) -> Job:
+    async with asyncio.timeout(DEADLINE_S):
+        return await pulls.wait(job.id)
+
+
+async def until(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
+    """Poll ``condition`` until it holds; fail after the deadline."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def partials(models_dir: Path) -> list[Path]:
+    folder = models_dir / ".partial"
+    return sorted(folder.glob("*.part")) if folder.is_dir() else []
