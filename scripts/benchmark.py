@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""Gateway overhead, measured against direct llama-server in the same run.
+
+Two upstreams: (a) llama-server with the tiny model; (b) a minimal static
+upstream (fixed JSON, and an SSE stream of 200 events sent as fast as it can),
+which isolates the gateway's own cost. Each is measured directly and through
+`llamagate serve` (BACKEND_URL mode, auth on), the gateway pinned to one CPU.
+Non-streaming load uses wrk when installed (apt-get install wrk), else a Python
+client; streams use an aiohttp client. Prints one table with ratios to direct.
+
+    scripts/benchmark.py [--seconds 5] [--conc 1,16,64] [--gateway-cpu 1] [--load-cpu 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+
+from backend.binary import find_llama_server  # noqa: E402
+from scripts.bench.stream_client import run as stream_run  # noqa: E402
+from tests.support.service import free_port, wait_for  # noqa: E402
+
+LUA = """wrk.method = "POST"
+wrk.body = os.getenv("BENCH_BODY")
+wrk.headers["Content-Type"] = "application/json"
+local auth = os.getenv("BENCH_AUTH")
+if auth ~= nil and auth ~= "" then wrk.headers["Authorization"] = auth end
+function done(summary, latency, requests)
+  io.write(string.format('BENCH_JSON {"requests":%d,"duration_us":%d,"errors":%d,'
+    .. '"p50_us":%d,"p99_us":%d}\\n', summary.requests, summary.duration,
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def pinned(cpu: str | None, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *argv] if cpu and shutil.which("taskset") else argv
+
+
+def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            cwd=ROOT)
+
+
+def up(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def wrk(url: str, body: str, auth: str, conc: int, seconds: float, cpu: str | None,
+        lua: Path) -> dict[str, float]:
+    env = {**os.environ, "BENCH_BODY": body, "BENCH_AUTH": auth}
+    out = subprocess.run(pinned(cpu, ["wrk", "-t", str(min(2, conc)), "-c", str(conc),
+                                      "-d", f"{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(lua), url]),
+                         env=env, capture_output=True, text=True, timeout=seconds + 30)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON")]
+    if not lines:
+        raise RuntimeError(f"wrk failed: {out.stdout}{out.stderr}")
+    line = lines[0]
+    data = json.loads(line.removeprefix("BENCH_JSON "))
+    return {"rps": data["requests"] / (data["duration_us"] / 1e6), "p50_ms": data["p50_us"] / 1000,
+            "p99_ms": data["p99_us"] / 1000, "errors": data["errors"]}
+
+
+async def py_load(url: str, body: str, auth: str, conc: int, seconds: float) -> dict[str, float]:
+    import aiohttp
+    lat: list[float] = []
+    deadline = time.perf_counter() + seconds
+    headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {})}
+
+    async def worker(s: aiohttp.ClientSession) -> None:
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            async with s.post(url, data=body, headers=headers) as r:
+                await r.read()
+            lat.append(time.perf_counter() - t)
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        await asyncio.gather(*(worker(s) for _ in range(conc)))
+    lat.sort()
+    return {"rps": len(lat) / (time.perf_counter() - t0), "p50_ms": 1000 * lat[len(lat) // 2],
+            "p99_ms": 1000 * lat[int(len(lat) * 0.99)], "errors": 0}
+
+
+def gateway(backend_url: str, tmp: Path, cpu: str | None, auth: bool) -> tuple[subprocess.Popen[bytes], str, str]:
+    port, health = free_port(), free_port()
+    env = {**os.environ, "BACKEND_URL": backend_url, "PORT": str(port), "PORT_HEALTH": str(health),
+           "HOST": "127.0.0.1", "DATA_DIR": str(tmp / "data"), "LOG_LEVEL": "warning",
+           "AUTH_ENABLED": "true" if auth else "false", "MAX_CONCURRENT_REQUESTS": "256",
+           "MAX_QUEUE_SIZE": "1024"}
+    key = ""
+    if auth:
+        out = subprocess.run([sys.executable, "scripts/key_mgmt.py", "--keys-file",
+                              str(tmp / "data/keys.json"), "--usage-db", str(tmp / "data/usage.db"),
+                              "generate", "--name", "bench"], env=env, cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+        key = next(w for w in out.split() if w.startswith("lg-"))
+    proc = start(pinned(cpu, [sys.executable, "-m", "llamagate.cli", "serve"]), env,
+                 tmp / f"gateway-{port}.log")
+    wait_for(lambda: up(f"http://127.0.0.1:{health}/ping"), 60, "the gateway")
+    return proc, f"http://127.0.0.1:{port}", f"Bearer {key}" if key else ""
+
+
+def measure(name: str, base: str, auth: str, model: str, args: argparse.Namespace, lua: Path,
+            stream_tokens: int) -> list[dict[str, Any]]:
+    rows = []
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello."}],
+                       "max_tokens": 8})
+    for conc in args.conc:
+        if shutil.which("wrk"):
+            r = wrk(f"{base}/v1/chat/completions", body, auth, conc, args.seconds, args.load_cpu, lua)
+        else:
+            r = asyncio.run(py_load(f"{base}/v1/chat/completions", body, auth, conc, args.seconds))
+        rows.append({"target": name, "kind": "json", "conc": conc, **r})
+    headers = {"Authorization": auth} if auth else {}
+    s = asyncio.run(stream_run(f"{base}/v1/chat/completions", headers, model, 1, args.seconds,
+                               stream_tokens))
+    rows.append({"target": name, "kind": "sse", "conc": 1, **s})
+    return rows
+
+
+def table(rows: list[dict[str, Any]], upstream: str) -> None:
+    direct = {(r["kind"], r["conc"]): r for r in rows if r["target"] == "direct"}
+    print(f"\n## upstream: {upstream}")
+    print("| target | load | conc | req/s | p50 ms | p99 ms | events/s | TTFE p50 ms | ratio vs direct |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        d = direct[(r["kind"], r["conc"])]
+        if r["kind"] == "json":
+            ratio = r["rps"] / d["rps"]
+            print(f"| {r['target']} | json | {r['conc']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
+                  f"{r['p99_ms']:.2f} | | | {ratio:.3f} |")
+        else:
+            ratio = r["events_per_s"] / d["events_per_s"]
+            print(f"| {r['target']} | sse | {r['conc']} | | | | {r['events_per_s']:.0f} | "
+                  f"{r['ttft_p50_ms']:.2f} | {ratio:.3f} |")
+    for r in rows:
+        if r["target"] != "direct" and r["kind"] == "json" and r["conc"] == 1:
+            added = r["p50_ms"] - direct[("json", 1)]["p50_ms"]
+            print(f"\nadded p50 latency at concurrency 1: {added:.3f} ms")
+        if r["target"] != "direct" and r["kind"] == "sse":
+            added = r["ttft_p50_ms"] - direct[("sse", 1)]["ttft_p50_ms"]
+            print(f"added time to first event (p50): {added:.3f} ms")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--conc", type=lambda v: [int(x) for x in v.split(",")], default=[1, 16, 64])
+    parser.add_argument("--gateway-cpu", default="1")
+    parser.add_argument("--load-cpu", default="0")
+    parser.add_argument("--no-auth", action="store_true", help="measure with auth off")
+    parser.add_argument("--only", choices=["static", "llama"], default=None)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="llamagate-bench-"))
+    lua = tmp / "post.lua"
+    lua.write_text(LUA)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        if args.only in (None, "static"):
+            port = free_port()
+            procs.append(start(pinned(args.load_cpu, [sys.executable, "scripts/bench/fake_upstream.py",
+                                                      "--port", str(port)]), dict(os.environ),
+                               tmp / "fake.log"))
+            direct = f"http://127.0.0.1:{port}"
+            wait_for(lambda: up(f"{direct}/health"), 30, "the static upstream")
+            gw, url, auth = gateway(direct, tmp, args.gateway_cpu, not args.no_auth)
+            procs.append(gw)
+            rows = measure("direct", direct, "", "fake", args, lua, 200)
+            rows += measure("llamagate", url, auth, "fake", args, lua, 200)
+            table(rows, "static (fixed JSON; SSE 200 events)")
+        if args.only in (None, "llama"):
+            from llamagate.tiny_model import write_model
+            model = write_model(tmp / "tiny.gguf")
+            port = free_port()
+            procs.append(start(pinned(args.load_cpu, [str(find_llama_server(None)), "-m", str(model),
+                                                      "--port", str(port), "-np", "16", "-c", "16384",
+                                                      "-t", "1", "--alias", "tiny"]),
+                               dict(os.environ), tmp / "llama.log"))
+            direct = f"http://127.0.0.1:{port}"
+            wait_for(lambda: up(f"{direct}/health"), 60, "llama-server")
+            gw, url, auth = gateway(direct, tmp, args.gateway_cpu, not args.no_auth)
+            procs.append(gw)
+            rows = measure("direct", direct, "", "tiny", args, lua, 256)
+            rows += measure("llamagate", url, auth, "tiny", args, lua, 256)
+            table(rows, "llama-server, tiny model (max_tokens 8; streams of 256 tokens)")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
