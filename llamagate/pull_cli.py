@@ -51,19 +51,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"llamagate pull: {exc}", file=sys.stderr)
             return 2
-    bar = tqdm(
-        desc=args.file,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=args.quiet,
-        file=sys.stderr,
-    )
+    bars: list[tqdm[None]] = []  # created once the size is known, starting at resumed bytes
 
     def show(done: int, total: int | None) -> None:
-        if total is not None and bar.total != total:
-            bar.total = total
-        bar.update(done - bar.n)
+        if total is None or args.quiet:
+            return
+        if not bars:
+            bars.append(
+                tqdm(
+                    desc=args.file,
+                    total=total,
+                    initial=done,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    file=sys.stderr,
+                )
+            )
+        bars[0].update(done - bars[0].n)
 
     try:
         result = run_pull(
@@ -76,14 +81,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=PullProgress(show),
         )
     except PullError as exc:
-        bar.close()
+        _close(bars)
         print(f"llamagate pull: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        bar.close()
+        _close(bars)
         print("llamagate pull: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    bar.close()
+    _close(bars)
     for path, sha in zip(result.paths, result.sha256, strict=True):
         print(f"{path}  sha256={sha}")
     return 0
+
+
+def _close(bars: list[tqdm[None]]) -> None:
+    for bar in bars:
+        bar.close()

@@ -40,7 +40,8 @@ class CancelToken:
 
     def cancel(self, *, discard_partial: bool) -> None:
         # discard_partial: a user cancel deletes the bytes; a shutdown keeps them to resume.
-        self.discard_partial = discard_partial
+        # Sticky: a shutdown right after a user cancel must not resurrect the bytes.
+        self.discard_partial = self.discard_partial or discard_partial
         self._event.set()
 
     @property
@@ -82,8 +83,9 @@ def download_file(
             except VerificationFailed:
                 partial.unlink(missing_ok=True)  # these bytes are wrong; resuming them is pointless
                 raise
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, dest)
+            # Still holding the lock, so no other pull can start on these bytes meanwhile.
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, dest)
         _fsync_dir(dest.parent)
     except OSError as exc:
         raise StorageError(f"writing {dest.name} under {dest.parent}: {exc.strerror}") from exc

@@ -128,6 +128,9 @@ class HubClient:
         ):
             hf_raise_for_status(response)
             offset = start if response.status_code == 206 else 0
+            content_range = response.headers.get("Content-Range", "")
+            if offset and not content_range.startswith(f"bytes {start}-"):
+                raise HubUnavailable(f"{what}: asked for bytes {start}-, got {content_range!r}")
             yield Body(offset, response.iter_bytes())
 
     @contextmanager

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from backend.models import plan
@@ -34,36 +35,37 @@ log = logging.getLogger(__name__)
 OnSuccess = Callable[[Path], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class PullSettings:
+    concurrency: int = 1  # transfers at a time
+    resume: bool = True  # continue interrupted jobs at start(); False marks them failed
+    progress_interval_s: float = 1.0  # how often bytes/rate/ETA reach the store
+    cancel_grace_s: float = 5.0  # how long cancel() waits for the transfer to stop
+    retries: int = 5  # transient network failures in a row before a job fails
+    backoff_s: float = 1.0  # first wait between those retries (doubles, capped at 30 s)
+
+
 class PullManager:
     def __init__(
         self,
         store: JobStore,
         models_dir: Path,
         hub: HubClient,
+        settings: PullSettings | None = None,
         *,
         free_space: FreeSpace = disk_free,
         on_success: OnSuccess | None = None,
-        concurrency: int = 1,
-        resume: bool = True,
-        progress_interval_s: float = 1.0,
-        cancel_grace_s: float = 5.0,
-        retries: int = 5,
-        backoff_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._models_dir = models_dir
         self._hub = hub
+        self._settings = settings or PullSettings()
         self._free_space = free_space
         self._on_success = on_success
-        self._concurrency = concurrency
-        self._resume = resume
-        self._interval = progress_interval_s
-        self._cancel_grace = cancel_grace_s
-        self._retries = retries
-        self._backoff = backoff_s
         self._clock = clock
         self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queued: set[str] = set()  # ids in the queue, so none is queued twice
         self._workers: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
         self._running: dict[str, tuple[CancelToken, asyncio.Future[PullResult]]] = {}
@@ -75,9 +77,9 @@ class PullManager:
         for job in self._store.active():
             if job.state is JobState.RUNNING:
                 self._store.transition(job.id, JobState.QUEUED)
-            if self._resume:
+            if self._settings.resume:
                 log.info("resuming pull %s (%s/%s)", job.id, job.repo, job.file)
-                self._queue.put_nowait(job.id)
+                self._enqueue(job.id)
             else:
                 self._store.transition(
                     job.id,
@@ -86,9 +88,10 @@ class PullManager:
                     " pull again to continue from the partial file",
                     error_code="interrupted",
                 )
-        self._executor = ThreadPoolExecutor(self._concurrency, thread_name_prefix="pull")
+        concurrency = self._settings.concurrency
+        self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="pull")
         self._workers = [
-            asyncio.create_task(self._worker(), name=f"pull-worker-{i}") for i in range(self._concurrency)
+            asyncio.create_task(self._worker(), name=f"pull-worker-{i}") for i in range(concurrency)
         ]
 
     async def close(self) -> None:
@@ -117,7 +120,7 @@ class PullManager:
             raise BadPullRequest(f"revision {revision!r} is not a branch, tag or commit")
         job, created = self._store.submit(repo, file, revision)
         if created:
-            self._queue.put_nowait(job.id)
+            self._enqueue(job.id)
             self._notify()
         return job
 
@@ -137,7 +140,7 @@ class PullManager:
             token.cancel(discard_partial=True)
             # Wait for the thread to let go of the partial file, so an immediate
             # re-submit of the same pull does not collide with it.
-            await asyncio.wait({future}, timeout=self._cancel_grace)
+            await asyncio.wait({future}, timeout=self._settings.cancel_grace_s)
         return self._store.get(job_id)
 
     async def wait(self, job_id: str) -> Job:
@@ -149,6 +152,11 @@ class PullManager:
                 return job
             await changed.wait()
 
+    def _enqueue(self, job_id: str) -> None:
+        if job_id not in self._queued:
+            self._queued.add(job_id)
+            self._queue.put_nowait(job_id)
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -156,6 +164,7 @@ class PullManager:
     async def _worker(self) -> None:
         while True:
             job_id = await self._queue.get()
+            self._queued.discard(job_id)
             await self._run(job_id)
 
     async def _run(self, job_id: str) -> None:
@@ -174,15 +183,15 @@ class PullManager:
             token=token,
             progress=progress,
             free_space=self._free_space,
-            retries=self._retries,
-            backoff_s=self._backoff,
+            retries=self._settings.retries,
+            backoff_s=self._settings.backoff_s,
         )
         future = asyncio.get_running_loop().run_in_executor(self._executor, call)
         self._running[job_id] = (token, future)
         meter = RateMeter(self._clock)
         try:
             while not future.done():
-                await asyncio.wait({future}, timeout=self._interval)
+                await asyncio.wait({future}, timeout=self._settings.progress_interval_s)
                 self._record_progress(job_id, progress, meter)
         except asyncio.CancelledError:
             # Shutdown: stop the transfer, keep its bytes, leave the job to the next start.
@@ -222,23 +231,12 @@ class PullManager:
             return None
         except PullError as exc:
             log.warning("pull %s failed: %s", job_id, exc)
-            self._store.transition(
-                job_id, JobState.FAILED, error=str(exc), error_code=exc.code, rate=None, eta=None
-            )
-            self._notify()
+            self._fail(job_id, str(exc), exc.code)
             return None
         except Exception as exc:
             # A bug in one pull must not kill the worker that serves all the others.
             log.exception("pull %s crashed", job_id)
-            self._store.transition(
-                job_id,
-                JobState.FAILED,
-                error=f"internal error: {type(exc).__name__}: {exc}",
-                error_code="internal_error",
-                rate=None,
-                eta=None,
-            )
-            self._notify()
+            self._fail(job_id, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
             return None
         total = sum(f.size for f in result.files)
         self._store.transition(
@@ -253,6 +251,10 @@ class PullManager:
         )
         self._notify()
         return result
+
+    def _fail(self, job_id: str, error: str, code: str) -> None:
+        self._store.transition(job_id, JobState.FAILED, error=error, error_code=code, rate=None, eta=None)
+        self._notify()
 
     def list(self, limit: int = 100) -> list[Job]:
         """Most recent jobs first. (Defined last: the name shadows the builtin in the class.)"""

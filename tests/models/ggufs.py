@@ -9,6 +9,7 @@ from gguf import GGUFWriter, LlamaFileType
 
 from llamagate.tiny_model import write_model
 
+
 def write_tiny(path: Path, seed: int = 0) -> Path:
     """The tiny llama model llama-server can load (``llamagate make-test-model``)."""
     return write_model(path, seed=seed)

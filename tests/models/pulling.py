@@ -11,7 +11,7 @@ from typing import Any
 
 from backend.models.hub import HubClient
 from backend.models.jobs import Job, JobStore
-from backend.models.pull import PullManager
+from backend.models.pull import PullManager, PullSettings
 
 from .fakehub import FakeHub
 
@@ -21,11 +21,12 @@ DEADLINE_S = 15.0
 def manager(
     hub: FakeHub | str, models_dir: Path, data_dir: Path, **kwargs: Any
 ) -> tuple[PullManager, JobStore]:
+    """A PullManager on ``hub`` with quick progress and retries; kwargs set PullSettings."""
     store = JobStore(data_dir / "jobs.sqlite3", clock=time.time)
     endpoint = hub if isinstance(hub, str) else hub.endpoint
-    options: dict[str, Any] = {"progress_interval_s": 0.05, "backoff_s": 0.01}
-    options.update(kwargs)
-    return PullManager(store, models_dir, HubClient(endpoint), **options), store
+    hooks = {k: kwargs.pop(k) for k in ("free_space", "on_success") if k in kwargs}
+    settings = PullSettings(**{"progress_interval_s": 0.05, "backoff_s": 0.01, **kwargs})
+    return PullManager(store, models_dir, HubClient(endpoint), settings, **hooks), store
 
 
 async def finished(pulls: PullManager, job: Job) -> Job:

@@ -23,10 +23,10 @@ def test_groups_plain_and_split_files() -> None:
     )
     assert groups == [
         FileGroup("a", {1: "a.gguf"}, 1, None),
-        FileGroup("c", {1: "c-00001-of-00003.gguf", 3: "c-00003-of-00003.gguf"}, 3,
-                  "missing split parts 2 of 3"),
-        FileGroup("sub/b", {1: "sub/b-00001-of-00002.gguf", 2: "sub/b-00002-of-00002.gguf"}, 2,
-                  None),
+        FileGroup(
+            "c", {1: "c-00001-of-00003.gguf", 3: "c-00003-of-00003.gguf"}, 3, "missing split parts 2 of 3"
+        ),
+        FileGroup("sub/b", {1: "sub/b-00001-of-00002.gguf", 2: "sub/b-00002-of-00002.gguf"}, 2, None),
     ]
     assert groups[2].stem == "b"
 

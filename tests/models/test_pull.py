@@ -75,9 +75,7 @@ async def test_same_pull_shares_one_job(hub: FakeHub, models_dir: Path, data_dir
     assert [j.id for j in pulls.list()][-1] == first.id
 
 
-async def test_cancel_running_pull_removes_partial(
-    hub: FakeHub, models_dir: Path, data_dir: Path
-) -> None:
+async def test_cancel_running_pull_removes_partial(hub: FakeHub, models_dir: Path, data_dir: Path) -> None:
     hub.add_file(REPO, "m.gguf", os.urandom(2_000_000))
     hub.switches.chunk_size, hub.switches.chunk_delay_s = 16 * 1024, 0.01
     pulls, _ = manager(hub, models_dir, data_dir)
@@ -100,9 +98,7 @@ async def test_cancel_running_pull_removes_partial(
         await pulls.close()
 
 
-async def test_cancel_queued_pull_never_starts(
-    hub: FakeHub, models_dir: Path, data_dir: Path
-) -> None:
+async def test_cancel_queued_pull_never_starts(hub: FakeHub, models_dir: Path, data_dir: Path) -> None:
     hub.add_file(REPO, "a.gguf", os.urandom(500_000))
     hub.add_file(REPO, "b.gguf", os.urandom(1000))
     hub.switches.chunk_size, hub.switches.chunk_delay_s = 16 * 1024, 0.01
