@@ -48,8 +48,16 @@ class Cors:
         return await handler(request)
 
     async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        if not self.allowed:
+            return  # CORS off: nothing to add on the hot path
+        headers = response.headers
+        vary = headers.get("Vary")
+        # the preflight answer already varies on Origin: one `Vary: Origin`, not one per layer
+        if vary is None:
+            headers["Vary"] = "Origin"
+        elif "origin" not in vary.lower():
+            headers["Vary"] = f"{vary}, Origin"
         origin = request.headers.get("Origin")
-        response.headers.add("Vary", "Origin")
         if self._allowed(origin):
             assert origin is not None
             response.headers.update(self._origin_headers(origin))

@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-EXCHANGE = "llamagate.exchange"  # aiohttp request-dict key
-
 
 @dataclass(eq=False)
 class Exchange:
@@ -32,6 +30,10 @@ class Exchange:
     @property
     def ttft(self) -> float | None:
         return None if self.first_byte_at is None else self.first_byte_at - self.started
+
+
+# typed request-dict key: aiohttp >= 3.12 warns on plain strings, and warnings fail tests
+EXCHANGE = web.RequestKey("llamagate.exchange", Exchange)
 
 
 def exchange_of(request: web.Request) -> Exchange:

@@ -1,7 +1,7 @@
 """The order every request passes through, in one place (a test pins it).
 
 request id → observe (metrics, access log) → CORS preflight → errors → auth →
-handler (validation → admission → proxy → SSE relay).
+rate limit → handler (validation → admission → proxy → SSE relay).
 
 Errors sit inside the observers so that metrics, the access log and response
 headers (request id, CORS, added in on_response_prepare) see every error as an
@@ -16,6 +16,8 @@ from gateway.auth import auth_middleware
 from gateway.cors import Cors
 from gateway.error_middleware import error_middleware
 from gateway.observe import observe_middleware
+from gateway.ratelimit import on_prepare as ratelimit_headers
+from gateway.ratelimit import ratelimit_middleware
 from gateway.request_id import echo_request_id, request_id_middleware
 
 
@@ -26,6 +28,8 @@ def install(app: web.Application, cors: Cors) -> None:
         cors.middleware,
         error_middleware,
         auth_middleware,
+        ratelimit_middleware,
     ])
     app.on_response_prepare.append(echo_request_id)
     app.on_response_prepare.append(cors.on_prepare)
+    app.on_response_prepare.append(ratelimit_headers)

@@ -15,7 +15,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from gateway import sse
+from gateway import auth, ratelimit, sse
 from gateway.admission import QueueFull, QueueTimeout
 from gateway.errors import (
     BackendUnavailable,
@@ -60,6 +60,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raise NotFound(f"model '{info.model}' does not exist; available: "
                            f"{', '.join(state.models.names)}", code="model_not_found", param="model")
         state.activity.touch()
+    auth.check_model(request, ex)  # 403 for a model outside the key's allowlist
+    ratelimit.reserve_tokens(request, ex)  # tokens/min; ratelimit_middleware settles it
     timeout = request_timeout(request, state.config.request_timeout)
     status = state.upstream.status
     if not status.ready:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -13,7 +15,13 @@ from gateway.admission import Admission
 from gateway.exchange import Exchange
 from gateway.metrics import GatewayMetrics
 from gateway.upstream import Upstream
+from keys.reloader import KeyReloader
+from keys.usage_recorder import UsageRecorder
 from llamagate.config import Config
+
+if TYPE_CHECKING:  # both read APP_STATE from here
+    from gateway.auth import AddressThrottle
+    from gateway.ratelimit import RateLimiter
 
 
 @dataclass
@@ -54,6 +62,12 @@ class AppState:
     active: dict[Exchange, asyncio.Task[object]] = field(default_factory=dict)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     drain_now: asyncio.Event = field(default_factory=asyncio.Event)
+    # API keys, set up by gateway/keys_wiring.py; all None while AUTH_ENABLED=false
+    keys: KeyReloader | None = None
+    usage: UsageRecorder | None = None
+    limiter: RateLimiter | None = None
+    auth_failures: AddressThrottle | None = None
+    clock: Callable[[], float] = time.time  # wall clock for key expiry and rotation grace
 
     def drain_deadline_now(self) -> None:
         self.drain_now.set()

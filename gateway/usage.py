@@ -1,9 +1,11 @@
 """Token counts read out of backend responses without decoding whole bodies.
 
 Non-streaming bodies carry OpenAI `usage`. llama-server's final stream event
-carries `timings` (prompt_n, predicted_n) even when the client did not ask for
-`stream_options.include_usage`, so streams are counted without changing what
-the client receives.
+carries `timings` (prompt_n, cache_n, predicted_n) even when the client did not
+ask for `stream_options.include_usage`, so streams are counted without changing
+what the client receives. `prompt_n` counts only the prompt tokens evaluated
+this time; those reused from the KV cache are `cache_n`, and `usage.prompt_tokens`
+is their sum, so that is what we count too.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ def tokens_from_text(data: str) -> tuple[int, int] | None:
     timings = _object_after(data, "timings")
     if timings is not None:
         prompt, completion = timings.get("prompt_n"), timings.get("predicted_n")
-        if isinstance(prompt, int) and isinstance(completion, int):
-            return prompt, completion
+        cached = timings.get("cache_n", 0)
+        if isinstance(prompt, int) and isinstance(completion, int) and isinstance(cached, int):
+            return prompt + cached, completion
     return None
 
 

@@ -25,8 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging("serve", config.log_level, config.log_format)
         return serve(config)
     if command == "keys":
-        from keys.cli import main as keys_main
-        return keys_main(rest)
+        return _keys(rest)
     if command == "pull":
         from llamagate.pull_cli import main as pull_main
         return pull_main(rest)
@@ -36,6 +35,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"llamagate: unknown command {command!r}; try serve, keys, pull, make-test-model",
           file=sys.stderr)
     return 2
+
+
+def _keys(rest: list[str]) -> int:
+    """`llamagate keys`: key_mgmt on the files the service uses (AUTH_KEYS_FILE, USAGE_DB,
+    both defaulting under DATA_DIR as the config resolves it); an explicit
+    --keys-file/--usage-db still wins."""
+    from keys.cli import main as keys_main
+    from llamagate.config import ConfigError, load_config
+
+    try:
+        config = load_config(os.environ)
+    except ConfigError as exc:
+        print(f"llamagate: {exc}", file=sys.stderr)
+        return 2
+    environ = {**os.environ, "DATA_DIR": str(config.data_dir),
+               "AUTH_KEYS_FILE": str(config.auth_keys_file)}
+    # key_mgmt derives its database from DATA_DIR alone; the service honours USAGE_DB too.
+    return keys_main(["--usage-db", str(config.usage_db), *rest], environ=environ)
 
 
 if __name__ == "__main__":

@@ -179,6 +179,9 @@ def _origins(v: str) -> tuple[str, ...]:
     return items
 
 
+_NO_WORDS: tuple[str, ...] = ()
+
+
 def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
     """Build the configuration from `environ`; raise ConfigError listing every bad variable."""
     r = _Reader(environ)
@@ -200,7 +203,7 @@ def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
         ctx=r.integer("CTX", 4096, 0, 10_000_000),
         threads=r.opt_integer("THREADS", 1, 1024),
         parallel=r.integer("PARALLEL", 4, 1, 256),
-        extra_args=r.parse("EXTRA_ARGS", lambda v: tuple(shlex.split(v)), (), "shell-style words"),
+        extra_args=r.parse("EXTRA_ARGS", lambda v: tuple(shlex.split(v)), _NO_WORDS, "shell-style words"),
         backend_start_timeout=r.number("BACKEND_START_TIMEOUT", 300.0, 1, 86400),
         backend_stop_grace=r.number("BACKEND_STOP_GRACE", 10.0, 0, 600),
         backend_max_restarts=r.integer("BACKEND_MAX_RESTARTS", 5, 1, 1000),
@@ -225,7 +228,7 @@ def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
         max_concurrent_requests=r.integer("MAX_CONCURRENT_REQUESTS", 0, 0, 100_000),
         max_queue_size=r.integer("MAX_QUEUE_SIZE", 64, 0, 1_000_000),
         queue_timeout=r.number("QUEUE_TIMEOUT", 30.0, 0.001, 86400),
-        cors_origins=r.parse("CORS_ORIGINS", _origins, (), "a comma list of http(s) origins"),
+        cors_origins=r.parse("CORS_ORIGINS", _origins, _NO_WORDS, "a comma list of http(s) origins"),
         log_level=r.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),
         log_format=r.choice("LOG_FORMAT", "json", ("json", "text")),
         log_prompts=r.boolean("LOG_PROMPTS", False),

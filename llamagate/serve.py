@@ -71,6 +71,8 @@ class Service:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
+        if self.config.auth_enabled:  # workers without auth keep SIGHUP's default
+            loop.add_signal_handler(signal.SIGHUP, self._forward_sighup)
         env = self._child_env()
         health = Child("health", [sys.executable, "-m", "health.server",
                                   "--runtime-dir", str(self.runtime_dir)], env)
@@ -178,6 +180,12 @@ class Service:
                 self.stop_event.set()
                 return
             await asyncio.sleep(min(1.0, limit / 4))  # idle check period
+
+    def _forward_sighup(self) -> None:
+        # Each gateway worker owns its keyring; SIGHUP to `llamagate serve` reloads them all.
+        for child in self.children:
+            if child.name.startswith("gateway-"):
+                child.signal(signal.SIGHUP)
 
     def _on_signal(self) -> None:
         if self.stop_event.is_set():

@@ -1,0 +1,94 @@
+"""Connects the `keys` package to a gateway app: the live keyring and its reloads, the
+rate limiter, usage recording, the audit log and the admin routes.
+
+Each resource is owned by a cleanup context. The keyring is loaded before the first
+request is served, then reloaded on a change of the keys file (polled every
+KEYS_RELOAD_INTERVAL seconds; 0 turns polling off), on SIGHUP and on
+`POST /admin/keys/reload`. With AUTH_ENABLED=false nothing here is set up and no /admin
+route exists, so a gateway without auth exposes no key management.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from gateway import admin
+from gateway.auth import AddressThrottle
+from gateway.ratelimit import RateLimiter
+from gateway.state import AppState
+from keys.model import Limits
+from keys.reloader import KeyReloader
+from keys.usage_recorder import UsageRecorder
+
+log = logging.getLogger("llamagate.keys")
+CleanupCtx = Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]
+
+
+def install(app: web.Application, state: AppState) -> None:
+    """Set up API keys on ``app`` when auth is on."""
+    config = state.config
+    if not config.auth_enabled:
+        return
+    state.keys = KeyReloader(config.auth_keys_file)
+    state.usage = UsageRecorder(config.usage_db, flush_interval=config.usage_flush_interval)
+    # 0 in the settings means unlimited, which a key's Limits spells None
+    state.limiter = RateLimiter(Limits(config.max_requests_per_minute or None,
+                                       config.max_tokens_per_minute or None,
+                                       config.max_concurrent_per_key or None))
+    state.auth_failures = AddressThrottle(config.auth_failures_per_minute)
+    auditor = admin.Auditor(config.usage_db)
+    app.add_routes(admin.routes(state.keys, state.usage, auditor))
+    app.cleanup_ctx.append(_keys_ctx(state.keys, config.keys_reload_interval))
+    app.cleanup_ctx.append(_usage_ctx(state.usage, auditor))
+
+
+def _keys_ctx(reloader: KeyReloader, interval: float) -> CleanupCtx:
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        reloader.reload()  # fail closed: a missing file means no key works, and it says so
+        loop = asyncio.get_running_loop()
+        hup = _add_sighup(loop, reloader)
+        task = asyncio.create_task(reloader.watch(interval), name="keys-watch") if interval > 0 else None
+        try:
+            yield
+        finally:
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    return ctx
+
+
+def _add_sighup(loop: asyncio.AbstractEventLoop, reloader: KeyReloader) -> bool:
+    def on_hup() -> None:
+        log.info("SIGHUP: reloading API keys")
+        reloader.reload()
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+    except (NotImplementedError, AttributeError):  # no SIGHUP (Windows): reload by the other two means
+        return False
+    return True
+
+
+def _usage_ctx(recorder: UsageRecorder, auditor: admin.Auditor) -> CleanupCtx:
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await recorder.open()
+        try:
+            await auditor.open()
+            recorder.start()
+            yield
+        finally:
+            # close() flushes what is buffered, so a clean shutdown loses no usage
+            await recorder.close()
+            await auditor.close()
+    return ctx

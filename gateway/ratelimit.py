@@ -1,0 +1,231 @@
+"""Per-key rate limits: requests/min and tokens/min token buckets, concurrent requests.
+
+The core (``TokenBucket``, ``KeyLimiter``, ``RateLimiter``) is plain objects that take
+``now`` from an injected clock, O(1) per request. The shell is
+``ratelimit_middleware`` (request bucket and concurrency at admission, token settlement
+and usage recording once the handler is done), ``reserve_tokens`` (called by the proxy
+once the body says how many tokens may be generated) and ``on_prepare`` (the OpenAI
+``x-ratelimit-*`` headers, set when the response is prepared so streams get them too).
+
+Tokens are reserved from ``max_tokens`` at admission and settled from the backend's
+``usage`` afterwards; a request that used more than it reserved leaves the bucket in
+debt, which later requests pay back. Limits are per gateway worker process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.auth import key_of
+from gateway.errors import RateLimited
+from gateway.exchange import Exchange, exchange_of
+from gateway.state import APP_STATE
+from keys.model import Limits
+
+Clock = Callable[[], float]
+MINUTE = 60.0
+# Reserved when a request names no max_tokens: enough to stop a flood of open-ended
+# requests, small enough not to refuse one; settlement corrects it either way.
+DEFAULT_TOKEN_RESERVATION = 256
+
+
+class LimitExceeded(Exception):
+    def __init__(self, what: str, retry_after: float) -> None:
+        super().__init__(what)
+        self.what = what
+        self.retry_after = retry_after
+
+
+class TokenBucket:
+    """``capacity`` tokens, refilled continuously at ``capacity`` per minute."""
+
+    __slots__ = ("capacity", "level", "rate", "updated")
+
+    def __init__(self, capacity: int, now: float) -> None:
+        self.capacity = float(capacity)
+        self.rate = capacity / MINUTE
+        self.level = self.capacity
+        self.updated = now
+
+    def refill(self, now: float) -> float:
+        if now > self.updated:
+            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+            self.updated = now
+        return self.level
+
+    def wait_for(self, amount: float, now: float) -> float:
+        """Seconds until ``amount`` tokens are there; 0 when they are now."""
+        missing = amount - self.refill(now)
+        return 0.0 if missing <= 0 else missing / self.rate
+
+    def add(self, amount: float, now: float) -> None:
+        """Give back (positive) or charge (negative) tokens; a charge may leave a debt."""
+        self.level = min(self.capacity, self.refill(now) + amount)
+
+    def reset_after(self, now: float) -> float:
+        return (self.capacity - self.refill(now)) / self.rate
+
+
+class KeyLimiter:
+    """The limits of one key, as resolved against the service defaults."""
+
+    def __init__(self, limits: Limits, now: float) -> None:
+        self.limits = limits
+        self.in_flight = 0
+        self.requests = _resized(None, limits.requests_per_minute, now)
+        self.tokens = _resized(None, limits.tokens_per_minute, now)
+
+    def reconfigure(self, limits: Limits, now: float) -> None:
+        """Apply limits changed by a keys reload, keeping how much of each bucket is used."""
+        self.requests = _resized(self.requests, limits.requests_per_minute, now)
+        self.tokens = _resized(self.tokens, limits.tokens_per_minute, now)
+        self.limits = limits
+
+    def admit(self, now: float) -> None:
+        """Take a concurrency slot and one request, or raise ``LimitExceeded``."""
+        cap = self.limits.max_concurrent
+        if cap is not None and self.in_flight >= cap:
+            raise LimitExceeded(f"{cap} concurrent requests", 1.0)
+        if self.requests is not None:
+            wait = self.requests.wait_for(1, now)
+            if wait > 0:
+                raise LimitExceeded(f"{self.limits.requests_per_minute} requests per minute", wait)
+            self.requests.add(-1, now)
+        self.in_flight += 1
+
+    def reserve(self, amount: int, now: float) -> int:
+        """Reserve tokens for a request; returns what was reserved (0 when unlimited)."""
+        if self.tokens is None:
+            return 0
+        # A reservation above the whole budget could never be granted: ask for a full bucket.
+        amount = min(amount, int(self.tokens.capacity))
+        wait = self.tokens.wait_for(amount, now)
+        if wait > 0:
+            if self.requests is not None:
+                self.requests.add(1, now)  # a refused request does not count against the rpm
+            raise LimitExceeded(f"{self.limits.tokens_per_minute} tokens per minute", wait)
+        self.tokens.add(-amount, now)
+        return amount
+
+    def release(self, reserved: int, used: int | None, now: float) -> None:
+        """End a request; ``used`` None keeps the reservation as the charge."""
+        self.in_flight -= 1
+        if self.tokens is not None and used is not None:
+            self.tokens.add(reserved - used, now)
+
+    def headers(self, now: float) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, bucket in (("requests", self.requests), ("tokens", self.tokens)):
+            if bucket is not None:
+                out[f"x-ratelimit-limit-{name}"] = str(int(bucket.capacity))
+                out[f"x-ratelimit-remaining-{name}"] = str(max(0, math.floor(bucket.refill(now))))
+                out[f"x-ratelimit-reset-{name}"] = format_reset(bucket.reset_after(now))
+        return out
+
+
+def _resized(bucket: TokenBucket | None, per_minute: int | None, now: float) -> TokenBucket | None:
+    if per_minute is None:
+        return None
+    if bucket is not None and bucket.capacity == per_minute:
+        return bucket
+    resized = TokenBucket(per_minute, now)
+    if bucket is not None:
+        resized.level = min(resized.capacity, bucket.refill(now))
+    return resized
+
+
+def format_reset(seconds: float) -> str:
+    """OpenAI's reset format: ``20ms``, ``6s``, ``1m30s``."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, secs = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+class RateLimiter:
+    """One ``KeyLimiter`` per key id; a key's own limits override the defaults."""
+
+    def __init__(self, defaults: Limits, clock: Clock = time.monotonic) -> None:
+        self.defaults = defaults
+        self.clock = clock
+        self._keys: dict[str, KeyLimiter] = {}
+
+    def for_key(self, key_id: str, limits: Limits) -> KeyLimiter:
+        effective = limits.resolve(self.defaults)
+        limiter = self._keys.get(key_id)
+        if limiter is None:
+            limiter = self._keys[key_id] = KeyLimiter(effective, self.clock())
+        elif limiter.limits != effective:
+            limiter.reconfigure(effective, self.clock())
+        return limiter
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted request's hold on its key's limits."""
+
+    limiter: KeyLimiter
+    clock: Clock
+    reserved: int = 0
+
+
+_TICKET = web.RequestKey("llamagate.rate_ticket", Ticket)
+
+
+@web.middleware
+async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[APP_STATE]
+    key = key_of(request)
+    if key is None or state.limiter is None:
+        return await handler(request)
+    ticket = Ticket(state.limiter.for_key(key.id, key.limits), state.limiter.clock)
+    request[_TICKET] = ticket  # before admission, so a 429 carries the headers too
+    try:
+        ticket.limiter.admit(ticket.clock())
+    except LimitExceeded as exc:
+        state.metrics.rejections.labels("key_rate_limit").inc()
+        raise RateLimited(f"rate limit reached for this API key: {exc.what}",
+                          retry_after=exc.retry_after) from None
+    ex = exchange_of(request)
+    try:
+        return await handler(request)
+    finally:
+        ticket.limiter.release(ticket.reserved, _tokens_used(ex), ticket.clock())
+        if state.usage is not None and ex.inference and ex.tokens is not None:
+            # Usage is recorded here because this is where a finished request is settled.
+            state.usage.record(key.id, ex.model, ex.tokens[0], ex.tokens[1], time.time())
+
+
+def _tokens_used(ex: Exchange) -> int | None:
+    if ex.tokens is not None:
+        return ex.tokens[0] + ex.tokens[1]
+    if ex.first_byte_at is None:
+        return 0  # the backend never answered: nothing was spent
+    return None  # it answered without usage: keep the reservation as the charge
+
+
+def reserve_tokens(request: web.Request, ex: Exchange) -> None:
+    """Reserve the inference request's tokens, or raise 429. Called by the proxy."""
+    ticket = request.get(_TICKET)
+    if ticket is None or not ex.inference:
+        return
+    try:
+        ticket.reserved = ticket.limiter.reserve(ex.max_tokens or DEFAULT_TOKEN_RESERVATION,
+                                                 ticket.clock())
+    except LimitExceeded as exc:
+        request.app[APP_STATE].metrics.rejections.labels("key_token_limit").inc()
+        raise RateLimited(f"rate limit reached for this API key: {exc.what}",
+                          code="tokens_rate_limit_exceeded", retry_after=exc.retry_after) from None
+
+
+async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: the key's limits and what is left of them, on every response."""
+    ticket = request.get(_TICKET)
+    if ticket is not None:
+        response.headers.update(ticket.limiter.headers(ticket.clock()))

@@ -1,0 +1,221 @@
+"""A fake llama-server with misbehaviour switches, for the faults the real one will
+not produce on demand (after llama-swap's `cmd/simple-responder`).
+
+It answers the routes the gateway uses the way llama-server does (JSON replies with
+`usage` and `timings`, SSE streams ending in a `timings` event and `[DONE]`, errors
+in llama-server's `{"error": {"code", "message", "type"}}` shape) and can instead:
+answer with an error status, hang before sending headers, stream slowly, stream
+one event at a time on the test's signal, hang mid-stream, or die mid-stream by
+closing its transport.
+
+Every request is recorded as a `Seen`, which says whether the gateway closed the
+connection before the fake had finished: that is how tests prove cancellation.
+The fake runs with handler cancellation, so a dropped connection cancels the
+handler wherever it is waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+BACKEND_KEY = "backend-secret"
+MODEL = "tiny"
+
+
+@dataclass
+class Switches:
+    """How the next requests are answered; a test changes them before sending."""
+
+    status: int = 200  # anything else: that status with llama-server's error body
+    error_message: str = "the fake backend refused this request"
+    hang_before_headers: bool = False  # wait for `release` (or the client) before answering
+    events: int = 3  # content events in a stream, before the final `timings` event
+    chunk_delay: float = 0.0  # pause between stream events: a slow backend
+    step: bool = False  # send each event after the first only once `proceed` is set
+    hang_after: int | None = None  # stop after this many events and wait for `release`
+    die_after: int | None = None  # close the transport after this many events
+    health_status: int = 200
+    prompt_tokens: int = 7
+    cache_tokens: int = 4  # of the prompt tokens, reused from the KV cache (timings.cache_n)
+
+
+@dataclass(eq=False)
+class Seen:
+    """One request as the fake received it, and how it ended."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    client_closed: bool = False  # the gateway dropped the connection before we were done
+    closed_at: float | None = None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """llama-server's error shape (note: `code` is the HTTP status, an int)."""
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            501: "not_supported_error", 503: "unavailable_error"}.get(status, "server_error")
+    return {"error": {"code": status, "message": message, "type": kind}}
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.switches = Switches()
+        self.seen: list[Seen] = []
+        self.release = asyncio.Event()  # ends every hang
+        self.proceed = asyncio.Event()  # lets a stepped stream send its next event
+        self.sent_events = 0  # stream events written so far, over all requests
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/v1/chat/completions", self._tracked(self._completion))
+        app.router.add_post("/v1/completions", self._tracked(self._completion))
+        app.router.add_post("/v1/embeddings", self._tracked(self._embeddings))
+        app.router.add_route("*", "/{tail:.*}", self._tracked(self._not_found))
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self.url
+
+    async def close(self) -> None:
+        self.release.set()  # let held handlers finish so the server stops promptly
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- what tests read -------------------------------------------------------------
+    def requests(self, path: str | None = None) -> list[Seen]:
+        return [s for s in self.seen if path is None or s.path == path]
+
+    async def wait_for_requests(self, n: int, path: str | None = None,
+                                timeout: float = 5.0) -> list[Seen]:
+        """Wait until at least `n` requests (to `path`) have arrived."""
+        deadline = time.monotonic() + timeout
+        while len(self.requests(path)) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fake backend saw {len(self.requests(path))} requests to "
+                                     f"{path or 'any path'} within {timeout}s, expected {n}")
+            await asyncio.sleep(0.005)  # poll period of a deadline wait
+        return self.requests(path)
+
+    # -- handlers --------------------------------------------------------------------
+    def _tracked(self, handler: Callable[[web.Request, Seen], Awaitable[web.StreamResponse]]
+                 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            seen = Seen(request.method, request.path, dict(request.headers), await request.read())
+            self.seen.append(seen)
+            try:
+                return await handler(request, seen)
+            except (asyncio.CancelledError, ConnectionResetError):
+                seen.client_closed, seen.closed_at = True, time.monotonic()
+                raise
+            finally:
+                seen.finished.set()
+        return wrapper
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if self.switches.health_status != 200:
+            return web.json_response(error_body(self.switches.health_status, "Loading model"),
+                                     status=self.switches.health_status)
+        return web.json_response({"status": "ok"})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": MODEL, "object": "model", "created": 0, "owned_by": "llamacpp"}]})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=(
+            "# HELP llamacpp:requests_processing Number of requests processing\n"
+            "# TYPE llamacpp:requests_processing gauge\n"
+            "llamacpp:requests_processing 0\n"))
+
+    async def _not_found(self, request: web.Request, seen: Seen) -> web.Response:
+        return web.json_response(error_body(404, "File Not Found"), status=404)
+
+    async def _embeddings(self, request: web.Request, seen: Seen) -> web.Response:
+        return web.json_response({"object": "list", "model": MODEL, "data": [
+            {"object": "embedding", "index": 0, "embedding": [0.25, -0.5, 0.125]}],
+            "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+    async def _completion(self, request: web.Request, seen: Seen) -> web.StreamResponse:
+        sw = self.switches
+        if sw.hang_before_headers:
+            await self.release.wait()
+        if sw.status != 200:
+            return web.json_response(error_body(sw.status, sw.error_message), status=sw.status)
+        body = seen.json()
+        chat = request.path.endswith("/chat/completions")
+        if body.get("stream"):
+            return await self._stream(request, chat)
+        n = int(body.get("max_tokens") or sw.events)
+        text = "x" * n
+        choice: dict[str, Any] = (
+            {"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": text}}
+            if chat else {"index": 0, "finish_reason": "length", "text": text})
+        return web.json_response({
+            "id": "fake-1", "object": "chat.completion" if chat else "text_completion",
+            "created": 0, "model": MODEL, "choices": [choice],
+            "usage": {"prompt_tokens": sw.prompt_tokens, "completion_tokens": n,
+                      "total_tokens": sw.prompt_tokens + n},
+            "timings": self._timings(n)})
+
+    def _timings(self, n: int) -> dict[str, Any]:
+        sw = self.switches
+        return {"cache_n": sw.cache_tokens, "prompt_n": sw.prompt_tokens - sw.cache_tokens,
+                "predicted_n": n, "prompt_ms": 1.0, "predicted_ms": 1.0}
+
+    async def _stream(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        sw = self.switches
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(sw.events):
+            if i == sw.hang_after:
+                await self.release.wait()
+            if i == sw.die_after:
+                assert request.transport is not None
+                request.transport.close()  # the backend dies: no terminating chunk
+                return response
+            if i > 0 and sw.step:
+                await self.proceed.wait()
+                self.proceed.clear()
+            if i > 0 and sw.chunk_delay:
+                await asyncio.sleep(sw.chunk_delay)  # the misbehaviour itself: a slow backend
+            await response.write(_event(_chunk(chat, {"content": f"t{i}"}, None)))
+            self.sent_events += 1
+        final = _chunk(chat, {}, "length")
+        final["timings"] = self._timings(sw.events)
+        await response.write(_event(final) + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def _chunk(chat: bool, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    if chat:
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": delta.get("content", ""), "finish_reason": finish}
+    return {"id": "fake-1", "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": 0, "model": MODEL, "choices": [choice]}
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"

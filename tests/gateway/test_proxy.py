@@ -1,0 +1,181 @@
+"""The proxy in front of a misbehaving backend: pass-through of bytes and errors,
+timeouts, cancellation of backend work when the client leaves."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from tests.gateway.conftest import StartGateway
+from tests.gateway.fake_upstream import BACKEND_KEY, FakeUpstream, error_body
+from tests.gateway.support import Gateway, RawRequest, assert_openai_error, sse_data, wait_until
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+async def test_body_is_forwarded_byte_for_byte_with_the_backend_key(
+        gateway: Gateway, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
+    raw = b'{ "messages" : [{"role":"user","content":"h\\u00e9"}],  "max_tokens":3, "x_extra":[1] }'
+    async with http.post(gateway.url + CHAT + "?trace=1", data=raw,
+                         headers={"Content-Type": "application/json",
+                                  "Authorization": "Bearer client-key"}) as r:
+        assert r.status == 200
+        reply = await r.json()
+    assert reply["usage"]["completion_tokens"] == 3
+    [seen] = fake.requests(CHAT)
+    assert seen.body == raw
+    assert seen.headers["Authorization"] == f"Bearer {BACKEND_KEY}"  # never the client's key
+    assert seen.headers["X-Request-ID"] == r.headers["X-Request-ID"]
+
+
+async def test_other_v1_routes_pass_through(gateway: Gateway, fake: FakeUpstream,
+                                            http: aiohttp.ClientSession) -> None:
+    async with gateway.sdk() as client:
+        assert [m.id for m in (await client.models.list()).data] == ["tiny"]
+        emb = await client.embeddings.create(model="tiny", input="x")
+    assert emb.data[0].embedding == [0.25, -0.5, 0.125]
+    async with http.get(gateway.url + "/v1/no-such-thing") as r:
+        assert r.status == 404  # llama-server's own 404, unchanged
+        assert await r.json() == error_body(404, "File Not Found")
+
+
+@pytest.mark.parametrize("status", [400, 500, 503])
+async def test_backend_error_status_passes_through_unchanged(gateway: Gateway, fake: FakeUpstream,
+                                                             http: aiohttp.ClientSession,
+                                                             status: int) -> None:
+    fake.switches.status = status
+    for stream in (False, True):
+        async with http.post(gateway.url + CHAT,
+                             json={"messages": MESSAGES, "stream": stream}) as r:
+            assert r.status == status
+            assert r.content_type == "application/json"
+            assert await r.json() == error_body(status, fake.switches.error_message)
+            assert r.headers["X-Request-ID"]
+
+
+async def test_backend_errors_map_to_sdk_exceptions(gateway: Gateway, fake: FakeUpstream) -> None:
+    async with gateway.sdk() as client:
+        fake.switches.status = 400
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.chat.completions.create(model="tiny", messages=MESSAGES)
+        fake.switches.status = 500
+        with pytest.raises(openai.InternalServerError) as broken:
+            await client.chat.completions.create(model="tiny", messages=MESSAGES)
+    assert bad.value.message.endswith(fake.switches.error_message)
+    assert broken.value.status_code == 500
+
+
+async def test_timeout_is_504_and_cancels_backend_work(gateway: Gateway, fake: FakeUpstream,
+                                                       http: aiohttp.ClientSession) -> None:
+    fake.switches.hang_before_headers = True
+    started = time.monotonic()
+    async with http.post(gateway.url + COMPLETIONS, json={"prompt": "a"},
+                         headers={"X-Request-Timeout": "1"}) as r:
+        assert r.status == 504
+        assert r.headers["X-Request-ID"] and r.content_type == "application/json"
+        error = assert_openai_error(await r.json(), "timeout", "upstream_timeout")
+    assert 1 <= time.monotonic() - started < 3
+    assert "1s" in error["message"]
+    [seen] = fake.requests(COMPLETIONS)
+    await wait_until(seen.finished.is_set, 2, "the backend request to end")
+    assert seen.client_closed  # the gateway hung up: llama-server would free the slot
+    assert gateway.state.admission.in_flight == 0
+
+
+async def test_request_timeout_setting_applies_and_sdk_sees_a_server_error(
+        start_gateway: StartGateway, fake: FakeUpstream) -> None:
+    gateway = await start_gateway(REQUEST_TIMEOUT="1")
+    fake.switches.hang_before_headers = True
+    async with gateway.sdk() as client:
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.completions.create(model="tiny", prompt="a", max_tokens=2)
+    assert info.value.status_code == 504 and info.value.code == "upstream_timeout"
+
+
+async def test_stream_timeout_ends_with_an_error_event(gateway: Gateway, fake: FakeUpstream,
+                                                       http: aiohttp.ClientSession) -> None:
+    fake.switches.hang_after = 2  # two events, then silence
+    async with http.post(gateway.url + CHAT, json={"messages": MESSAGES, "stream": True},
+                         headers={"X-Request-Timeout": "1"}) as r:
+        assert r.status == 200
+        events = sse_data(await r.text())  # ends: the gateway closes the stream
+    assert len(events) == 3
+    assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:2]] == ["t0", "t1"]
+    assert_openai_error(json.loads(events[-1]), "timeout", "upstream_timeout")
+    [seen] = fake.requests(CHAT)
+    await wait_until(seen.finished.is_set, 2, "the backend stream to end")
+    assert seen.client_closed
+
+
+async def test_backend_dying_mid_stream_ends_the_stream_with_an_error_event(
+        gateway: Gateway, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
+    fake.switches.die_after = 2
+    async with http.post(gateway.url + CHAT, json={"messages": MESSAGES, "stream": True},
+                         timeout=aiohttp.ClientTimeout(total=10)) as r:
+        assert r.status == 200
+        events = sse_data(await r.text())  # returns: the stream ended properly
+    assert len(events) == 3
+    error = assert_openai_error(json.loads(events[-1]), "server_error", "backend_disconnected")
+    assert "backend" in error["message"]
+    # the SDK surfaces the final event as an error rather than hanging
+    async with gateway.sdk(timeout=10) as client:
+        stream = await client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True)
+        with pytest.raises(openai.APIError) as info:
+            async for _ in stream:
+                pass
+    assert "backend" in str(info.value)
+    assert gateway.state.admission.in_flight == 0
+
+
+async def test_backend_dying_before_the_first_event(gateway: Gateway, fake: FakeUpstream,
+                                                    http: aiohttp.ClientSession) -> None:
+    fake.switches.die_after = 0
+    async with http.post(gateway.url + CHAT, json={"messages": MESSAGES, "stream": True},
+                         timeout=aiohttp.ClientTimeout(total=10)) as r:
+        events = sse_data(await r.text())
+    assert len(events) == 1
+    assert_openai_error(json.loads(events[0]), "server_error", "backend_disconnected")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_client_disconnect_cancels_the_backend_request(gateway: Gateway, fake: FakeUpstream,
+                                                             stream: bool) -> None:
+    if stream:
+        fake.switches.hang_after = 1  # one event sent, then the generation "runs on"
+    else:
+        fake.switches.hang_before_headers = True
+    client = await RawRequest.send(gateway.url, CHAT, {"messages": MESSAGES, "stream": stream})
+    [seen] = await fake.wait_for_requests(1, CHAT)
+    if stream:
+        await client.read_until(b"\n\n")  # the first event has reached the client
+    dropped = await client.drop()
+    await wait_until(seen.finished.is_set, 1, "the backend request to be dropped")
+    assert seen.client_closed and seen.closed_at is not None
+    assert seen.closed_at - dropped < 0.5
+    await wait_until(lambda: gateway.state.admission.in_flight == 0, 1, "the slot to be released")
+
+
+async def test_sdk_client_timeout_cancels_the_backend_request(gateway: Gateway,
+                                                              fake: FakeUpstream) -> None:
+    fake.switches.hang_before_headers = True
+    async with gateway.sdk(timeout=0.3) as client:
+        with pytest.raises(openai.APITimeoutError):
+            await client.completions.create(model="tiny", prompt="a", max_tokens=2)
+    [seen] = fake.requests(COMPLETIONS)
+    await wait_until(seen.finished.is_set, 1, "the backend request to be dropped")
+    assert seen.client_closed
+
+
+async def test_backend_not_ready_is_503_with_retry_after(gateway: Gateway, fake: FakeUpstream,
+                                                         http: aiohttp.ClientSession) -> None:
+    fake.switches.health_status = 503
+    await wait_until(lambda: not gateway.state.upstream.status.ready, 3, "the health poll")
+    async with http.post(gateway.url + COMPLETIONS, json={"prompt": "a"}) as r:
+        assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
+        assert_openai_error(await r.json(), "service_unavailable", "backend_unavailable")
+    assert fake.requests(COMPLETIONS) == []

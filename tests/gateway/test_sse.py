@@ -1,0 +1,54 @@
+"""SSE relay: every backend event reaches the client as it arrives."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+
+from tests.gateway.fake_upstream import FakeUpstream
+from tests.gateway.support import Gateway, next_event, sse_data
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+async def test_each_event_reaches_the_client_before_the_backend_sends_the_next(
+        gateway: Gateway, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
+    # The fake sends event i+1 only once the test has seen event i: a gateway that
+    # buffered (waiting for more bytes, or for the end) would leave the client waiting.
+    fake.switches.step = True
+    fake.switches.events = 4
+    async with http.post(gateway.url + CHAT, json={"messages": MESSAGES, "stream": True}) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"] == "text/event-stream"
+        assert r.headers["X-Accel-Buffering"] == "no"
+        assert r.headers["Cache-Control"] == "no-cache"
+        assert r.headers["X-Request-ID"]
+        for i in range(4):
+            event = json.loads(await next_event(r.content, timeout=5))
+            assert event["choices"][0]["delta"]["content"] == f"t{i}"
+            assert fake.sent_events == i + 1  # the backend has not sent the next one yet
+            fake.proceed.set()
+        final = json.loads(await next_event(r.content))
+        assert final["choices"][0]["finish_reason"] == "length" and "timings" in final
+        assert await next_event(r.content) == "[DONE]"
+
+
+async def test_slow_stream_is_relayed_in_full(gateway: Gateway, fake: FakeUpstream,
+                                              http: aiohttp.ClientSession) -> None:
+    fake.switches.events = 5
+    fake.switches.chunk_delay = 0.02
+    async with http.post(gateway.url + CHAT, json={"messages": MESSAGES, "stream": True}) as r:
+        events = sse_data(await r.text())
+    assert [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-1]] == \
+        ["t0", "t1", "t2", "t3", "t4", None]
+    assert events[-1] == "[DONE]"
+
+
+async def test_sdk_reads_a_relayed_stream(gateway: Gateway, fake: FakeUpstream) -> None:
+    async with gateway.sdk() as client:
+        stream = await client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True)
+        chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "t0t1t2"
+    assert chunks[-1].choices[0].finish_reason == "length"
