@@ -71,8 +71,11 @@ class Service:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
-        if self.config.auth_enabled:  # workers without auth keep SIGHUP's default
+        if self.config.auth_enabled:
             loop.add_signal_handler(signal.SIGHUP, self._forward_sighup)
+        else:
+            # nothing to reload; a stray SIGHUP (terminal hangup) must not kill the service
+            loop.add_signal_handler(signal.SIGHUP, lambda: None)
         env = self._child_env()
         health = Child("health", [sys.executable, "-m", "health.server",
                                   "--runtime-dir", str(self.runtime_dir)], env)
@@ -80,7 +83,7 @@ class Service:
         self.children.append(health)
         try:
             wiring = await self._prepare_backend()
-        except (StartupError, BinaryNotFound, FileNotFoundError, ValueError) as exc:
+        except (StartupError, BinaryNotFound, OSError, ValueError) as exc:
             log.error("startup failed: %s", exc)
             print(f"llamagate: startup failed: {exc}", file=sys.stderr)
             self.phase = "stopped"
