@@ -8,6 +8,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.errors import GatewayError, error_body, error_response
+from gateway.exchange import EXCHANGE
 
 log = logging.getLogger("llamagate.gateway")
 
@@ -34,15 +35,24 @@ def _from_http_exception(exc: web.HTTPException) -> web.Response:
                         content_type="application/json", headers=headers)
 
 
+def _note(request: web.Request, code: str) -> None:
+    # the access line says why the gateway answered with an error
+    ex = request.get(EXCHANGE)
+    if ex is not None and ex.error is None:
+        ex.error = code
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as exc:
+        _note(request, exc.code)
         return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        _note(request, _HTTP_TYPES.get(exc.status, ("", "http_error"))[1])
         return _from_http_exception(exc)
     except (ConnectionResetError, OSError) as exc:
         # the client went away mid-response; there is nobody to answer

@@ -26,6 +26,7 @@ class Exchange:
     inference: bool = False
     response: web.StreamResponse | None = None
     shutdown: bool = False  # ended by a drain deadline
+    prompt: object = None  # messages/prompt/input, kept only with LOG_PROMPTS=true
 
     @property
     def ttft(self) -> float | None:

@@ -74,23 +74,34 @@ def make_registries() -> tuple[CollectorRegistry, CollectorRegistry]:
     """(registry metrics are created in, registry that is exposed)."""
     if multiprocess_enabled():
         exposed = CollectorRegistry()
-        MultiProcessCollector(exposed)
+        MultiProcessCollector(exposed)  # type: ignore[no-untyped-call]
         return CollectorRegistry(), exposed
     registry = CollectorRegistry()
     return registry, registry
 
 
 def label_backend_metrics(text: str, model: str) -> str:
-    """Add a model label to each sample of llama-server's exposition."""
+    """Add a model label to each sample of llama-server's exposition.
+
+    Names stay llama-server's own (`llamacpp:*`, which dashboards query). A family
+    typed `counter` without the `_total` suffix (llamacpp:n_tokens_max, a running
+    maximum) is re-typed `gauge`: that is what it is, and promtool rejects the other.
+    """
     out = []
-    label = f'model="{model}"'
+    escaped = model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    label = f'model="{escaped}"'
     for line in text.splitlines():
-        if not line or line.startswith("#"):
+        if not line:
+            continue
+        if line.startswith("#"):
+            kind, _, rest = line.partition(" TYPE ")
+            if kind == "#" and rest.endswith(" counter") and not rest[:-8].endswith("_total"):
+                line = f"# TYPE {rest[:-8]} gauge"
             out.append(line)
             continue
         name, sep, rest = line.partition("{")
         if sep:
-            out.append(f"{name}{{{label},{rest}")
+            out.append(f"{name}{{{label}{'' if rest.startswith('}') else ','}{rest}")
         else:
             metric, _, value = line.partition(" ")
             out.append(f"{metric}{{{label}}} {value}")

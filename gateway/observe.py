@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 from aiohttp import web
@@ -53,7 +54,11 @@ def _record(metrics: GatewayMetrics, ex: Exchange, status: int, request: web.Req
     if ex.tokens is not None:
         metrics.prompt_tokens.labels(ex.model, ex.key_id).inc(ex.tokens[0])
         metrics.completion_tokens.labels(ex.model, ex.key_id).inc(ex.tokens[1])
-    access_log.info("request", extra={
+    fields = {
+        # the id is also in the logging context; naming it here keeps the line complete
+        # even if a handler formats the record later, outside this request's context
+        "request_id": ex.request_id,
+        "worker_pid": os.getpid(),  # which of GATEWAY_WORKERS served it
         "method": request.method, "route": ex.route, "status": status, "key_id": ex.key_id,
         "model": ex.model, "stream": ex.stream, "duration_ms": round(duration * 1000, 2),
         "ttft_ms": None if ttft is None else round(ttft * 1000, 2),
@@ -61,4 +66,7 @@ def _record(metrics: GatewayMetrics, ex: Exchange, status: int, request: web.Req
         "tokens_in": ex.tokens[0] if ex.tokens else None,
         "tokens_out": ex.tokens[1] if ex.tokens else None,
         "error": ex.error,
-    })
+    }
+    if ex.prompt is not None:  # set only with LOG_PROMPTS=true
+        fields["prompt"] = ex.prompt
+    access_log.info("request", extra=fields)

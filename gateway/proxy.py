@@ -28,7 +28,7 @@ from gateway.errors import (
 from gateway.exchange import Exchange, exchange_of
 from gateway.state import APP_STATE
 from gateway.usage import tokens_from_body
-from gateway.validation import validate
+from gateway.validation import prompt_of, validate
 
 INFERENCE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 _PASS_HEADERS = ("Content-Type",)
@@ -55,10 +55,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if request.method == "POST" and request.path in INFERENCE_ROUTES:
         info = validate(request.path, raw)
         ex.inference, ex.stream, ex.max_tokens = True, info.stream, info.max_tokens
-        ex.model = state.models.resolve(info.model)
-        if ex.model is None:
+        if state.config.log_prompts:
+            ex.prompt = prompt_of(request.path, info.body)
+        model = state.models.resolve(info.model)
+        if model is None:  # ex.model stays "-": a client must not mint metric label values
             raise NotFound(f"model '{info.model}' does not exist; available: "
                            f"{', '.join(state.models.names)}", code="model_not_found", param="model")
+        ex.model = model
         state.activity.touch()
     auth.check_model(request, ex)  # 403 for a model outside the key's allowlist
     ratelimit.reserve_tokens(request, ex)  # tokens/min; ratelimit_middleware settles it

@@ -1,15 +1,17 @@
 """Relays a backend SSE stream to the client as it arrives.
 
 Each chunk read from the backend is written to the client at once: no
-re-chunking, no waiting for event boundaries, no re-encoding. Only the last two
-chunks are kept (for the final event's token counts). A backend that dies mid
-stream ends the client's stream with a final error event instead of a hang.
+re-chunking, no waiting for event boundaries, no re-encoding. Only the last few
+chunks are kept, by reference (for the final event's token counts, which TCP may
+have split over several reads). A backend that dies mid stream ends the client's
+stream with a final error event instead of a hang.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import aiohttp
 from aiohttp import web
@@ -19,6 +21,9 @@ from gateway.exchange import Exchange
 from gateway.usage import tokens_from_body
 
 log = logging.getLogger("llamagate.gateway.sse")
+
+# the final event (usage/timings) plus `[DONE]`, even if each arrived in pieces
+_TAIL_CHUNKS = 4
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -32,7 +37,7 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse,
     response = web.StreamResponse(status=upstream.status, headers=SSE_HEADERS)
     ex.response = response
     await response.prepare(request)
-    prev = last = b""
+    tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
     reader = upstream.content
     while True:
         try:
@@ -51,7 +56,7 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse,
             ex.first_byte_at = time.monotonic()
         # a departed client raises ConnectionResetError here; the caller closes upstream
         await response.write(chunk)
-        prev, last = last, chunk
-    ex.tokens = tokens_from_body(prev + last)
+        tail.append(chunk)
+    ex.tokens = tokens_from_body(b"".join(tail))
     await response.write_eof()
     return response

@@ -67,6 +67,12 @@ def _check_text_input(name: str, value: object) -> None:
         raise BadRequest(f"'{name}' must be a string or a non-empty array", param=name)
 
 
+def prompt_of(path: str, body: dict[str, Any] | None) -> object:
+    """The user's text in `body` (messages, prompt or input), for LOG_PROMPTS."""
+    field = _REQUIRED.get(path)
+    return None if field is None or body is None else body.get(field)
+
+
 def validate(path: str, raw: bytes) -> RequestInfo:
     """Validate an inference body for `path`; raise BadRequest naming the field."""
     body = parse_json(raw)

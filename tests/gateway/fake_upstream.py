@@ -29,6 +29,20 @@ BACKEND_KEY = "backend-secret"
 MODEL = "tiny"
 
 
+# a few families of llama-server's /metrics, as it writes them
+BACKEND_METRICS = """\
+# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed, excluding cached tokens
+# TYPE llamacpp:prompt_tokens_total counter
+llamacpp:prompt_tokens_total 14
+# HELP llamacpp:n_tokens_max Largest observed sequence length (prompt + generation)
+# TYPE llamacpp:n_tokens_max counter
+llamacpp:n_tokens_max 2047
+# HELP llamacpp:requests_processing Number of requests processing
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 0
+"""
+
+
 @dataclass
 class Switches:
     """How the next requests are answered; a test changes them before sending."""
@@ -41,6 +55,7 @@ class Switches:
     step: bool = False  # send each event after the first only once `proceed` is set
     hang_after: int | None = None  # stop after this many events and wait for `release`
     die_after: int | None = None  # close the transport after this many events
+    final_pieces: int = 1  # write the final event in this many pieces (gated by `step`)
     health_status: int = 200
     prompt_tokens: int = 7
     cache_tokens: int = 4  # of the prompt tokens, reused from the KV cache (timings.cache_n)
@@ -107,13 +122,13 @@ class FakeUpstream:
         return [s for s in self.seen if path is None or s.path == path]
 
     async def wait_for_requests(self, n: int, path: str | None = None,
-                                timeout: float = 5.0) -> list[Seen]:
+                                within: float = 5.0) -> list[Seen]:
         """Wait until at least `n` requests (to `path`) have arrived."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while len(self.requests(path)) < n:
             if time.monotonic() > deadline:
                 raise AssertionError(f"fake backend saw {len(self.requests(path))} requests to "
-                                     f"{path or 'any path'} within {timeout}s, expected {n}")
+                                     f"{path or 'any path'} within {within}s, expected {n}")
             await asyncio.sleep(0.005)  # poll period of a deadline wait
         return self.requests(path)
 
@@ -143,10 +158,7 @@ class FakeUpstream:
             {"id": MODEL, "object": "model", "created": 0, "owned_by": "llamacpp"}]})
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=(
-            "# HELP llamacpp:requests_processing Number of requests processing\n"
-            "# TYPE llamacpp:requests_processing gauge\n"
-            "llamacpp:requests_processing 0\n"))
+        return web.Response(text=BACKEND_METRICS)
 
     async def _not_found(self, request: web.Request, seen: Seen) -> web.Response:
         return web.json_response(error_body(404, "File Not Found"), status=404)
@@ -203,7 +215,13 @@ class FakeUpstream:
             self.sent_events += 1
         final = _chunk(chat, {}, "length")
         final["timings"] = self._timings(sw.events)
-        await response.write(_event(final) + b"data: [DONE]\n\n")
+        data = _event(final) + b"data: [DONE]\n\n"
+        size = -(-len(data) // sw.final_pieces)
+        for at in range(0, len(data), size):
+            if at and sw.step:
+                await self.proceed.wait()
+                self.proceed.clear()
+            await response.write(data[at:at + size])
         await response.write_eof()
         return response
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.gateway.conftest import StartGateway
 from tests.gateway.fake_upstream import FakeUpstream
@@ -12,7 +13,7 @@ from tests.gateway.support import Gateway
 
 APP = "https://app.example"
 CHAT = "/v1/chat/completions"
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 PREFLIGHT = {"Access-Control-Request-Method": "POST",
              "Access-Control-Request-Headers": "authorization, content-type"}
 

@@ -9,13 +9,14 @@ import time
 import aiohttp
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.gateway.conftest import StartGateway
 from tests.gateway.fake_upstream import BACKEND_KEY, FakeUpstream, error_body
 from tests.gateway.support import Gateway, RawRequest, assert_openai_error, sse_data, wait_until
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 async def test_body_is_forwarded_byte_for_byte_with_the_backend_key(
@@ -54,7 +55,9 @@ async def test_backend_error_status_passes_through_unchanged(gateway: Gateway, f
                              json={"messages": MESSAGES, "stream": stream}) as r:
             assert r.status == status
             assert r.content_type == "application/json"
-            assert await r.json() == error_body(status, fake.switches.error_message)
+            # byte for byte what llama-server (here the fake's json_response) wrote
+            assert await r.read() == json.dumps(error_body(status, fake.switches.error_message)
+                                                ).encode()
             assert r.headers["X-Request-ID"]
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.gateway.fake_upstream import FakeUpstream
-from tests.gateway.support import Gateway, next_event, sse_data
+from tests.gateway.support import Gateway, next_event, scrape, sse_data
 
 CHAT = "/v1/chat/completions"
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 async def test_each_event_reaches_the_client_before_the_backend_sends_the_next(
@@ -26,7 +28,7 @@ async def test_each_event_reaches_the_client_before_the_backend_sends_the_next(
         assert r.headers["Cache-Control"] == "no-cache"
         assert r.headers["X-Request-ID"]
         for i in range(4):
-            event = json.loads(await next_event(r.content, timeout=5))
+            event = json.loads(await next_event(r.content, within=5))
             assert event["choices"][0]["delta"]["content"] == f"t{i}"
             assert fake.sent_events == i + 1  # the backend has not sent the next one yet
             fake.proceed.set()
@@ -52,3 +54,21 @@ async def test_sdk_reads_a_relayed_stream(gateway: Gateway, fake: FakeUpstream) 
         chunks = [c async for c in stream]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "t0t1t2"
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+async def test_tokens_are_counted_from_a_final_event_split_over_reads(
+        gateway: Gateway, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
+    # each piece is sent only after the client has the previous one, so the gateway
+    # reads the final `timings` event in six parts
+    fake.switches.step = True
+    fake.switches.events = 1
+    fake.switches.final_pieces = 6
+    async with http.post(gateway.url + CHAT, json={"messages": MESSAGES, "stream": True}) as r:
+        received = b""
+        while b"[DONE]" not in received:
+            received += await asyncio.wait_for(r.content.readany(), 5)
+            fake.proceed.set()
+    body, samples = await scrape(http, gateway.url)
+    key = {"model": "tiny", "key_id": "-"}
+    assert samples.get_value("llamagate_completion_tokens_total", **key) == 1
+    assert samples.get_value("llamagate_prompt_tokens_total", **key) == 7

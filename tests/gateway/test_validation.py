@@ -9,15 +9,16 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
-from gateway.validation import MAX_TOKENS_CAP, validate
 from gateway.errors import BadRequest
+from gateway.validation import MAX_TOKENS_CAP, validate
 from tests.gateway.conftest import StartGateway
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import Gateway, assert_openai_error
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 def _raw(body: Any) -> bytes:

@@ -1,0 +1,54 @@
+"""Every failure leaves the gateway as OpenAI-shaped JSON: unknown routes, wrong
+methods, unexpected exceptions (without a stack trace)."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.gateway.fake_upstream import FakeUpstream
+from tests.gateway.support import Gateway, assert_openai_error, serve_gateway
+
+
+async def test_unknown_route_is_404_openai_shaped(gateway: Gateway, fake: FakeUpstream,
+                                                  http: aiohttp.ClientSession) -> None:
+    for path in ("/nope", "/v2/chat/completions", "/"):
+        async with http.post(gateway.url + path, json={"x": 1}) as r:
+            assert r.status == 404, path
+            assert r.content_type == "application/json"
+            assert r.headers["X-Request-ID"]
+            assert_openai_error(await r.json(), "invalid_request_error", "not_found")
+    assert fake.requests() == []
+
+
+async def test_wrong_method_is_405_openai_shaped(gateway: Gateway,
+                                                 http: aiohttp.ClientSession) -> None:
+    async with http.post(gateway.url + "/metrics", data=b"") as r:
+        assert r.status == 405
+        assert r.content_type == "application/json"
+        assert "GET" in r.headers["Allow"]
+        assert_openai_error(await r.json(), "invalid_request_error", "method_not_allowed")
+
+
+async def test_unexpected_exception_is_500_without_a_trace(
+        fake: FakeUpstream, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
+    async def boom(request: web.Request) -> web.Response:
+        raise RuntimeError("internal detail /srv/secret/path")
+
+    gateway = await serve_gateway(fake.url, {}, extra_routes=[web.get("/boom", boom)])
+    try:
+        with caplog.at_level(logging.ERROR, logger="llamagate"):
+            async with http.get(gateway.url + "/boom") as r:
+                assert r.status == 500
+                assert r.content_type == "application/json"
+                text = await r.text()
+        assert "secret" not in text and "Traceback" not in text
+        assert_openai_error(await r.json(), "server_error", "internal_error")
+        # the detail goes to the log, for operators
+        assert any(rec.exc_info and "internal detail" in str(rec.exc_info[1])
+                   for rec in caplog.records if rec.name.startswith("llamagate"))
+    finally:
+        await gateway.stop()

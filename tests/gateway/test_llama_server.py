@@ -1,0 +1,161 @@
+"""The gateway in front of the real llama-server with the tiny model (layer 3):
+a client that disconnects frees its slot; /metrics counts what clients saw."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from backend.argv import ServerSpec
+from backend.supervisor import Supervisor
+from llamagate import runtime
+from tests.gateway.support import Gateway, RawRequest, promtool_check, scrape, serve_gateway
+from tests.support.service import free_port, llama_server
+
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "tell me a story"}]
+# far more than the tiny model generates in a test's lifetime: with context shift
+# on, llama-server keeps going until the request is cancelled
+ENDLESS = 200_000
+
+
+class Backend:
+    def __init__(self, supervisor: Supervisor, key: str) -> None:
+        self.supervisor, self.key = supervisor, key
+
+    @property
+    def url(self) -> str:
+        return self.supervisor.url
+
+    async def busy_slots(self, http: aiohttp.ClientSession) -> int:
+        async with http.get(f"{self.url}/slots",
+                            headers={"Authorization": f"Bearer {self.key}"}) as r:
+            assert r.status == 200
+            slots: list[dict[str, Any]] = await r.json()
+        return sum(1 for s in slots if s["is_processing"])
+
+
+@pytest.fixture
+async def backend(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Backend]:
+    key = secrets.token_urlsafe(16)
+    key_file = tmp_path / "backend.key"
+    runtime.write_secret(key_file, key)
+    spec = ServerSpec(binary=llama_server(), model_path=tiny_model, alias="tiny", port=free_port(),
+                      api_key_file=key_file, ctx=4096, parallel=2,
+                      extra_args=("--context-shift",))
+    supervisor = Supervisor(spec, start_timeout=60, stop_grace=5)
+    await supervisor.start()
+    try:
+        yield Backend(supervisor, key)
+    finally:
+        await supervisor.stop()
+
+
+@pytest.fixture
+async def gateway(backend: Backend) -> AsyncIterator[Gateway]:
+    gw = await serve_gateway(backend.url, {}, models=("tiny",), backend_key=backend.key)
+    try:
+        yield gw
+    finally:
+        await gw.stop()
+
+
+async def _wait_busy(backend: Backend, http: aiohttp.ClientSession, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while await backend.busy_slots(http) == 0:
+        assert time.monotonic() < deadline, "llama-server never started the generation"
+        await asyncio.sleep(0.01)  # poll period of a deadline wait
+
+
+async def test_stream_disconnect_frees_the_slot_within_a_second(
+        backend: Backend, gateway: Gateway, http: aiohttp.ClientSession) -> None:
+    client = await RawRequest.send(gateway.url, "/v1/chat/completions",
+                                   {"messages": MESSAGES, "max_tokens": ENDLESS, "stream": True})
+    assert b" 200 " in await client.read_head(30)
+    await client.read_until(b"\n\n", 30)  # tokens are flowing
+    await _wait_busy(backend, http)
+    dropped = await client.drop()
+    while await backend.busy_slots(http):
+        assert time.monotonic() - dropped < 1.0, "the slot was still busy 1 s after the disconnect"
+        await asyncio.sleep(0.01)  # poll period of a deadline wait
+    assert gateway.state.admission.in_flight == 0
+
+
+async def test_non_stream_disconnect_frees_the_slot(backend: Backend, gateway: Gateway,
+                                                    http: aiohttp.ClientSession) -> None:
+    # llama-server notices a closed connection of a non-streaming request only when its
+    # result queue has been silent for a whole second (server_response_reader polls at
+    # HTTP_POLLING_SECONDS = 1, and every result sent for any task, /slots answers
+    # included, restarts that wait). So after the disconnect this test looks at /slots
+    # no more often than that, and allows that second plus one poll. Without the
+    # gateway hanging up, the generation would run for minutes.
+    client = await RawRequest.send(gateway.url, "/v1/completions",
+                                   {"prompt": "once upon a time", "max_tokens": ENDLESS})
+    await _wait_busy(backend, http)
+    dropped = await client.drop()
+    checks = 0
+    while True:
+        await asyncio.sleep(1.1)  # sparser than llama-server's 1 s check, see above
+        checks += 1
+        if await backend.busy_slots(http) == 0:
+            break
+        assert checks < 3, "the slot was still busy 3.3 s after the disconnect"
+    assert time.monotonic() - dropped < 4
+    assert gateway.state.admission.in_flight == 0
+
+
+async def test_metrics_count_what_clients_saw(backend: Backend, gateway: Gateway,
+                                              http: aiohttp.ClientSession) -> None:
+    async with gateway.sdk() as client:
+        plain = await client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5)
+        with_usage = await client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=7, stream=True,
+            stream_options={"include_usage": True})
+        usage_chunks = [c.usage async for c in with_usage if c.usage is not None]
+        # no usage asked for: the gateway counts from llama-server's final `timings`
+        # event, and must not add a usage chunk the client did not ask for
+        bare = await client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4,
+                                                    stream=True)
+        bare_chunks = [c async for c in bare]
+        text = await client.completions.create(model="tiny", prompt="hello", max_tokens=3)
+    assert plain.usage is not None and text.usage is not None
+    [streamed] = usage_chunks
+    assert all(c.usage is None for c in bare_chunks)
+    seen_prompt = (plain.usage.prompt_tokens + streamed.prompt_tokens
+                   + plain.usage.prompt_tokens  # same messages, same prompt tokens
+                   + text.usage.prompt_tokens)
+    seen_completion = (plain.usage.completion_tokens + streamed.completion_tokens + 4
+                       + text.usage.completion_tokens)
+    assert seen_completion == 5 + 7 + 4 + 3  # the tiny model always runs to max_tokens
+
+    body, samples = await scrape(http, gateway.url)
+    key = {"model": "tiny", "key_id": "-"}
+    assert samples.get_value("llamagate_prompt_tokens_total", **key) == seen_prompt
+    assert samples.get_value("llamagate_completion_tokens_total", **key) == seen_completion
+    assert samples.get_value("llamagate_requests_total", route="/v1/chat/completions",
+                             status="200", **key) == 3
+    assert samples.get_value("llamagate_requests_total", route="/v1/completions",
+                             status="200", **key) == 1
+    assert samples.get_value("llamagate_time_to_first_token_seconds_count", model="tiny") == 4
+    assert samples.get_value("llamagate_queue_wait_seconds_count") == 4
+    assert samples.get_value("llamagate_in_flight_requests") == 0
+    assert samples.get_value("llamagate_queue_depth") == 0
+    assert samples.get_value("llamagate_backend_up") == 1
+    # llama-server's own counters, labelled with the model, agree with the clients
+    assert samples.get_value("llamacpp:tokens_predicted_total", model="tiny") == seen_completion
+    assert samples.get_value("llamacpp:requests_processing", model="tiny") == 0
+    promtool_check(body)
+
+    async with http.get(gateway.url + "/metrics", headers={"Accept": "application/json"}) as r:
+        assert r.content_type == "application/json"
+        families = await r.json()
+    assert families["llamacpp:tokens_predicted"]["samples"][0]["labels"] == {"model": "tiny"}
+    assert sum(s["value"] for s in families["llamagate_completion_tokens"]["samples"]
+               if s["name"] == "llamagate_completion_tokens_total") == seen_completion
