@@ -43,6 +43,7 @@ def judge(serve: dict[str, Any] | None, workers: list[dict[str, Any]], now: floa
         return Verdict("initializing", 204, "gateway starting")
     if backend == "ready":
         return Verdict("healthy", 200, "ready")
-    if backend == "restarting" or (backend == "starting" and int(serve.get("backend", {}).get("restarts", 0))):
+    restarted = int(serve.get("backend", {}).get("restarts", 0)) > 0
+    if backend == "restarting" or (backend == "starting" and restarted):
         return Verdict("degraded", 204, "backend restarting")
     return Verdict("initializing", 204, f"backend {backend}")

@@ -17,10 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
-from health.gpu import gpu_info
 from health.readiness import Verdict, judge
 from llamagate import runtime
 from llamagate.config import Config, ConfigError, load_config
+from llamagate.gpu import gpu_info
 from llamagate.logs import setup_logging
 
 VERSION = "0.1.0"

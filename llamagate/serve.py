@@ -26,7 +26,7 @@ from backend.binary import BinaryNotFound, find_llama_server
 from backend.restarts import RestartPolicy
 from backend.supervisor import StartupError, Supervisor
 from llamagate import runtime
-from llamagate.banner import banner
+from llamagate.banner import banner, diagnostics
 from llamagate.children import Child
 from llamagate.config import Config
 from llamagate.external import ExternalBackend
@@ -123,6 +123,7 @@ class Service:
         if config.backend_url is not None:
             self.external = ExternalBackend(config.backend_url, config.backend_api_key)
             self.models = await self.external.model_names()
+            self._announce(", ".join(self.models) or "(any)", f"external {config.backend_url}", False)
             return {"backend_url": config.backend_url, "backend_key": config.backend_api_key,
                     "runtime_dir": str(self.runtime_dir), "models": list(self.models)}
         choice: ModelChoice = choose_model(config)
@@ -141,11 +142,17 @@ class Service:
                                      stop_grace=config.backend_stop_grace, policy=policy,
                                      on_change=self._on_backend)
         self.models = (choice.name,)
-        print(banner(config, choice, binary, port), file=sys.stderr)
+        self._announce(f"{choice.name} ({choice.path})",
+                       f"{binary} on 127.0.0.1:{port} (build {binary.parent.name})", choice.demo)
         if not spec.model_path.is_file():
             raise FileNotFoundError(f"model file not found: {spec.model_path} (MODEL_PATH)")
         return {"backend_url": self.supervisor.url, "backend_key_file": str(key_file),
                 "runtime_dir": str(self.runtime_dir), "models": list(self.models)}
+
+    def _announce(self, model: str, backend: str, demo: bool) -> None:
+        info = diagnostics(self.config, model, backend)
+        print(banner(info, self.config, demo), file=sys.stderr)
+        log.info("boot diagnostics", extra=info)
 
     async def _start_backend(self) -> None:
         assert self.supervisor is not None

@@ -9,10 +9,10 @@ against a *real* llama-server without downloading anything.
 What is in the file:
 
 * Architecture ``llama``: embedding 64, 2 layers, 4 attention heads with 2 KV heads
-  (GQA, head dim 16), feed-forward 128, context length 65536 (so tests can run long generations), RoPE base 10000, RMS
-  norm epsilon 1e-5. 2-D weights are F16, norm vectors F32 (``general.file_type`` =
-  MOSTLY_F16); weights are ``normal * 0.02`` and norms are ones, which keeps the
-  logits small, so sampling is numerically stable and picks varied tokens.
+  (GQA, head dim 16), feed-forward 128, context length 65536 (so tests can run long
+  generations), RoPE base 10000, RMS norm epsilon 1e-5. 2-D weights are F16, norm
+  vectors F32 (``general.file_type`` = MOSTLY_F16); weights are ``normal * 0.02`` and
+  norms are ones, which keeps the logits small, so sampling is numerically stable and picks varied tokens.
 * The special tokens (``<unk>``, ``<s>``, ``</s>``, ``<|im_start|>``, ``<|im_end|>``)
   are practically never sampled (logit about -8 against about 0 for the rest), so a
   request generates exactly ``max_tokens`` tokens even without ``ignore_eos``. To get

@@ -67,8 +67,9 @@ def up(url: str) -> bool:
 def wrk(url: str, body: str, auth: str, conc: int, seconds: float, cpu: str | None,
         lua: Path) -> dict[str, float]:
     env = {**os.environ, "BENCH_BODY": body, "BENCH_AUTH": auth}
-    out = subprocess.run(pinned(cpu, ["wrk", "-t", str(min(2, conc)), "-c", str(conc),
-                                      "-d", f"{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(lua), url]),
+    argv = ["wrk", "-t", str(min(2, conc)), "-c", str(conc), "-d", f"{max(1, round(seconds))}s",
+            "--timeout", "10s", "-s", str(lua), url]
+    out = subprocess.run(pinned(cpu, argv),
                          env=env, capture_output=True, text=True, timeout=seconds + 30)
     lines = [x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON")]
     if not lines:
@@ -99,7 +100,8 @@ async def py_load(url: str, body: str, auth: str, conc: int, seconds: float) -> 
             "p99_ms": 1000 * lat[int(len(lat) * 0.99)], "errors": 0}
 
 
-def gateway(backend_url: str, tmp: Path, cpu: str | None, auth: bool) -> tuple[subprocess.Popen[bytes], str, str]:
+def gateway(backend_url: str, tmp: Path, cpu: str | None,
+            auth: bool) -> tuple[subprocess.Popen[bytes], str, str]:
     port, health = free_port(), free_port()
     env = {**os.environ, "BACKEND_URL": backend_url, "PORT": str(port), "PORT_HEALTH": str(health),
            "HOST": "127.0.0.1", "DATA_DIR": str(tmp / "data"), "LOG_LEVEL": "warning",
@@ -160,14 +162,55 @@ def table(rows: list[dict[str, Any]], upstream: str) -> None:
             print(f"added time to first event (p50): {added:.3f} ms")
 
 
+def cold_start(tmp: Path) -> None:
+    """Process start → first /ping 204 → first 200 → first streamed token (supervised backend)."""
+    from llamagate.tiny_model import write_model
+    model = write_model(tmp / "cold.gguf")
+    port, health = free_port(), free_port()
+    env = {**os.environ, "MODEL_PATH": str(model), "PORT": str(port), "PORT_HEALTH": str(health),
+           "HOST": "127.0.0.1", "PORT_BACKEND": "0", "DATA_DIR": str(tmp / "cold"),
+           "AUTH_ENABLED": "false", "LOG_LEVEL": "warning"}
+    marks: dict[str, float] = {}
+    t0 = time.perf_counter()
+    proc = start([sys.executable, "-m", "llamagate.cli", "serve"], env, tmp / "cold.log")
+
+    def probe() -> bool:
+        try:
+            code = requests.get(f"http://127.0.0.1:{health}/ping", timeout=1).status_code
+        except requests.RequestException:
+            return False
+        marks.setdefault("first", time.perf_counter() - t0)
+        marks.setdefault("first_code", code)
+        if code in (200, 204):
+            marks.setdefault(str(code), time.perf_counter() - t0)
+        return code == 200
+    try:
+        wait_for(probe, 120, "the cold-started service")
+        with requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", stream=True, timeout=30,
+                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                 "stream": True}) as r:
+            next(line for line in r.iter_lines() if b'"content"' in line)
+            marks["token"] = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print("\n## cold start (llamagate serve, tiny model, from process start)")
+    print("| health port answers | first /ping 204 | first /ping 200 | first streamed token |")
+    print("| ---: | ---: | ---: | ---: |")
+    first_204 = f"{marks['204'] * 1000:.0f} ms" if "204" in marks else "not seen (backend was faster)"
+    print(f"| {marks['first'] * 1000:.0f} ms ({marks['first_code']:.0f}) | {first_204} | "
+          f"{marks['200'] * 1000:.0f} ms | {marks['token'] * 1000:.0f} ms |")
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--conc", type=lambda v: [int(x) for x in v.split(",")], default=[1, 16, 64])
     parser.add_argument("--gateway-cpu", default="1")
     parser.add_argument("--load-cpu", default="0")
     parser.add_argument("--no-auth", action="store_true", help="measure with auth off")
-    parser.add_argument("--only", choices=["static", "llama"], default=None)
+    parser.add_argument("--only", choices=["static", "llama", "cold"], default=None)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="llamagate-bench-"))
     lua = tmp / "post.lua"
@@ -201,6 +244,8 @@ def main() -> int:
             rows = measure("direct", direct, "", "tiny", args, lua, 256)
             rows += measure("llamagate", url, auth, "tiny", args, lua, 256)
             table(rows, "llama-server, tiny model (max_tokens 8; streams of 256 tokens)")
+        if args.only in (None, "cold"):
+            cold_start(tmp)
     finally:
         for p in procs:
             p.terminate()

@@ -74,7 +74,7 @@ class Service:
         return f"http://127.0.0.1:{self.port_health}"
 
     def start(self) -> Service:
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed by stop/wait_exit)
         self.proc = subprocess.Popen([sys.executable, "-m", "llamagate.cli", "serve"], cwd=ROOT,
                                      env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         return self
