@@ -21,7 +21,10 @@ class Verdict:
 
 
 def judge(serve: dict[str, Any] | None, workers: list[dict[str, Any]], now: float,
-          expected_workers: int, stale_after: float = STALE_AFTER) -> Verdict:
+          expected_workers: int, workers_seen: bool = True,
+          stale_after: float = STALE_AFTER) -> Verdict:
+    """`workers_seen`: every gateway worker has been up at least once since boot;
+    until then a missing worker means starting, afterwards it means down."""
     if serve is None:
         return Verdict("initializing", 204, "service starting")
     if now - float(serve.get("ts", 0)) > stale_after:
@@ -38,7 +41,7 @@ def judge(serve: dict[str, Any] | None, workers: list[dict[str, Any]], now: floa
     if backend in ("error", "unreachable", "stopped", "stopping"):
         return Verdict("unhealthy", 503, f"backend {backend}")
     if len(workers) < expected_workers:
-        if phase == "running" and backend == "ready":
+        if workers_seen and phase == "running" and backend == "ready":
             return Verdict("unhealthy", 503, "gateway worker down")
         return Verdict("initializing", 204, "gateway starting")
     if backend == "ready":

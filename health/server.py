@@ -26,13 +26,18 @@ from llamagate.logs import setup_logging
 VERSION = "0.1.0"
 CONFIG = web.AppKey("config", Config)
 RUNTIME_DIR = web.AppKey("runtime_dir", Path)
+WORKERS_SEEN = web.AppKey("workers_seen", dict[str, bool])
 
 
 def _verdict(app: web.Application) -> tuple[dict[str, Any] | None, list[dict[str, Any]], Verdict]:
     rdir = app[RUNTIME_DIR]
     serve = runtime.read_state(rdir / runtime.SERVE_FILE)
     workers = runtime.read_workers(rdir)
-    return serve, workers, judge(serve, workers, time.time(), app[CONFIG].gateway_workers)
+    expected = app[CONFIG].gateway_workers
+    seen = app[WORKERS_SEEN]
+    if not seen["all"] and len(workers) >= expected:
+        seen["all"] = True
+    return serve, workers, judge(serve, workers, time.time(), expected, seen["all"])
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -81,6 +86,7 @@ def create_app(config: Config, runtime_dir: Path) -> web.Application:
     app = web.Application()
     app[CONFIG] = config
     app[RUNTIME_DIR] = runtime_dir
+    app[WORKERS_SEEN] = {"all": False}
     app.router.add_get("/ping", ping)
     app.router.add_get("/health", health)
     app.router.add_get("/health/live", live)

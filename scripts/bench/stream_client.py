@@ -39,7 +39,8 @@ async def run(url: str, headers: dict[str, str], model: str, conc: int, seconds:
             streams += 1
 
     started = time.perf_counter()
-    conn = aiohttp.TCPConnector(limit=0)
+    # a fresh connection per stream: llama-server may close idle keep-alive connections
+    conn = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=conn, headers={"Content-Type": "application/json"}) as s:
         await asyncio.gather(*(worker(s) for _ in range(conc)))
     wall = time.perf_counter() - started
