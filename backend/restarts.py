@@ -33,7 +33,7 @@ class RestartPolicy:
         if len(self._failures) >= self.max_failures:
             self._opened_at = now
             return self.open_seconds
-        return min(self.max_delay, self.base_delay * 2 ** (len(self._failures) - 1))
+        return float(min(self.max_delay, self.base_delay * 2.0 ** (len(self._failures) - 1)))
 
     def record_success(self) -> None:
         """A start that reached ready closes the circuit; old failures still count in the window."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import keys_wiring, pipeline, proxy, routes
+from gateway import keys_wiring, openapi, pipeline, proxy, routes
 from gateway.admission import Admission
 from gateway.cors import Cors
 from gateway.metrics import BackendCollector, GatewayMetrics, make_registries
@@ -55,6 +55,7 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     app.router.add_get("/ping", routes.ping)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/metrics", routes.metrics)
+    app.router.add_get("/openapi.json", openapi.handler(admin=config.auth_enabled))
     app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
     keys_wiring.install(app, state)  # keyring, limits, usage, audit, /admin routes
     app.cleanup_ctx.append(_upstream_ctx(state, wiring))

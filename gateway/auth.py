@@ -34,7 +34,7 @@ from keys.model import SCOPE_ADMIN, SCOPE_INFERENCE, SCOPE_METRICS, ApiKey
 
 log = logging.getLogger("llamagate.auth")
 
-PUBLIC = frozenset({"/ping", "/health", "/health/live", "/health/ready"})
+PUBLIC = frozenset({"/ping", "/health", "/health/live", "/health/ready", "/openapi.json"})
 _KEY = web.RequestKey("llamagate.api_key", ApiKey)
 _EMPTY = Keyring()
 # RFC 3986 path characters once decoded, minus "%" (a second decoding layer), "?" and "#"

@@ -1,0 +1,43 @@
+"""Backoff and circuit breaker of the backend restart policy, with an injected clock."""
+
+from __future__ import annotations
+
+from backend.argv import ServerSpec, build_argv
+from backend.restarts import RestartPolicy
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    policy = RestartPolicy(max_failures=10, window=1000, base_delay=0.5, max_delay=4)
+    delays = [policy.record_failure(now=t) for t in (0, 1, 2, 3, 4)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 4.0]
+    assert not policy.is_open
+
+
+def test_circuit_opens_after_max_failures_in_window_and_closes_on_success() -> None:
+    policy = RestartPolicy(max_failures=3, window=60, open_seconds=30)
+    policy.record_failure(0)
+    policy.record_failure(10)
+    assert policy.record_failure(20) == 30
+    assert policy.is_open
+    policy.record_success()
+    assert not policy.is_open
+
+
+def test_failures_outside_the_window_are_forgotten() -> None:
+    policy = RestartPolicy(max_failures=3, window=60)
+    policy.record_failure(0)
+    policy.record_failure(10)
+    policy.record_failure(100)  # the first two are older than the window
+    assert not policy.is_open
+    assert policy.recent_failures(100) == 1
+
+
+def test_argv_keeps_the_backend_on_loopback_and_its_key_off_the_command_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    spec = ServerSpec(binary=tmp_path / "llama-server", model_path=tmp_path / "m.gguf", alias="m",
+                      port=9, api_key_file=tmp_path / "key", ngl=99, sleep_idle_seconds=60,
+                      extra_args=("--flash-attn", "on"))
+    argv = build_argv(spec)
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert "--api-key" not in argv and argv[argv.index("--api-key-file") + 1] == str(tmp_path / "key")
+    assert argv[argv.index("--sleep-idle-seconds") + 1] == "60"
+    assert argv[-2:] == ["--flash-attn", "on"] and "--metrics" in argv
