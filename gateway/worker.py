@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -22,8 +21,7 @@ from aiohttp import web
 from gateway.app import Wiring, create_app
 from gateway.drain import drain
 from gateway.state import APP_STATE
-from llamagate.config import ConfigError, load_config
-from llamagate.logs import setup_logging
+from llamagate.entry import config_or_exit, loop_factory
 
 log = logging.getLogger("llamagate.gateway")
 
@@ -68,25 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway.worker")
     parser.add_argument("--wiring", required=True)
     args = parser.parse_args(argv)
-    try:
-        config = load_config(os.environ)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    setup_logging("gateway", config.log_level, config.log_format)
+    config = config_or_exit("gateway")
     wiring = parse_wiring(args.wiring)
     app = create_app(config, wiring)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(run(app, config.host, config.port, config.gateway_workers > 1))
     return 0
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,9 +18,9 @@ from aiohttp import web
 
 from health.readiness import Verdict, judge
 from llamagate import runtime
-from llamagate.config import Config, ConfigError, load_config
+from llamagate.config import Config
+from llamagate.entry import config_or_exit
 from llamagate.gpu import gpu_info
-from llamagate.logs import setup_logging
 
 VERSION = "0.1.0"
 CONFIG = web.AppKey("config", Config)
@@ -98,12 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="health.server")
     parser.add_argument("--runtime-dir", required=True, type=Path)
     args = parser.parse_args(argv)
-    try:
-        config = load_config(os.environ)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    setup_logging("health", config.log_level, config.log_format)
+    config = config_or_exit("health")
     web.run_app(create_app(config, args.runtime_dir), host=config.host, port=config.port_health,
                 access_log=None, print=None, shutdown_timeout=1.0)
     return 0

@@ -13,17 +13,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: llamagate {serve|keys|pull|make-test-model} [options]")
         return 0
     if command == "serve":
-        from llamagate.config import ConfigError, load_config
-        from llamagate.logs import setup_logging
+        from llamagate.entry import config_or_exit
         from llamagate.serve import serve
 
-        try:
-            config = load_config(os.environ)
-        except ConfigError as exc:
-            print(f"llamagate: {exc}", file=sys.stderr)
-            return 2
-        setup_logging("serve", config.log_level, config.log_format)
-        return serve(config)
+        return serve(config_or_exit("serve"))
     if command == "keys":
         return _keys(rest)
     if command == "pull":

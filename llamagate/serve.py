@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from backend.argv import ServerSpec
@@ -29,6 +28,7 @@ from llamagate import runtime
 from llamagate.banner import banner, diagnostics
 from llamagate.children import Child
 from llamagate.config import Config
+from llamagate.entry import loop_factory
 from llamagate.external import ExternalBackend
 from llamagate.models import ModelChoice, choose_model
 
@@ -228,13 +228,6 @@ class Service:
 
 
 def serve(config: Config) -> int:
-    try:
-        import uvloop
-        factory = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(Service(config).run())
 
-
-__all__ = ["Path", "serve"]
