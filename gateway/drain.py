@@ -10,7 +10,6 @@ final SSE error event and are closed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from gateway.state import AppState
@@ -36,5 +35,3 @@ async def drain(state: AppState) -> None:
         log.warning("ending requests still running at the drain deadline",
                     extra={"count": len(leftover)})
         await asyncio.wait([t for _, t in leftover], timeout=5.0)
-    with contextlib.suppress(RuntimeError):
-        await asyncio.sleep(0)

@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from llamagate import runtime
+from llamagate.external import health_state
 
 log = logging.getLogger("llamagate.gateway.upstream")
 
@@ -99,10 +100,10 @@ class Upstream:
         while True:
             try:
                 async with self.session.get(f"{self.base_url}/health", timeout=timeout) as resp:
-                    ok = resp.status == 200
-                    state = "ready" if ok else ("starting" if resp.status == 503 else "error")
+                    code: int | None = resp.status
             except (TimeoutError, aiohttp.ClientError):
-                ok, state = False, "unreachable"
+                code = None
+            state, ok = health_state(code)
             if ok != self.status.ready:
                 log.info("backend %s", state, extra={"backend_url": self.base_url})
             self.status = BackendStatus(state=state, ready=ok)

@@ -8,6 +8,16 @@ from collections.abc import Callable
 import aiohttp
 
 
+def health_state(status: int | None) -> tuple[str, bool]:
+    """(state, ready) from an HTTP status of a backend's /health; None: no answer.
+    503 is llama-server loading; a server without /health (404) is up."""
+    if status is None:
+        return "unreachable", False
+    if status in (200, 404):
+        return "ready", True
+    return ("starting" if status == 503 else "error"), False
+
+
 class ExternalBackend:
     def __init__(self, url: str, api_key: str | None) -> None:
         self.url = url
@@ -32,10 +42,8 @@ class ExternalBackend:
             while True:
                 try:
                     async with session.get(f"{self.url}/health", headers=self.headers) as resp:
-                        # 503 is llama-server loading; a server without /health (404) is up
-                        ready = resp.status in (200, 404)
-                        state = "ready" if ready else ("starting" if resp.status == 503 else "error")
+                        code: int | None = resp.status
                 except (TimeoutError, aiohttp.ClientError):
-                    ready, state = False, "unreachable"
-                report(state, ready)
+                    code = None
+                report(*health_state(code))
                 await asyncio.sleep(interval)  # poll period

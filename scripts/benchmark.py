@@ -217,18 +217,22 @@ def main() -> int:
     lua.write_text(LUA)
     procs: list[subprocess.Popen[bytes]] = []
     try:
+        def pair(direct: str, model: str, stream_tokens: int, title: str) -> None:
+            """The same load direct and through a gateway in front of `direct`."""
+            gw, url, auth = gateway(direct, tmp, args.gateway_cpu, not args.no_auth)
+            procs.append(gw)
+            rows = measure("direct", direct, "", model, args, lua, stream_tokens)
+            rows += measure("llamagate", url, auth, model, args, lua, stream_tokens)
+            table(rows, title)
+
         if args.only in (None, "static"):
             port = free_port()
             procs.append(start(pinned(args.load_cpu, [sys.executable, "scripts/bench/fake_upstream.py",
                                                       "--port", str(port)]), dict(os.environ),
                                tmp / "fake.log"))
-            direct = f"http://127.0.0.1:{port}"
-            wait_for(lambda: up(f"{direct}/health"), 30, "the static upstream")
-            gw, url, auth = gateway(direct, tmp, args.gateway_cpu, not args.no_auth)
-            procs.append(gw)
-            rows = measure("direct", direct, "", "fake", args, lua, 200)
-            rows += measure("llamagate", url, auth, "fake", args, lua, 200)
-            table(rows, "static (fixed JSON; SSE 200 events)")
+            static = f"http://127.0.0.1:{port}"
+            wait_for(lambda: up(f"{static}/health"), 30, "the static upstream")
+            pair(static, "fake", 200, "static (fixed JSON; SSE 200 events)")
         if args.only in (None, "llama"):
             from llamagate.tiny_model import write_model
             model = write_model(tmp / "tiny.gguf")
@@ -237,13 +241,9 @@ def main() -> int:
                                                       "--port", str(port), "-np", "16", "-c", "16384",
                                                       "-t", "1", "--alias", "tiny"]),
                                dict(os.environ), tmp / "llama.log"))
-            direct = f"http://127.0.0.1:{port}"
-            wait_for(lambda: up(f"{direct}/health"), 60, "llama-server")
-            gw, url, auth = gateway(direct, tmp, args.gateway_cpu, not args.no_auth)
-            procs.append(gw)
-            rows = measure("direct", direct, "", "tiny", args, lua, 256)
-            rows += measure("llamagate", url, auth, "tiny", args, lua, 256)
-            table(rows, "llama-server, tiny model (max_tokens 8; streams of 256 tokens)")
+            llama = f"http://127.0.0.1:{port}"
+            wait_for(lambda: up(f"{llama}/health"), 60, "llama-server")
+            pair(llama, "tiny", 256, "llama-server, tiny model (max_tokens 8; streams of 256 tokens)")
         if args.only in (None, "cold"):
             cold_start(tmp)
     finally:
