@@ -77,9 +77,14 @@ class AddressThrottle:
             self._clear_at.popitem(last=False)
 
 
+# the paths nearly every request has, known canonical without a look at each character
+_HOT_CANONICAL = PUBLIC | {"/", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
+                           "/v1/embeddings"}
+
+
 def is_canonical(path: str) -> bool:
     """True for a decoded path with no empty, `.` or `..` segment and only plain characters."""
-    if path == "/":
+    if path in _HOT_CANONICAL:
         return True
     if not path.startswith("/") or not _PATH_CHARS.fullmatch(path):
         return False

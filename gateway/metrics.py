@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -20,8 +21,29 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+_M = TypeVar("_M", Counter, Histogram)
+
+
 def multiprocess_enabled() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class Children(Generic[_M]):
+    """``metric.labels(*values)``, remembered: prometheus_client's lookup validates and
+    converts every value on each call, which cost more than the update itself. Label
+    values are bounded (routes, statuses, catalog models, key ids), and so is this."""
+
+    __slots__ = ("_cache", "_metric")
+
+    def __init__(self, metric: _M) -> None:
+        self._metric: _M = metric
+        self._cache: dict[tuple[str, ...], _M] = {}
+
+    def __call__(self, *values: str) -> _M:
+        child = self._cache.get(values)
+        if child is None:
+            child = self._cache[values] = self._metric.labels(*values)
+        return child
 
 
 class GatewayMetrics:
@@ -55,6 +77,13 @@ class GatewayMetrics:
         self.rejections = Counter(
             "llamagate_rejections", "Requests refused by the gateway, by reason",
             ["reason"], registry=registry)
+        # the per-request paths take labelled children from here
+        self.requests_for = Children(self.requests)
+        self.duration_for = Children(self.duration)
+        self.ttft_for = Children(self.ttft)
+        self.prompt_tokens_for = Children(self.prompt_tokens)
+        self.completion_tokens_for = Children(self.completion_tokens)
+        self.rejections_for = Children(self.rejections)
 
 
 class BackendCollector(Collector):

@@ -77,6 +77,7 @@ class KeyLimiter:
 
     def __init__(self, limits: Limits, now: float) -> None:
         self.limits = limits
+        self.source: Limits | None = None  # the key's own limits these were resolved from
         self.in_flight = 0
         self.requests = _resized(None, limits.requests_per_minute, now)
         self.tokens = _resized(None, limits.tokens_per_minute, now)
@@ -157,12 +158,15 @@ class RateLimiter:
         self._keys: dict[str, KeyLimiter] = {}
 
     def for_key(self, key_id: str, limits: Limits) -> KeyLimiter:
-        effective = limits.resolve(self.defaults)
         limiter = self._keys.get(key_id)
+        if limiter is not None and limiter.source is limits:
+            return limiter  # the same key object as last time: nothing to re-resolve
+        effective = limits.resolve(self.defaults)
         if limiter is None:
             limiter = self._keys[key_id] = KeyLimiter(effective, self.clock())
         elif limiter.limits != effective:
             limiter.reconfigure(effective, self.clock())
+        limiter.source = limits
         return limiter
 
 
@@ -189,7 +193,7 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
     try:
         ticket.limiter.admit(ticket.clock())
     except LimitExceeded as exc:
-        state.metrics.rejections.labels("key_rate_limit").inc()
+        state.metrics.rejections_for("key_rate_limit").inc()
         raise RateLimited(f"rate limit reached for this API key: {exc.what}",
                           retry_after=exc.retry_after) from None
     ex = exchange_of(request)
@@ -219,7 +223,7 @@ def reserve_tokens(request: web.Request, ex: Exchange) -> None:
         ticket.reserved = ticket.limiter.reserve(ex.max_tokens or DEFAULT_TOKEN_RESERVATION,
                                                  ticket.clock())
     except LimitExceeded as exc:
-        request.app[APP_STATE].metrics.rejections.labels("key_token_limit").inc()
+        request.app[APP_STATE].metrics.rejections_for("key_token_limit").inc()
         raise RateLimited(f"rate limit reached for this API key: {exc.what}",
                           code="tokens_rate_limit_exceeded", retry_after=exc.retry_after) from None
 

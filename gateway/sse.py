@@ -13,9 +13,9 @@ import logging
 import time
 from collections import deque
 
-import aiohttp
 from aiohttp import web
 
+from gateway.backend_http import BackendBroken, Response
 from gateway.errors import sse_error_event
 from gateway.exchange import Exchange
 from gateway.usage import tokens_from_body
@@ -32,18 +32,17 @@ SSE_HEADERS = {
 }
 
 
-async def relay(request: web.Request, upstream: aiohttp.ClientResponse,
-                ex: Exchange) -> web.StreamResponse:
+async def relay(request: web.Request, upstream: Response, ex: Exchange) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, headers=SSE_HEADERS)
     ex.response = response
     await response.prepare(request)
     tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
-    reader = upstream.content
     while True:
         try:
-            chunk = await reader.readany()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            log.warning("backend stream broke: %s", type(exc).__name__)
+            # everything that arrived since the last read, as one write
+            chunk = await upstream.read_chunk()
+        except BackendBroken as exc:
+            log.warning("backend stream broke: %s", exc)
             ex.error = "backend_stream_error"
             await response.write(sse_error_event(
                 "the backend stopped in the middle of the stream", "server_error",

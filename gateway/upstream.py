@@ -1,8 +1,10 @@
-"""The gateway's one HTTP client to llama-server, and its view of the backend's state.
+"""The gateway's HTTP clients to llama-server, and its view of the backend's state.
 
-One pooled keep-alive connection set is shared by every request; the backend
-key is added here and nowhere else. Readiness comes from the serve process's
-state file (supervised backend) or from polling `/health` (BACKEND_URL).
+Proxied requests go through one pool of keep-alive connections
+(`gateway/backend_http.py`, built for the hot path); the health poll and the
+metrics scrape use an aiohttp session. The backend key is added here and
+nowhere else. Readiness comes from the serve process's state file (supervised
+backend) or from polling `/health` (BACKEND_URL).
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
+from gateway.backend_http import BackendPool, Response
 from llamagate import runtime
 from llamagate.external import health_state
 
@@ -36,6 +41,7 @@ class Upstream:
         self.status = BackendStatus()
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
+        self._pool: BackendPool | None = None
         self._serve_file: Path | None = None
 
     @property
@@ -43,18 +49,37 @@ class Upstream:
         assert self._session is not None, "Upstream.open() not called"
         return self._session
 
+    @property
+    def pool(self) -> BackendPool:
+        assert self._pool is not None, "Upstream.open() not called"
+        return self._pool
+
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._pool_size, keepalive_timeout=60,
-                                         enable_cleanup_closed=True)
-        # Timeouts are set per request by the proxy; no automatic decompression
+        auth = {"Authorization": self.auth_header} if self.auth_header else {}
+        self._pool = BackendPool(self.base_url, self._pool_size, headers=auth)
+        # the health poll and metrics scrapes only: a few connections are plenty
+        connector = aiohttp.TCPConnector(limit=4, keepalive_timeout=60, enable_cleanup_closed=True)
+        # Timeouts are set per request by the caller; no automatic decompression
         # means bodies pass through byte for byte.
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                               timeout=aiohttp.ClientTimeout(total=None),
                                               skip_auto_headers=("User-Agent",))
 
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
         if self._session is not None:
             await self._session.close()
+
+    def send(self, method: str, target: str, body: bytes, content_type: str | None,
+             request_id: str) -> Coroutine[Any, Any, Response]:
+        """Forward one request (``target``: path and query) through the pool; the awaitable
+        gives the response once its headers are in, or raises ``backend_http.BackendError``.
+        (Not a coroutine itself: the proxy awaits the pool's directly, a frame fewer.)"""
+        extra = f"X-Request-ID: {request_id}\r\n"
+        if content_type and "\r" not in content_type and "\n" not in content_type:
+            extra += f"Content-Type: {content_type}\r\n"
+        return self.pool.request(method, target, body, extra)
 
     def headers(self, content_type: str | None, request_id: str) -> dict[str, str]:
         headers = {"X-Request-ID": request_id}

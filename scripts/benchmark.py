@@ -8,6 +8,10 @@ which isolates the gateway's own cost. Each is measured directly and through
 Non-streaming load uses wrk when installed (apt-get install wrk), else a Python
 client; streams use an aiohttp client. Prints one table with ratios to direct.
 
+Wall-clock figures move with whatever else the machine runs; the gateway worker's
+own CPU time per request (or per SSE event), read from /proc before and after each
+load, does not, so it is the figure to compare between builds.
+
     scripts/benchmark.py [--seconds 5] [--conc 1,16,64] [--gateway-cpu 1] [--load-cpu 0]
 """
 
@@ -57,6 +61,31 @@ def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
                             cwd=ROOT)
 
 
+def worker_pid(serve_pid: int) -> int | None:
+    """The gateway worker started by the serve process `serve_pid` (None off Linux)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == serve_pid and b"gateway.worker" in cmdline:
+            return int(stat.parent.name)
+    return None
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of `pid` so far (0 when unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    # utime and stime are fields 14 and 15 of stat(5); index 11 and 12 after the name
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def up(url: str) -> bool:
     try:
         return requests.get(url, timeout=1).status_code == 200
@@ -77,7 +106,7 @@ def wrk(url: str, body: str, auth: str, conc: int, seconds: float, cpu: str | No
     line = lines[0]
     data = json.loads(line.removeprefix("BENCH_JSON "))
     return {"rps": data["requests"] / (data["duration_us"] / 1e6), "p50_ms": data["p50_us"] / 1000,
-            "p99_ms": data["p99_us"] / 1000, "errors": data["errors"]}
+            "p99_ms": data["p99_us"] / 1000, "errors": data["errors"], "count": data["requests"]}
 
 
 async def py_load(url: str, body: str, auth: str, conc: int, seconds: float) -> dict[str, float]:
@@ -97,11 +126,11 @@ async def py_load(url: str, body: str, auth: str, conc: int, seconds: float) -> 
         await asyncio.gather(*(worker(s) for _ in range(conc)))
     lat.sort()
     return {"rps": len(lat) / (time.perf_counter() - t0), "p50_ms": 1000 * lat[len(lat) // 2],
-            "p99_ms": 1000 * lat[int(len(lat) * 0.99)], "errors": 0}
+            "p99_ms": 1000 * lat[int(len(lat) * 0.99)], "errors": 0, "count": len(lat)}
 
 
 def gateway(backend_url: str, tmp: Path, cpu: str | None,
-            auth: bool) -> tuple[subprocess.Popen[bytes], str, str]:
+            auth: bool) -> tuple[subprocess.Popen[bytes], str, str, int | None]:
     port, health = free_port(), free_port()
     env = {**os.environ, "BACKEND_URL": backend_url, "PORT": str(port), "PORT_HEALTH": str(health),
            "HOST": "127.0.0.1", "DATA_DIR": str(tmp / "data"), "LOG_LEVEL": "warning",
@@ -117,23 +146,30 @@ def gateway(backend_url: str, tmp: Path, cpu: str | None,
     proc = start(pinned(cpu, [sys.executable, "-m", "llamagate.cli", "serve"]), env,
                  tmp / f"gateway-{port}.log")
     wait_for(lambda: up(f"http://127.0.0.1:{health}/ping"), 60, "the gateway")
-    return proc, f"http://127.0.0.1:{port}", f"Bearer {key}" if key else ""
+    return proc, f"http://127.0.0.1:{port}", f"Bearer {key}" if key else "", worker_pid(proc.pid)
 
 
 def measure(name: str, base: str, auth: str, model: str, args: argparse.Namespace, lua: Path,
-            stream_tokens: int) -> list[dict[str, Any]]:
+            stream_tokens: int, pid: int | None = None) -> list[dict[str, Any]]:
+    """Load `base`; with `pid`, also that process's CPU µs per request (per event for SSE)."""
     rows = []
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello."}],
                        "max_tokens": 8})
     for conc in args.conc:
+        cpu = cpu_seconds(pid)
         if shutil.which("wrk"):
             r = wrk(f"{base}/v1/chat/completions", body, auth, conc, args.seconds, args.load_cpu, lua)
         else:
             r = asyncio.run(py_load(f"{base}/v1/chat/completions", body, auth, conc, args.seconds))
+        if pid is not None and r["count"]:
+            r["cpu_us"] = (cpu_seconds(pid) - cpu) * 1e6 / r["count"]
         rows.append({"target": name, "kind": "json", "conc": conc, **r})
     headers = {"Authorization": auth} if auth else {}
+    cpu = cpu_seconds(pid)
     s = asyncio.run(stream_run(f"{base}/v1/chat/completions", headers, model, 1, args.seconds,
                                stream_tokens))
+    if pid is not None and s["events"]:
+        s["cpu_us"] = (cpu_seconds(pid) - cpu) * 1e6 / s["events"]
     rows.append({"target": name, "kind": "sse", "conc": 1, **s})
     return rows
 
@@ -141,18 +177,20 @@ def measure(name: str, base: str, auth: str, model: str, args: argparse.Namespac
 def table(rows: list[dict[str, Any]], upstream: str) -> None:
     direct = {(r["kind"], r["conc"]): r for r in rows if r["target"] == "direct"}
     print(f"\n## upstream: {upstream}")
-    print("| target | load | conc | req/s | p50 ms | p99 ms | events/s | TTFE p50 ms | ratio vs direct |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| target | load | conc | req/s | p50 ms | p99 ms | events/s | TTFE p50 ms | ratio vs direct "
+          "| gateway CPU µs/req (SSE: /event) |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         d = direct[(r["kind"], r["conc"])]
+        cpu = f"{r['cpu_us']:.1f}" if "cpu_us" in r else ""
         if r["kind"] == "json":
             ratio = r["rps"] / d["rps"]
             print(f"| {r['target']} | json | {r['conc']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
-                  f"{r['p99_ms']:.2f} | | | {ratio:.3f} |")
+                  f"{r['p99_ms']:.2f} | | | {ratio:.3f} | {cpu} |")
         else:
             ratio = r["events_per_s"] / d["events_per_s"]
             print(f"| {r['target']} | sse | {r['conc']} | | | | {r['events_per_s']:.0f} | "
-                  f"{r['ttft_p50_ms']:.2f} | {ratio:.3f} |")
+                  f"{r['ttft_p50_ms']:.2f} | {ratio:.3f} | {cpu} |")
     for r in rows:
         if r["target"] != "direct" and r["kind"] == "json" and r["conc"] == 1:
             added = r["p50_ms"] - direct[("json", 1)]["p50_ms"]
@@ -219,10 +257,10 @@ def main() -> int:
     try:
         def pair(direct: str, model: str, stream_tokens: int, title: str) -> None:
             """The same load direct and through a gateway in front of `direct`."""
-            gw, url, auth = gateway(direct, tmp, args.gateway_cpu, not args.no_auth)
+            gw, url, auth, pid = gateway(direct, tmp, args.gateway_cpu, not args.no_auth)
             procs.append(gw)
             rows = measure("direct", direct, "", model, args, lua, stream_tokens)
-            rows += measure("llamagate", url, auth, model, args, lua, stream_tokens)
+            rows += measure("llamagate", url, auth, model, args, lua, stream_tokens, pid)
             table(rows, title)
 
         if args.only in (None, "static"):

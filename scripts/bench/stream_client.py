@@ -45,6 +45,6 @@ async def run(url: str, headers: dict[str, str], model: str, conc: int, seconds:
         await asyncio.gather(*(worker(s) for _ in range(conc)))
     wall = time.perf_counter() - started
     ttfts.sort()
-    return {"streams": streams, "events_per_s": events / wall,
+    return {"streams": streams, "events": events, "events_per_s": events / wall,
             "ttft_p50_ms": 1000 * statistics.median(ttfts),
             "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))]}

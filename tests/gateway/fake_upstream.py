@@ -5,8 +5,10 @@ It answers the routes the gateway uses the way llama-server does (JSON replies w
 `usage` and `timings`, SSE streams ending in a `timings` event and `[DONE]`, errors
 in llama-server's `{"error": {"code", "message", "type"}}` shape) and can instead:
 answer with an error status, hang before sending headers, stream slowly, stream
-one event at a time on the test's signal, hang mid-stream, or die mid-stream by
-closing its transport.
+one event at a time on the test's signal, hang mid-stream, die mid-stream by
+closing its transport, send a JSON reply chunked or cut short, or drop a
+connection without answering (as a server closing an idle keep-alive connection
+just as a request arrives does).
 
 Every request is recorded as a `Seen`, which says whether the gateway closed the
 connection before the fake had finished: that is how tests prove cancellation.
@@ -21,7 +23,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -57,6 +59,9 @@ class Switches:
     die_after: int | None = None  # close the transport after this many events
     final_pieces: int = 1  # write the final event in this many pieces (gated by `step`)
     health_status: int = 200
+    chunked_reply: bool = False  # send the JSON reply with chunked encoding, in pieces
+    truncate_reply: bool = False  # announce the JSON reply's length, send half of it, close
+    drop_requests: int = 0  # close the connection of the next this many requests, unanswered
     prompt_tokens: int = 7
     cache_tokens: int = 4  # of the prompt tokens, reused from the KV cache (timings.cache_n)
 
@@ -69,7 +74,9 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: bytes
+    peer: str = ""  # the client's address and port: which connection carried the request
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    dropped: bool = False  # the fake closed the connection without answering (drop_requests)
     client_closed: bool = False  # the gateway dropped the connection before we were done
     closed_at: float | None = None
 
@@ -136,8 +143,17 @@ class FakeUpstream:
     def _tracked(self, handler: Callable[[web.Request, Seen], Awaitable[web.StreamResponse]]
                  ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def wrapper(request: web.Request) -> web.StreamResponse:
-            seen = Seen(request.method, request.path, dict(request.headers), await request.read())
+            seen = Seen(request.method, request.path, dict(request.headers), await request.read(),
+                        peer=str(request.transport.get_extra_info("peername")
+                                 if request.transport else None))
             self.seen.append(seen)
+            if self.switches.drop_requests > 0:
+                self.switches.drop_requests -= 1
+                seen.dropped = True
+                assert request.transport is not None
+                request.transport.close()  # not one byte of an answer
+                seen.finished.set()
+                return web.Response()  # never sent: the transport is closed
             try:
                 return await handler(request, seen)
             except (asyncio.CancelledError, ConnectionResetError):
@@ -183,12 +199,33 @@ class FakeUpstream:
         choice: dict[str, Any] = (
             {"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": text}}
             if chat else {"index": 0, "finish_reason": "length", "text": text})
-        return web.json_response({
+        reply = web.json_response({
             "id": "fake-1", "object": "chat.completion" if chat else "text_completion",
             "created": 0, "model": MODEL, "choices": [choice],
             "usage": {"prompt_tokens": sw.prompt_tokens, "completion_tokens": n,
                       "total_tokens": sw.prompt_tokens + n},
             "timings": self._timings(n)})
+        if sw.chunked_reply or sw.truncate_reply:
+            return await self._send_in_pieces(request, reply)
+        return reply
+
+    async def _send_in_pieces(self, request: web.Request, reply: web.Response) -> web.StreamResponse:
+        data = bytes(cast(bytes, reply.body))
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        if self.switches.truncate_reply:
+            response.content_length = len(data)
+            await response.prepare(request)
+            await response.write(data[:len(data) // 2])
+            assert request.transport is not None
+            request.transport.close()  # the backend dies with half the body sent
+            return response
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        third = -(-len(data) // 3)
+        for at in range(0, len(data), third):
+            await response.write(data[at:at + third])
+        await response.write_eof()
+        return response
 
     def _timings(self, n: int) -> dict[str, Any]:
         sw = self.switches
