@@ -1,4 +1,10 @@
-"""The llama-server command line, built from settings (pure: no I/O)."""
+"""The llama-server command line, built from settings (pure: no I/O).
+
+Two shapes: one model (`--model`), or router mode (`--models-preset`), where
+llama-server starts a child per model itself. Router children cannot take
+`--api-key-file` (the router strips it), so in router mode the key travels in the
+environment, which the children inherit: every process of the tree then demands it.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,8 @@ from pathlib import Path
 @dataclass(frozen=True)
 class ServerSpec:
     binary: Path
-    model_path: Path
-    alias: str
+    model_path: Path | None
+    alias: str | None
     port: int
     api_key_file: Path
     ctx: int = 4096
@@ -19,20 +25,27 @@ class ServerSpec:
     threads: int | None = None
     sleep_idle_seconds: int = 0
     extra_args: tuple[str, ...] = ()
+    models_preset: Path | None = None  # router mode
+    models_max: int = 0
+
+    @property
+    def router(self) -> bool:
+        return self.models_preset is not None
 
 
 def build_argv(spec: ServerSpec) -> list[str]:
     """The backend listens on loopback only; its key comes from a file, never argv."""
-    argv = [
-        str(spec.binary),
+    argv = [str(spec.binary), "--host", "127.0.0.1", "--port", str(spec.port),
+            "--metrics", "--slots", "--no-webui"]
+    if spec.router:
+        # per-model settings (context, slots, GPU layers) live in the preset: command-line
+        # values would override every model's
+        return argv + ["--models-preset", str(spec.models_preset),
+                       "--models-max", str(spec.models_max)]
+    argv += [
         "--model", str(spec.model_path),
-        "--alias", spec.alias,
-        "--host", "127.0.0.1",
-        "--port", str(spec.port),
+        "--alias", spec.alias or "model",
         "--api-key-file", str(spec.api_key_file),
-        "--metrics",
-        "--slots",
-        "--no-webui",
         "--ctx-size", str(spec.ctx),
         "--parallel", str(spec.parallel),
     ]
@@ -44,3 +57,22 @@ def build_argv(spec: ServerSpec) -> list[str]:
         argv += ["--sleep-idle-seconds", str(spec.sleep_idle_seconds)]
     argv += list(spec.extra_args)
     return argv
+
+
+def build_env(spec: ServerSpec) -> dict[str, str]:
+    """Environment additions: the key, in router mode only (see the module docstring)."""
+    if not spec.router:
+        return {}
+    return {"LLAMA_API_KEY": spec.api_key_file.read_text().strip()}
+
+
+def common_options(spec: ServerSpec) -> list[tuple[str, str]]:
+    """Router mode: the defaults every model's child gets (the preset's `[*]` section)."""
+    options = [("ctx-size", str(spec.ctx)), ("parallel", str(spec.parallel))]
+    if spec.ngl is not None:
+        options.append(("n-gpu-layers", str(spec.ngl)))
+    if spec.threads is not None:
+        options.append(("threads", str(spec.threads)))
+    if spec.sleep_idle_seconds > 0:
+        options.append(("sleep-idle-seconds", str(spec.sleep_idle_seconds)))
+    return options

@@ -35,8 +35,10 @@ def die_with_parent() -> None:
 
 
 class ServerProcess:
-    def __init__(self, argv: Sequence[str], tail_lines: int = 40) -> None:
+    def __init__(self, argv: Sequence[str], tail_lines: int = 40,
+                 env: dict[str, str] | None = None) -> None:
         self.argv = list(argv)
+        self._extra_env = env or {}
         self.tail: deque[str] = deque(maxlen=tail_lines)
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
@@ -51,6 +53,7 @@ class ServerProcess:
 
     async def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_PREFIXES)}
+        env.update(self._extra_env)
         self._proc = await asyncio.create_subprocess_exec(
             *self.argv,
             stdin=asyncio.subprocess.DEVNULL,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import aiohttp
 
-from backend.argv import ServerSpec, build_argv
+from backend.argv import ServerSpec, build_argv, build_env
 from backend.process import ServerProcess
 from backend.restarts import RestartPolicy
 
@@ -86,12 +86,15 @@ class Supervisor:
 
     async def start(self) -> None:
         """First start: raise StartupError instead of retrying, so bad config fails fast."""
-        if not self.spec.model_path.is_file():
-            raise StartupError(f"model file not found: {self.spec.model_path}", [])
+        path = self.spec.models_preset or self.spec.model_path
+        if path is None or not path.is_file():
+            raise StartupError(f"model file not found: {path}", [])
         await self._launch()
 
     async def _launch(self) -> None:
-        self._proc = ServerProcess(build_argv(self.spec))
+        # a router interleaves its children's logs: keep enough to find a failed load's cause
+        self._proc = ServerProcess(build_argv(self.spec), env=build_env(self.spec),
+                                   tail_lines=400 if self.spec.router else 40)
         self._set(BackendState.STARTING, pid=None)
         await self._proc.start()
         self.snapshot = replace(self.snapshot, pid=self._proc.pid)

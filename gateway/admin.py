@@ -90,7 +90,7 @@ def _instant(request: web.Request, name: str) -> float | None:
                          param=name) from None
 
 
-def _actor(request: web.Request) -> str:
+def actor_of(request: web.Request) -> str:
     key = key_of(request)
     return "-" if key is None else key.id
 
@@ -98,7 +98,7 @@ def _actor(request: web.Request) -> str:
 def routes(keys: KeyReloader, usage: UsageRecorder, audit: Auditor) -> list[web.RouteDef]:
     async def reload(request: web.Request) -> web.Response:
         result = keys.reload()
-        await audit.record(_actor(request), "reload", None, {
+        await audit.record(actor_of(request), "reload", None, {
             "ok": result.ok, "keys": result.key_count, "file_missing": result.file_missing})
         body = {"ok": result.ok, "keys": result.key_count, "error": result.error,
                 "file_missing": result.file_missing}
@@ -106,14 +106,14 @@ def routes(keys: KeyReloader, usage: UsageRecorder, audit: Auditor) -> list[web.
         return web.json_response(body, status=200 if result.ok else 500)
 
     async def list_keys(request: web.Request) -> web.Response:
-        await audit.record(_actor(request), "list_keys")
+        await audit.record(actor_of(request), "list_keys")
         return web.json_response({"object": "list",
                                   "data": [describe_key(k) for k in keys.keyring]})
 
     async def read_usage(request: web.Request) -> web.Response:
         key_id = request.query.get("key") or None
         since, until = _instant(request, "since"), _instant(request, "until")
-        await audit.record(_actor(request), "read_usage", key_id, {"since": since, "until": until})
+        await audit.record(actor_of(request), "read_usage", key_id, {"since": since, "until": until})
         await usage.flush()  # so the answer includes requests finished a moment ago
         rows = await usage.usage(key_id, since, until)
         return web.json_response({"object": "list", "data": [asdict(r) for r in rows]})

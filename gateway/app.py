@@ -18,9 +18,11 @@ from aiohttp import web
 
 from gateway import keys_wiring, openapi, pipeline, proxy, routes
 from gateway.admission import Admission
+from gateway.catalog import ModelCatalog
 from gateway.cors import Cors
 from gateway.metrics import BackendCollector, GatewayMetrics, make_registries
-from gateway.state import APP_STATE, AppState, ModelCatalog
+from gateway.model_metrics import ModelStateCollector
+from gateway.state import APP_STATE, AppState
 from gateway.upstream import Upstream
 from llamagate import runtime
 from llamagate.config import Config
@@ -34,6 +36,7 @@ class Wiring:
     backend_key: str | None
     runtime_dir: Path | None  # None: no serve process; follow the backend's /health
     models: tuple[str, ...] = ()
+    control_socket: Path | None = None  # the serve process's model-management API
 
 
 def create_app(config: Config, wiring: Wiring) -> web.Application:
@@ -50,18 +53,39 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
         exposed_registry=exposed,
     )
     exposed.register(BackendCollector(lambda: (upstream.status.ready, upstream.status.restarts)))
+    exposed.register(ModelStateCollector(state.models))
     app[APP_STATE] = state
     pipeline.install(app, Cors(config.cors_origins))
     app.router.add_get("/ping", routes.ping)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/metrics", routes.metrics)
-    app.router.add_get("/openapi.json", openapi.handler(admin=config.auth_enabled))
+    app.router.add_get("/openapi.json", openapi.handler(
+        admin=config.auth_enabled, models_admin=wiring.control_socket is not None))
+    app.router.add_get("/v1/models", _list_models)
     app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
-    keys_wiring.install(app, state)  # keyring, limits, usage, audit, /admin routes
+    app.on_response_prepare.append(_echo_fallback)
+    # keyring, limits, usage, audit, /admin routes (models, pulls and profiles via the socket)
+    keys_wiring.install(app, state, wiring.control_socket)
     app.cleanup_ctx.append(_upstream_ctx(state, wiring))
     if wiring.runtime_dir is not None:
+        app.cleanup_ctx.append(_background(
+            lambda: state.models.follow(wiring.runtime_dir), "model-catalog"))  # type: ignore[arg-type]
         app.cleanup_ctx.append(_heartbeat_ctx(state, wiring.runtime_dir))
     return app
+
+
+async def _list_models(request: web.Request) -> web.StreamResponse:
+    """Several models: the gateway's own listing (the router's would show paths and argv)."""
+    catalog = request.app[APP_STATE].models
+    if catalog.mode != "router":
+        return await proxy.handle(request)
+    return web.json_response(catalog.listing())
+
+
+async def _echo_fallback(request: web.Request, response: web.StreamResponse) -> None:
+    fallback = request.get(proxy.MODEL_FALLBACK)
+    if fallback is not None:
+        response.headers["X-Model-Fallback"] = fallback
 
 
 def _background(coro_fn: Callable[[], Coroutine[Any, Any, None]], name: str
@@ -102,7 +126,8 @@ def _heartbeat_ctx(state: AppState, runtime_dir: Path
         while True:
             runtime.write_state(path, {
                 "in_flight": state.admission.in_flight, "queued": state.admission.queued,
-                "last_activity": state.activity.last, "draining": state.draining})
+                "last_activity": state.activity.last, "draining": state.draining,
+                "models_used": state.models.used})
             await asyncio.sleep(runtime.HEARTBEAT)  # heartbeat period
 
     @contextlib.asynccontextmanager

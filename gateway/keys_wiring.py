@@ -15,10 +15,11 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
 
-from gateway import admin
+from gateway import admin, control_client
 from gateway.auth import AddressThrottle
 from gateway.ratelimit import RateLimiter
 from gateway.state import AppState
@@ -30,8 +31,9 @@ log = logging.getLogger("llamagate.keys")
 CleanupCtx = Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]
 
 
-def install(app: web.Application, state: AppState) -> None:
-    """Set up API keys on ``app`` when auth is on."""
+def install(app: web.Application, state: AppState, control_socket: Path | None = None) -> None:
+    """Set up API keys on ``app`` when auth is on, with the admin routes (none without auth:
+    nothing could tell an admin from anyone else)."""
     config = state.config
     if not config.auth_enabled:
         return
@@ -44,6 +46,10 @@ def install(app: web.Application, state: AppState) -> None:
     state.auth_failures = AddressThrottle(config.auth_failures_per_minute)
     auditor = admin.Auditor(config.usage_db)
     app.add_routes(admin.routes(state.keys, state.usage, auditor))
+    if control_socket is not None:
+        table, session_ctx = control_client.routes(control_socket, auditor)
+        app.add_routes(table)
+        app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(_keys_ctx(state.keys, config.keys_reload_interval))
     app.cleanup_ctx.append(_usage_ctx(state.usage, auditor))
 

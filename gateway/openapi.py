@@ -29,7 +29,31 @@ def _inference(summary: str, field: str) -> dict[str, Any]:
                                                    "504")}}}}
 
 
-def document(admin: bool) -> dict[str, Any]:
+def _admin_op(summary: str, ok: str = "200", *, body: bool = False) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary,
+                          "responses": {ok: {"description": "JSON"}, "400": _ERROR, "404": _ERROR}}
+    if body:
+        op["requestBody"] = _JSON_BODY
+    return op
+
+
+_MODEL_ADMIN: dict[str, Any] = {
+    "/admin/models": {"get": _admin_op("Registry: metadata, status, overrides, serving state")},
+    "/admin/models/rescan": {"post": _admin_op("Re-read MODELS_DIR")},
+    "/admin/models/{name}": {"put": _admin_op("Edit a model's overrides", body=True)},
+    "/admin/models/{name}/load": {"post": _admin_op("Load now (multi-model mode)", "202")},
+    "/admin/models/{name}/unload": {"post": _admin_op("Unload now (multi-model mode)", "202")},
+    "/admin/pull": {"post": _admin_op('Pull from the Hub: {"repo", "file" | "pattern", "revision"}',
+                                      "202", body=True)},
+    "/admin/jobs": {"get": _admin_op("Pull jobs, newest first")},
+    "/admin/jobs/{id}": {"get": _admin_op("One pull job with progress"),
+                         "delete": _admin_op("Cancel a pull")},
+    "/admin/profile": {"get": _admin_op("Served profile and model states"),
+                       "put": _admin_op('Switch profile: {"profile": name}', body=True)},
+}
+
+
+def document(admin: bool, models_admin: bool = False) -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/v1/chat/completions": _inference("Chat completion (OpenAI)", "messages"),
         "/v1/completions": _inference("Text completion (OpenAI)", "prompt"),
@@ -66,6 +90,8 @@ def document(admin: bool) -> dict[str, Any]:
                                                     for n in ("key", "since", "until")],
                                      "responses": {"200": {"description": "usage rows"}}}},
         }
+    if admin and models_admin:
+        paths |= _MODEL_ADMIN
     return {
         "openapi": "3.1.0",
         "info": {"title": "llamagate", "version": "0.1.0",
@@ -83,8 +109,8 @@ def document(admin: bool) -> dict[str, Any]:
     }
 
 
-def handler(admin: bool) -> Any:
-    body = document(admin)
+def handler(admin: bool, models_admin: bool = False) -> Any:
+    body = document(admin, models_admin)
 
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(body)

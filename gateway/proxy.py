@@ -10,13 +10,14 @@ llama-server drop the request and free its slot.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
-import aiohttp
 from aiohttp import web
 
 from gateway import auth, ratelimit, sse
 from gateway.admission import QueueFull, QueueTimeout
+from gateway.backend_http import BackendBroken, BackendError
 from gateway.errors import (
     BackendUnavailable,
     BadRequest,
@@ -31,7 +32,8 @@ from gateway.usage import tokens_from_body
 from gateway.validation import prompt_of, validate
 
 INFERENCE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
-_PASS_HEADERS = ("Content-Type",)
+# the model that answered for one in cooldown; echoed as the X-Model-Fallback header
+MODEL_FALLBACK = web.RequestKey("model_fallback", str)
 
 
 def request_timeout(request: web.Request, default: float) -> float:
@@ -61,7 +63,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if model is None:  # ex.model stays "-": a client must not mint metric label values
             raise NotFound(f"model '{info.model}' does not exist; available: "
                            f"{', '.join(state.models.names)}", code="model_not_found", param="model")
-        ex.model = model
+        routed = state.models.route(model)  # 503 while it cools down, or its fallback
+        if routed != model:
+            raw = json.dumps({**(info.body or {}), "model": routed}).encode()
+            request[MODEL_FALLBACK] = routed
+        ex.model = routed
         state.activity.touch()
     auth.check_model(request, ex)  # 403 for a model outside the key's allowlist
     ratelimit.reserve_tokens(request, ex)  # tokens/min; ratelimit_middleware settles it
@@ -129,32 +135,26 @@ async def _end_stream(ex: Exchange, message: str, type_: str, code: str) -> web.
 async def _exchange(request: web.Request, raw: bytes) -> web.StreamResponse:
     state = request.app[APP_STATE]
     ex = exchange_of(request)
-    upstream = state.upstream
-    url = upstream.base_url + request.rel_url.path_qs
-    headers = upstream.headers(request.headers.get("Content-Type"), ex.request_id)
     try:
-        resp = await upstream.session.request(request.method, url, data=raw or None,
-                                              headers=headers)
-    except aiohttp.ClientConnectionError as exc:
-        raise BackendUnavailable(f"cannot reach the backend ({type(exc).__name__})",
-                                 retry_after=2) from None
+        resp = await state.upstream.send(request.method, request.rel_url.path_qs, raw,
+                                         request.headers.get("Content-Type"), ex.request_id)
+    except BackendError as exc:  # its message says which: no connection, or one that broke
+        raise BackendUnavailable(str(exc), retry_after=2) from None
     try:
-        if ex.stream and resp.status == 200 and \
-                resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+        if ex.stream and resp.status == 200 and resp.content_type.startswith("text/event-stream"):
             return await sse.relay(request, resp, ex)
         try:
             body = await resp.read()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise BackendUnavailable(f"the backend connection broke ({type(exc).__name__})",
-                                     retry_after=2) from None
+        except BackendBroken as exc:
+            raise BackendUnavailable(str(exc), retry_after=2) from None
         ex.first_byte_at = time.monotonic()
         ex.completed = True
         if ex.inference and resp.status == 200:
             ex.tokens = tokens_from_body(body)
-        out_headers = {h: resp.headers[h] for h in _PASS_HEADERS if h in resp.headers}
-        return web.Response(status=resp.status, body=body, headers=out_headers)
+        if resp.content_type:
+            return web.Response(status=resp.status, body=body,
+                                headers={"Content-Type": resp.content_type})
+        return web.Response(status=resp.status, body=body)
     finally:
-        if ex.completed:
-            resp.release()
-        else:
+        if not ex.completed:
             resp.close()  # unfinished: drop the connection so llama-server stops the work

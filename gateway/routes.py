@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -10,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import label_backend_metrics
+from gateway.model_metrics import merge_expositions
 from gateway.state import APP_STATE, AppState
 
 
@@ -37,6 +40,7 @@ async def health(request: web.Request) -> web.Response:
         "backend": {"state": state.upstream.status.state,
                     "restarts": state.upstream.status.restarts},
         "models": list(state.models.names),
+        "model_states": {n: s.get("state") for n, s in state.models.states.items()},
         "in_flight": state.admission.in_flight,
         "queued": state.admission.queued,
         "auth": state.config.auth_enabled,
@@ -44,21 +48,34 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if code == 200 else 503 if code == 503 else 200)
 
 
-async def _backend_metrics(state: AppState) -> str:
-    """llama-server's own llamacpp:* metrics, labelled with the model; '' if unavailable."""
-    if not state.upstream.status.ready:
-        return ""
+async def _scrape(state: AppState, model: str | None) -> str:
     upstream = state.upstream
+    # autoload=false: a model unloaded since its state was read must not load for a scrape
+    query = "" if model is None else f"?model={quote(model, safe='')}&autoload=false"
     try:
-        async with upstream.session.get(f"{upstream.base_url}/metrics",
+        async with upstream.session.get(f"{upstream.base_url}/metrics{query}",
                                         headers=upstream.headers(None, "metrics-scrape"),
                                         timeout=aiohttp.ClientTimeout(total=2)) as resp:
             if resp.status != 200:
                 return ""
-            text = await resp.text()
+            return await resp.text()
     except (TimeoutError, aiohttp.ClientError):
         return ""
-    return label_backend_metrics(text, state.models.default or "-")
+
+
+async def _backend_metrics(state: AppState) -> str:
+    """llama-server's own llamacpp:* metrics, labelled with the model; '' if unavailable.
+
+    In multi-model mode each loaded model's child is scraped through the router (a
+    scrape never loads a model)."""
+    if not state.upstream.status.ready:
+        return ""
+    catalog = state.models
+    if catalog.mode != "router":
+        return label_backend_metrics(await _scrape(state, None), catalog.default or "-")
+    loaded = [n for n in catalog.names if catalog.states.get(n, {}).get("state") == "loaded"]
+    texts = await asyncio.gather(*(_scrape(state, n) for n in loaded))
+    return merge_expositions(label_backend_metrics(t, n) for t, n in zip(texts, loaded, strict=True) if t)
 
 
 async def metrics(request: web.Request) -> web.Response:

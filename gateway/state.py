@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.admission import Admission
+from gateway.catalog import ModelCatalog
 from gateway.exchange import Exchange
 from gateway.metrics import GatewayMetrics
 from gateway.upstream import Upstream
@@ -32,20 +33,6 @@ class Activity:
 
     def touch(self) -> None:
         self.last = time.time()
-
-
-@dataclass
-class ModelCatalog:
-    names: tuple[str, ...]
-    default: str | None = None
-
-    def resolve(self, requested: str | None) -> str | None:
-        """Name to route to; None when the model is unknown. An empty catalog accepts all."""
-        if requested is None or requested == "":
-            return self.default or (self.names[0] if self.names else "-")
-        if not self.names or requested in self.names:
-            return requested
-        return None
 
 
 @dataclass

@@ -33,7 +33,8 @@ def parse_wiring(raw: str) -> Wiring:
         key = Path(data["backend_key_file"]).read_text().strip()
     return Wiring(backend_url=data["backend_url"], backend_key=key or data.get("backend_key"),
                   runtime_dir=Path(data["runtime_dir"]) if data.get("runtime_dir") else None,
-                  models=tuple(data.get("models", ())))
+                  models=tuple(data.get("models", ())),
+                  control_socket=Path(data["control_socket"]) if data.get("control_socket") else None)
 
 
 async def run(app: web.Application, host: str, port: int, reuse_port: bool) -> None:

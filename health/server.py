@@ -71,6 +71,10 @@ async def health(request: web.Request) -> web.Response:
         "backend": {"state": backend.get("state"), "restarts": backend.get("restarts", 0),
                     "pid": backend.get("pid"), "last_error": backend.get("last_error")},
         "models": serve.get("models", []),
+        # multi-model mode: each served model's state (loaded, unloaded, loading, cooldown…)
+        "model_states": {name: {k: v for k, v in st.items() if k != "path"}
+                         for name, st in (serve.get("model_states") or {}).items()},
+        "profile": serve.get("profile"),
         "in_flight": sum(int(w.get("in_flight", 0)) for w in workers),
         "queued": sum(int(w.get("queued", 0)) for w in workers),
         "workers": [int(w.get("pid", 0)) for w in workers],

@@ -49,6 +49,17 @@ class Config:
     backend_max_restarts: int = 5
     backend_restart_window: float = 300.0
     backend_sleep_seconds: int = 0
+    # several models (llama-server router mode) and Hub pulls
+    profiles_file: Path = Path("data/profiles.yaml")
+    profile: str | None = None
+    max_loaded_models: int = 2
+    model_ttl_seconds: int = 0
+    model_cooldown_seconds: float = 60.0
+    hf_endpoint: str | None = None
+    hf_token: str | None = field(default=None, repr=False)
+    pull_concurrency: int = 1
+    pull_resume: bool = True
+    pull_retries: int = 5
     # listeners
     host: str = "0.0.0.0"
     port: int = 8000
@@ -209,6 +220,16 @@ def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
         backend_max_restarts=r.integer("BACKEND_MAX_RESTARTS", 5, 1, 1000),
         backend_restart_window=r.number("BACKEND_RESTART_WINDOW", 300.0, 1, 86400),
         backend_sleep_seconds=r.integer("BACKEND_SLEEP_SECONDS", 0, 0, 10_000_000),
+        profiles_file=Path(r.raw("PROFILES_FILE") or data_dir / "profiles.yaml"),
+        profile=r.raw("PROFILE"),
+        max_loaded_models=r.integer("MAX_LOADED_MODELS", 2, 1, 256),
+        model_ttl_seconds=r.integer("MODEL_TTL_SECONDS", 0, 0, 10_000_000),
+        model_cooldown_seconds=r.number("MODEL_COOLDOWN_SECONDS", 60.0, 0, 86400),
+        hf_endpoint=r.parse("HF_ENDPOINT", _url, None, "an http:// or https:// URL"),
+        hf_token=r.raw("HF_TOKEN"),
+        pull_concurrency=r.integer("PULL_CONCURRENCY", 1, 1, 16),
+        pull_resume=r.boolean("PULL_RESUME", True),
+        pull_retries=r.integer("PULL_RETRIES", 5, 0, 100),
         host=r.raw("HOST") or "0.0.0.0",
         port=r.port("PORT", 8000),
         port_health=r.port("PORT_HEALTH", 8001),
@@ -239,6 +260,9 @@ def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
     if values["model_path"] is not None and values["backend_url"] is not None:
         r.problems.append("MODEL_PATH and BACKEND_URL: set one, not both (BACKEND_URL serves an "
                           "already running llama-server)")
+    if values["model_path"] is not None and values["profile"] is not None:
+        r.problems.append("MODEL_PATH and PROFILE: set one, not both (MODEL_PATH serves one model, "
+                          "PROFILE the models a profile names)")
     if values["port"] == values["port_health"] != 0:
         r.problems.append(f"PORT and PORT_HEALTH: must differ (both {values['port']})")
     if r.problems:

@@ -18,18 +18,31 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
-from backend.argv import ServerSpec
+import aiohttp
+from aiohttp import web
+
+from backend.argv import ServerSpec, common_options
 from backend.binary import BinaryNotFound, find_llama_server
+from backend.models.errors import ModelsError
+from backend.models.hub import HubClient
+from backend.models.jobs import JobStore
+from backend.models.overrides import OverrideStore
+from backend.models.pull import PullManager, PullSettings
+from backend.models.registry import ModelRegistry
 from backend.restarts import RestartPolicy
+from backend.router import RouterClient, args_to_options
 from backend.supervisor import StartupError, Supervisor
 from llamagate import runtime
 from llamagate.banner import banner, diagnostics
 from llamagate.children import Child
 from llamagate.config import Config
+from llamagate.control import create_control_app
 from llamagate.entry import loop_factory
 from llamagate.external import ExternalBackend
+from llamagate.fleet import Fleet, FleetError, merge_last_used, read_profile
 from llamagate.models import ModelChoice, choose_model
 
 log = logging.getLogger("llamagate.serve")
@@ -53,20 +66,69 @@ class Service:
         self.children: list[Child] = []
         self.stop_event = asyncio.Event()
         self.exit_code = 0
+        self.mode = "single"  # single | router (several models) | external (BACKEND_URL)
+        self.fleet: Fleet | None = None
+        self.registry = ModelRegistry(config.models_dir,
+                                      OverrideStore(config.data_dir / "model_overrides.json"))
+        self.pulls = PullManager(
+            JobStore(config.data_dir / "pulls.sqlite3", clock=time.time), config.models_dir,
+            HubClient(config.hf_endpoint, config.hf_token),
+            PullSettings(concurrency=config.pull_concurrency, resume=config.pull_resume,
+                         retries=config.pull_retries),
+            on_success=self._pulled)
+        self.control_socket = self.runtime_dir / "control.sock"
+        self._preload: asyncio.Future[None] | None = None
+        self.started = time.time()
 
     def publish(self) -> None:
+        fleet = self.fleet
+        if fleet is not None:
+            self.models = tuple(fleet.models)
         runtime.write_state(self.runtime_dir / runtime.SERVE_FILE, {
             "phase": self.phase, "backend": self.backend_state, "models": list(self.models),
+            "mode": self.mode, "profile": fleet.profile.name if fleet and fleet.profile else None,
+            "model_states": fleet.published() if fleet else {},
             "auth": self.config.auth_enabled, "platform": self.config.platform.value,
             "started": self.started})
+
+    async def models_changed(self) -> None:
+        """A rescan or an override edit: the served set follows when it is every model."""
+        if self.fleet is not None and self.fleet.profile is None:
+            try:
+                await self.fleet.refresh()
+            except FleetError as exc:
+                log.warning("served models unchanged: %s", exc)
+        self.publish()
+
+    async def _pulled(self, path: Any) -> None:
+        log.info("pull finished: %s; rescanning MODELS_DIR", path)
+        await asyncio.to_thread(self.registry.scan)
+        await self.models_changed()
+
+    def _router_error(self, name: str) -> str | None:
+        """The llama-server log line that best explains why `name` failed to load: the first
+        error its child logged (the router prefixes a child's lines with `[port]`)."""
+        proc = self.supervisor._proc if self.supervisor else None
+        port = self.fleet.ports.get(name) if self.fleet else None
+        if proc is None or port is None:
+            return None
+        prefix = f"[{port}] "
+        lines = [line[len(prefix):] for line in proc.tail if line.startswith(prefix)]
+        for line in lines:
+            if " E " in line and "error" in line.lower():
+                return line.strip()[-300:]
+        errors = [line for line in lines if " E " in line]
+        return errors[0].strip()[-300:] if errors else None
 
     def _on_backend(self, snap: Any) -> None:
         self.backend_state = {"state": snap.state.value, "restarts": snap.restarts,
                               "pid": snap.pid, "last_error": snap.last_error}
         self.publish()
+        if self.fleet is not None and snap.state.value == "ready" and snap.restarts > 0:
+            # a restarted router starts with nothing loaded: preload the profile's models again
+            self._preload = asyncio.ensure_future(self.fleet.preload())
 
     async def run(self) -> int:
-        self.started = time.time()
         self.publish()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -77,19 +139,27 @@ class Service:
             # nothing to reload; a stray SIGHUP (terminal hangup) must not kill the service
             loop.add_signal_handler(signal.SIGHUP, lambda: None)
         env = self._child_env()
+        await asyncio.to_thread(self.registry.scan)
+        control = web.AppRunner(create_control_app(self), access_log=None)
+        await control.setup()
+        await web.UnixSite(control, str(self.control_socket)).start()
+        await self.pulls.start()
         health = Child("health", [sys.executable, "-m", "health.server",
                                   "--runtime-dir", str(self.runtime_dir)], env)
         await health.start()
         self.children.append(health)
         try:
             wiring = await self._prepare_backend()
-        except (StartupError, BinaryNotFound, OSError, ValueError) as exc:
+        except (StartupError, BinaryNotFound, OSError, ValueError, ModelsError, FleetError) as exc:
             log.error("startup failed: %s", exc)
             print(f"llamagate: startup failed: {exc}", file=sys.stderr)
             self.phase = "stopped"
             self.publish()
             await health.stop(5)
+            await self.pulls.close()
+            await control.cleanup()
             return 1
+        wiring["control_socket"] = str(self.control_socket)
         workers = [Child(f"gateway-{i}", [sys.executable, "-m", "gateway.worker", "--wiring",
                                           json.dumps(wiring)], env, restart=True)
                    for i in range(self.config.gateway_workers)]
@@ -107,6 +177,8 @@ class Service:
             tasks.append(asyncio.create_task(self._idle_watch(), name="idle-watch"))
         await self.stop_event.wait()
         await self._shutdown(workers, health, tasks)
+        await self.pulls.close()
+        await control.cleanup()
         return self.exit_code
 
     def _child_env(self) -> dict[str, str]:
@@ -121,21 +193,25 @@ class Service:
     async def _prepare_backend(self) -> dict[str, Any]:
         config = self.config
         if config.backend_url is not None:
+            self.mode = "external"
             self.external = ExternalBackend(config.backend_url, config.backend_api_key)
             self.models = await self.external.model_names()
             self._announce(", ".join(self.models) or "(any)", f"external {config.backend_url}", False)
             return {"backend_url": config.backend_url, "backend_key": config.backend_api_key,
                     "runtime_dir": str(self.runtime_dir), "models": list(self.models)}
-        choice: ModelChoice = choose_model(config)
+        choice = self._single_model()
         binary = find_llama_server(config.llama_server_path)
         key_file = self.runtime_dir / "backend.key"
         runtime.write_secret(key_file, secrets.token_urlsafe(32))
         port = config.port_backend or free_port()
-        spec = ServerSpec(binary=binary, model_path=choice.path, alias=choice.name, port=port,
+        spec = ServerSpec(binary=binary, model_path=choice.path if choice else None,
+                          alias=choice.name if choice else None, port=port,
                           api_key_file=key_file, ctx=config.ctx, parallel=config.parallel,
                           ngl=config.ngl, threads=config.threads,
                           sleep_idle_seconds=config.backend_sleep_seconds,
                           extra_args=config.extra_args)
+        if choice is None:
+            return await self._prepare_router(spec, key_file)
         policy = RestartPolicy(max_failures=config.backend_max_restarts,
                                window=config.backend_restart_window)
         self.supervisor = Supervisor(spec, start_timeout=config.backend_start_timeout,
@@ -144,10 +220,50 @@ class Service:
         self.models = (choice.name,)
         self._announce(f"{choice.name} ({choice.path})",
                        f"{binary} on 127.0.0.1:{port} (build {binary.parent.name})", choice.demo)
-        if not spec.model_path.is_file():
-            raise FileNotFoundError(f"model file not found: {spec.model_path} (MODEL_PATH)")
+        if not choice.path.is_file():
+            raise FileNotFoundError(f"model file not found: {choice.path} (MODEL_PATH)")
         return {"backend_url": self.supervisor.url, "backend_key_file": str(key_file),
                 "runtime_dir": str(self.runtime_dir), "models": list(self.models)}
+
+    def _single_model(self) -> ModelChoice | None:
+        """MODEL_PATH, the one servable model in MODELS_DIR, or the demo; None: several."""
+        config = self.config
+        if config.model_path is not None or config.profile is not None:
+            return choose_model(config) if config.profile is None else None
+        servable = [e for e in self.registry.entries() if e.servable and e.path is not None]
+        if len(servable) > 1:
+            return None
+        if len(servable) == 1 and servable[0].path is not None:
+            return ModelChoice(config.model_name or servable[0].name, servable[0].path)
+        return choose_model(config)
+
+    async def _prepare_router(self, spec: ServerSpec, key_file: Any) -> dict[str, Any]:
+        """Several models: llama-server's router mode, fed a preset we write (docs/models.md)."""
+        config = self.config
+        self.mode = "router"
+        preset = self.runtime_dir / "models.ini"
+        spec = replace(spec, models_preset=preset, models_max=config.max_loaded_models)
+        fleet = Fleet(config, self.registry, preset,
+                      common_options(spec) + args_to_options(config.extra_args))
+        profile = None
+        if config.profile is not None:
+            profile = await asyncio.to_thread(read_profile, config, self.registry, config.profile)
+        fleet.configure(profile)
+        fleet.on_change = self.publish
+        fleet.last_used = lambda: merge_last_used(runtime.read_workers(self.runtime_dir))
+        self.fleet = fleet
+        policy = RestartPolicy(max_failures=config.backend_max_restarts,
+                               window=config.backend_restart_window)
+        self.supervisor = Supervisor(spec, start_timeout=config.backend_start_timeout,
+                                     stop_grace=config.backend_stop_grace, policy=policy,
+                                     on_change=self._on_backend)
+        names = ", ".join(fleet.models)
+        self._announce(f"{len(fleet.models)} models ({names}); profile "
+                       f"{profile.name if profile else '(all in MODELS_DIR)'}, at most "
+                       f"{config.max_loaded_models} loaded",
+                       f"{spec.binary} router on 127.0.0.1:{spec.port}", False)
+        return {"backend_url": self.supervisor.url, "backend_key_file": str(key_file),
+                "runtime_dir": str(self.runtime_dir), "models": list(fleet.models)}
 
     def _announce(self, model: str, backend: str, demo: bool) -> None:
         info = diagnostics(self.config, model, backend)
@@ -166,7 +282,19 @@ class Service:
             return
         self.phase = "running"
         self.publish()
-        await self.supervisor.watch()
+        if self.fleet is None:
+            await self.supervisor.watch()
+            return
+        key = self.supervisor.spec.api_key_file.read_text().strip()
+        async with aiohttp.ClientSession() as session:
+            client = RouterClient(self.supervisor.url, key, session)
+            watch = asyncio.create_task(self.fleet.watch(client, self._router_error))
+            try:
+                await self.supervisor.watch()
+            finally:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
 
     def _set_external(self, state: str, ready: bool) -> None:
         self.backend_state = {"state": state, "restarts": 0}

@@ -182,9 +182,11 @@ class _Parser:
             self.fail(models_node or node, f"{field}.models", "must be a non-empty list of models")
             return Profile(name, (), description)
         entries = [self.entry(f"{field}.models[{i}]", n) for i, n in enumerate(models_node.value)]
-        valid = [(e, n) for e, n in zip(entries, models_node.value, strict=True) if e is not None]
-        self.cross_check(field, valid)
-        return Profile(name, tuple(e for e, _ in valid), description)
+        valid = [(i, e, n) for i, (e, n) in enumerate(zip(entries, models_node.value, strict=True))
+                 if e is not None]
+        # with a broken entry its served name is unknown: "fallback not served" would be a guess
+        self.cross_check(field, valid, complete=len(valid) == len(entries))
+        return Profile(name, tuple(e for _, e, _ in valid), description)
 
     def entry(self, field: str, node: Node) -> ProfileModel | None:
         items = self.mapping(node, field)
@@ -215,19 +217,23 @@ class _Parser:
             return None
         return ProfileModel(**values)  # type: ignore[arg-type]  # checked above
 
-    def cross_check(self, field: str, entries: list[tuple[ProfileModel, Node]]) -> None:
+    def cross_check(self, field: str, entries: list[tuple[int, ProfileModel, Node]],
+                    complete: bool) -> None:
+        """Duplicates and fallbacks; `i` is each entry's index in the file's list."""
         served: dict[str, ProfileModel] = {}
-        for entry, node in entries:
+        for _, entry, node in entries:
             name = entry.served_name
             if name in served:
                 self.fail(node, field, f"{name!r} is served twice; give one of them an alias")
             served[name] = entry
-        for i, (entry, node) in enumerate(entries):
+        for i, entry, node in entries:
             if entry.fallback is None:
                 continue
             if entry.fallback == entry.served_name:
                 self.fail(node, f"{field}.models[{i}].fallback", "cannot be the model itself")
             elif entry.fallback not in served:
+                if not complete:
+                    continue
                 self.fail(
                     node,
                     f"{field}.models[{i}].fallback",

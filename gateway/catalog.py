@@ -1,0 +1,91 @@
+"""The models this gateway routes to, and their state, as the serve process publishes it.
+
+In multi-model mode the served set changes (profile switches, pulls, rescans) and
+each model has a state: a model in cooldown after a failed load is refused (503,
+Retry-After) or replaced by its profile's fallback; any other state is routed, and
+llama-server's router loads an unloaded model while the request waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import BackendUnavailable
+from llamagate import runtime
+
+
+@dataclass
+class ModelCatalog:
+    names: tuple[str, ...]
+    default: str | None = None
+    mode: str = "single"
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    used: dict[str, float] = field(default_factory=dict)  # last request per model, for TTL
+
+    def resolve(self, requested: str | None) -> str | None:
+        """Name to route to; None when the model is unknown. An empty catalog accepts all."""
+        if requested is None or requested == "":
+            return self.default or (self.names[0] if self.names else "-")
+        if not self.names or requested in self.names:
+            return requested
+        return None
+
+    def route(self, name: str) -> str:
+        """The model that serves a request for `name`: itself, or its fallback while it cools
+        down; raises 503 when it cools down with no usable fallback."""
+        state = self.states.get(name)
+        if state is None or state.get("state") != "cooldown":
+            self.used[name] = time.time()
+            return name
+        fallback = state.get("fallback")
+        other = self.states.get(fallback) if isinstance(fallback, str) else None
+        if other is not None and other.get("state") != "cooldown":
+            assert isinstance(fallback, str)
+            self.used[fallback] = time.time()
+            return fallback
+        # serve.json is rewritten on state changes only, so its retry_in is as old as the
+        # cooldown; the absolute end gives the time actually left
+        until = state.get("cooldown_until")
+        left = until - time.time() if isinstance(until, (int, float)) else \
+            float(state.get("retry_in") or 1)
+        retry = max(1, math.ceil(left))
+        raise BackendUnavailable(
+            f"model '{name}' failed to load and is cooling down for {retry}s: "
+            f"{state.get('reason') or 'see /admin/models'}",
+            code="model_unavailable", retry_after=retry)
+
+    def update(self, serve_state: dict[str, Any]) -> None:
+        names = serve_state.get("models")
+        if isinstance(names, list) and names != list(self.names):
+            self.names = tuple(str(n) for n in names)
+            if self.default not in self.names:
+                self.default = self.names[0] if self.names else None
+        self.mode = str(serve_state.get("mode", self.mode))
+        states = serve_state.get("model_states")
+        self.states = states if isinstance(states, dict) else {}
+
+    async def follow(self, runtime_dir: Path, interval: float = 0.1) -> None:
+        path = runtime_dir / runtime.SERVE_FILE
+        last_mtime = 0
+        while True:
+            with contextlib.suppress(OSError):
+                mtime = path.stat().st_mtime_ns
+                if mtime != last_mtime:
+                    last_mtime = mtime
+                    data = runtime.read_state(path)
+                    if data is not None:
+                        self.update(data)
+            await asyncio.sleep(interval)  # poll period of a shared file
+
+    def listing(self) -> dict[str, Any]:
+        """GET /v1/models in multi-model mode (OpenAI shape; state as an extra field)."""
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "llamagate",
+             "status": {"value": self.states.get(name, {}).get("state", "unknown")}}
+            for name in self.names]}
