@@ -27,6 +27,7 @@ class Exchange:
     response: web.StreamResponse | None = None
     shutdown: bool = False  # ended by a drain deadline
     prompt: object = None  # messages/prompt/input, kept only with LOG_PROMPTS=true
+    unstream: bool = False  # a non-streaming completion fetched as a stream (gateway/unstream.py)
 
     @property
     def ttft(self) -> float | None:

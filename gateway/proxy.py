@@ -15,9 +15,9 @@ import time
 
 from aiohttp import web
 
-from gateway import auth, ratelimit, sse
+from gateway import auth, ratelimit, sse, unstream
 from gateway.admission import QueueFull, QueueTimeout
-from gateway.backend_http import BackendBroken, BackendError
+from gateway.backend_http import BackendBroken, BackendError, Response
 from gateway.errors import (
     BackendUnavailable,
     BadRequest,
@@ -68,6 +68,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raw = json.dumps({**(info.body or {}), "model": routed}).encode()
             request[MODEL_FALLBACK] = routed
         ex.model = routed
+        if not info.stream and request.path in unstream.ROUTES and info.body is not None:
+            raw = unstream.stream_body({**info.body, "model": routed})
+            ex.unstream = True
         state.activity.touch()
     auth.check_model(request, ex)  # 403 for a model outside the key's allowlist
     ratelimit.reserve_tokens(request, ex)  # tokens/min; ratelimit_middleware settles it
@@ -141,8 +144,11 @@ async def _exchange(request: web.Request, raw: bytes) -> web.StreamResponse:
     except BackendError as exc:  # its message says which: no connection, or one that broke
         raise BackendUnavailable(str(exc), retry_after=2) from None
     try:
-        if ex.stream and resp.status == 200 and resp.content_type.startswith("text/event-stream"):
+        is_sse = resp.status == 200 and resp.content_type.startswith("text/event-stream")
+        if ex.stream and is_sse:
             return await sse.relay(request, resp, ex)
+        if ex.unstream and is_sse:
+            return await _collect(request, resp, ex)
         try:
             body = await resp.read()
         except BackendBroken as exc:
@@ -158,3 +164,25 @@ async def _exchange(request: web.Request, raw: bytes) -> web.StreamResponse:
     finally:
         if not ex.completed:
             resp.close()  # unfinished: drop the connection so llama-server stops the work
+
+
+async def _collect(request: web.Request, resp: Response, ex: Exchange) -> web.Response:
+    """A non-streaming request's answer, read as a stream and sent as one body."""
+    collector = unstream.Collector(chat=request.path == "/v1/chat/completions")
+    try:
+        while chunk := await resp.read_chunk():
+            collector.feed(chunk)
+    except BackendBroken as exc:
+        raise BackendUnavailable(str(exc), retry_after=2) from None
+    except unstream.UpstreamError as exc:
+        # llama-server reported an error after it started streaming: answer as it would have
+        ex.completed = True
+        body = json.dumps(exc.body).encode()
+        return web.Response(status=500, body=body, content_type="application/json")
+    except ValueError:
+        raise BackendUnavailable("the backend sent an unreadable stream", retry_after=2) from None
+    ex.first_byte_at = time.monotonic()
+    ex.completed = True
+    body = collector.result()
+    ex.tokens = tokens_from_body(body)
+    return web.Response(status=200, body=body, content_type="application/json")

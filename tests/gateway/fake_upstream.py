@@ -193,7 +193,11 @@ class FakeUpstream:
         body = seen.json()
         chat = request.path.endswith("/chat/completions")
         if body.get("stream"):
-            return await self._stream(request, chat)
+            # like llama-server: usage in a last chunk of its own when the request asks for
+            # it; such a request (the gateway's form of a non-streaming one) gets max_tokens
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            events = int(body.get("max_tokens") or sw.events) if include_usage else sw.events
+            return await self._stream(request, chat, events, include_usage)
         n = int(body.get("max_tokens") or sw.events)
         text = "x" * n
         choice: dict[str, Any] = (
@@ -232,11 +236,16 @@ class FakeUpstream:
         return {"cache_n": sw.cache_tokens, "prompt_n": sw.prompt_tokens - sw.cache_tokens,
                 "predicted_n": n, "prompt_ms": 1.0, "predicted_ms": 1.0}
 
-    async def _stream(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, chat: bool, events: int,
+                      include_usage: bool) -> web.StreamResponse:
         sw = self.switches
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for i in range(sw.events):
+        for i in range(events):
+            if i == 1 and sw.truncate_reply:
+                assert request.transport is not None
+                request.transport.close()  # the backend dies with part of the answer sent
+                return response
             if i == sw.hang_after:
                 await self.release.wait()
             if i == sw.die_after:
@@ -251,8 +260,14 @@ class FakeUpstream:
             await response.write(_event(_chunk(chat, {"content": f"t{i}"}, None)))
             self.sent_events += 1
         final = _chunk(chat, {}, "length")
-        final["timings"] = self._timings(sw.events)
-        data = _event(final) + b"data: [DONE]\n\n"
+        data = b""
+        if include_usage:
+            data = _event(final)
+            final = {**_chunk(chat, {}, None), "choices": [],
+                     "usage": {"prompt_tokens": sw.prompt_tokens, "completion_tokens": events,
+                               "total_tokens": sw.prompt_tokens + events}}
+        final["timings"] = self._timings(events)
+        data += _event(final) + b"data: [DONE]\n\n"
         size = -(-len(data) // sw.final_pieces)
         for at in range(0, len(data), size):
             if at and sw.step:
