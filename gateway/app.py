@@ -54,6 +54,7 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     )
     exposed.register(BackendCollector(lambda: (upstream.status.ready, upstream.status.restarts)))
     exposed.register(ModelStateCollector(state.models))
+    state.metrics.follow(state.admission)
     app[APP_STATE] = state
     pipeline.install(app, Cors(config.cors_origins))
     app.router.add_get("/ping", routes.ping)
@@ -62,11 +63,13 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     app.router.add_get("/openapi.json", openapi.handler(
         admin=config.auth_enabled, models_admin=wiring.control_socket is not None))
     app.router.add_get("/v1/models", _list_models)
+    for path in proxy.INFERENCE_ROUTES:  # plain routes resolve by lookup, before any pattern
+        app.router.add_post(path, proxy.handle)
     app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
-    app.on_response_prepare.append(_echo_fallback)
     # keyring, limits, usage, audit, /admin routes (models, pulls and profiles via the socket)
     keys_wiring.install(app, state, wiring.control_socket)
     app.cleanup_ctx.append(_upstream_ctx(state, wiring))
+    app.cleanup_ctx.append(_background(lambda: proxy.expire(state), "request-timeouts"))
     if wiring.runtime_dir is not None:
         app.cleanup_ctx.append(_background(
             lambda: state.models.follow(wiring.runtime_dir), "model-catalog"))  # type: ignore[arg-type]
@@ -80,12 +83,6 @@ async def _list_models(request: web.Request) -> web.StreamResponse:
     if catalog.mode != "router":
         return await proxy.handle(request)
     return web.json_response(catalog.listing())
-
-
-async def _echo_fallback(request: web.Request, response: web.StreamResponse) -> None:
-    fallback = request.get(proxy.MODEL_FALLBACK)
-    if fallback is not None:
-        response.headers["X-Model-Fallback"] = fallback
 
 
 def _background(coro_fn: Callable[[], Coroutine[Any, Any, None]], name: str

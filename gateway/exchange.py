@@ -27,6 +27,9 @@ class Exchange:
     response: web.StreamResponse | None = None
     shutdown: bool = False  # ended by a drain deadline
     prompt: object = None  # messages/prompt/input, kept only with LOG_PROMPTS=true
+    fallback: str | None = None  # the model that answered for one cooling down (X-Model-Fallback)
+    deadline: float = 0.0  # loop time after which the timeout sweeper cancels the request
+    timed_out: bool = False
     unstream: bool = False  # a non-streaming completion fetched as a stream (gateway/unstream.py)
 
     @property

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -74,6 +74,9 @@ class GatewayMetrics:
         self.queue_depth = Gauge(
             "llamagate_queue_depth", "Requests waiting for a backend slot",
             registry=registry, multiprocess_mode="livesum")
+        # single process: the gauges read the admission counters at scrape time, which costs
+        # requests nothing; multiprocess mode cannot call functions, so requests move them
+        self.live_gauges = False
         self.rejections = Counter(
             "llamagate_rejections", "Requests refused by the gateway, by reason",
             ["reason"], registry=registry)
@@ -84,6 +87,14 @@ class GatewayMetrics:
         self.prompt_tokens_for = Children(self.prompt_tokens)
         self.completion_tokens_for = Children(self.completion_tokens)
         self.rejections_for = Children(self.rejections)
+
+    def follow(self, admission: _Counts) -> None:
+        """Read in-flight and queue depth from `admission` at scrape time (one process only)."""
+        if multiprocess_enabled():
+            return
+        self.in_flight.set_function(lambda: admission.in_flight)
+        self.queue_depth.set_function(lambda: admission.queued)
+        self.live_gauges = True
 
 
 class BackendCollector(Collector):
@@ -135,3 +146,10 @@ def label_backend_metrics(text: str, model: str) -> str:
             metric, _, value = line.partition(" ")
             out.append(f"{metric}{{{label}}} {value}")
     return "\n".join(out) + "\n"
+
+
+class _Counts(Protocol):
+    in_flight: int
+
+    @property
+    def queued(self) -> int: ...

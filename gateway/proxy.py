@@ -27,13 +27,14 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.exchange import Exchange, exchange_of
-from gateway.state import APP_STATE
+from gateway.state import APP_STATE, AppState
 from gateway.usage import tokens_from_body
 from gateway.validation import prompt_of, validate
 
 INFERENCE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
-# the model that answered for one in cooldown; echoed as the X-Model-Fallback header
-MODEL_FALLBACK = web.RequestKey("model_fallback", str)
+# how often the sweeper looks for requests past their timeout: a per-request timer costs
+# every request ~10 µs (uvloop timer handles); this bounds how late a timeout fires
+SWEEP_INTERVAL = 0.05
 
 
 def request_timeout(request: web.Request, default: float) -> float:
@@ -66,7 +67,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         routed = state.models.route(model)  # 503 while it cools down, or its fallback
         if routed != model:
             raw = json.dumps({**(info.body or {}), "model": routed}).encode()
-            request[MODEL_FALLBACK] = routed
+            ex.fallback = routed
         ex.model = routed
         if not info.stream and request.path in unstream.ROUTES and info.body is not None:
             raw = unstream.stream_body({**info.body, "model": routed})
@@ -85,7 +86,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
     queued_at = time.monotonic()
     metrics = state.metrics
-    metrics.queue_depth.inc()
+    counted = not metrics.live_gauges
+    if counted:
+        metrics.queue_depth.inc()
     try:
         await state.admission.acquire()
     except QueueFull:
@@ -97,32 +100,50 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise BackendUnavailable("timed out waiting for a free backend slot", code="queue_timeout",
                                  retry_after=2) from None
     finally:
-        metrics.queue_depth.dec()
-    ex.queue_wait = time.monotonic() - queued_at
-    metrics.in_flight.inc()
+        if counted:
+            metrics.queue_depth.dec()
+    now = time.monotonic()
+    ex.queue_wait = now - queued_at
+    # REQUEST_TIMEOUT counts from admission; expire() below enforces it
+    ex.deadline = asyncio.get_running_loop().time() + timeout
+    if counted:
+        metrics.in_flight.inc()
     task = asyncio.current_task()
     assert task is not None
     state.active[ex] = task
     state.idle.clear()
     try:
-        async with asyncio.timeout(timeout):
-            return await _exchange(request, raw)
+        return await _exchange(request, raw)
     except asyncio.CancelledError:
-        if not ex.shutdown:
+        if not (ex.shutdown or ex.timed_out):
             raise  # the client went away
         task.uncancel()
-        return await _end_stream(ex, "the server is shutting down", "server_error", "shutting_down")
-    except TimeoutError:
+        if ex.shutdown:
+            return await _end_stream(ex, "the server is shutting down", "server_error",
+                                     "shutting_down")
         if ex.response is not None:  # headers already sent: end the stream with an event
             return await _end_stream(ex, f"the request exceeded its timeout of {timeout:g}s",
                                      "timeout", "upstream_timeout")
         raise UpstreamTimeout(f"the backend did not answer within {timeout:g}s") from None
     finally:
         state.admission.release()
-        metrics.in_flight.dec()
+        if counted:
+            metrics.in_flight.dec()
         del state.active[ex]
         if not state.active:
             state.idle.set()
+
+
+async def expire(state: AppState) -> None:
+    """Cancel requests past their timeout (the handler turns that into a 504 or a final event)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL)  # the sweep period, see SWEEP_INTERVAL
+        now = loop.time()
+        for ex, task in list(state.active.items()):
+            if now >= ex.deadline and not ex.timed_out and not ex.shutdown:
+                ex.timed_out = True
+                task.cancel()
 
 
 async def _end_stream(ex: Exchange, message: str, type_: str, code: str) -> web.StreamResponse:

@@ -43,7 +43,10 @@ def open_exchange(request: web.Request) -> Exchange:
 
 
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every response, streamed or not, carries the id."""
+    """on_response_prepare: every response, streamed or not, carries the id (and says
+    when a fallback model answered: one hook for both, as each hook costs every request)."""
     ex = request.get(EXCHANGE)
     if ex is not None:
         response.headers["X-Request-ID"] = ex.request_id
+        if ex.fallback is not None:
+            response.headers["X-Model-Fallback"] = ex.fallback
