@@ -69,7 +69,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raw = json.dumps({**(info.body or {}), "model": routed}).encode()
             ex.fallback = routed
         ex.model = routed
-        if not info.stream and request.path in unstream.ROUTES and info.body is not None:
+        if not info.stream and request.path in unstream.ROUTES and info.body is not None and (
+                info.max_tokens is None
+                or info.max_tokens >= state.config.stream_to_backend_min_tokens):
+            # see gateway/unstream.py; short answers skip it: llama-server streams cost it
+            # per token, and what a short one can run on for after a hang-up is bounded
             raw = unstream.stream_body({**info.body, "model": routed})
             ex.unstream = True
         state.activity.touch()

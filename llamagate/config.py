@@ -79,6 +79,7 @@ class Config:
     # gateway edge
     max_body_bytes: int = 10 * 1024 * 1024
     request_timeout: float = 600.0
+    stream_to_backend_min_tokens: int = 64
     max_concurrent_requests: int = 0
     max_queue_size: int = 64
     queue_timeout: float = 30.0
@@ -246,6 +247,7 @@ def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
         usage_flush_interval=r.number("USAGE_FLUSH_INTERVAL", 1.0, 0.05, 1.0),
         max_body_bytes=r.integer("MAX_BODY_BYTES", 10 * 1024 * 1024, 1024, 2**31),
         request_timeout=r.number("REQUEST_TIMEOUT", 600.0, 1, 86400),
+        stream_to_backend_min_tokens=r.integer("STREAM_TO_BACKEND_MIN_TOKENS", 64, 0, 10**9),
         max_concurrent_requests=r.integer("MAX_CONCURRENT_REQUESTS", 0, 0, 100_000),
         max_queue_size=r.integer("MAX_QUEUE_SIZE", 64, 0, 1_000_000),
         queue_timeout=r.number("QUEUE_TIMEOUT", 30.0, 0.001, 86400),

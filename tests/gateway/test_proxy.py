@@ -21,13 +21,14 @@ MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 async def test_body_is_forwarded_byte_for_byte_with_the_backend_key(
         gateway: Gateway, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
-    raw = (b'{ "messages" : [{"role":"user","content":"h\\u00e9"}],  "max_tokens":3, '
-           b'"x_extra":[1], "stream": true }')
+    # max_tokens 3: under STREAM_TO_BACKEND_MIN_TOKENS, so it goes as it came
+    raw = b'{ "messages" : [{"role":"user","content":"h\\u00e9"}],  "max_tokens":3, "x_extra":[1] }'
     async with http.post(gateway.url + CHAT + "?trace=1", data=raw,
                          headers={"Content-Type": "application/json",
                                   "Authorization": "Bearer client-key"}) as r:
         assert r.status == 200
-        assert b"data: [DONE]" in await r.read()
+        reply = await r.json()
+    assert reply["usage"]["completion_tokens"] == 3
     [seen] = fake.requests(CHAT)
     assert seen.body == raw
     assert seen.headers["Authorization"] == f"Bearer {BACKEND_KEY}"  # never the client's key
@@ -37,7 +38,7 @@ async def test_body_is_forwarded_byte_for_byte_with_the_backend_key(
 async def test_a_non_streaming_completion_is_fetched_as_a_stream_and_answered_whole(
         gateway: Gateway, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
     # see gateway/unstream.py: a stream is what lets a disconnect stop llama-server at once
-    raw = b'{"messages": [{"role": "user", "content": "h\\u00e9"}], "max_tokens": 3, "x_extra": [1]}'
+    raw = b'{"messages": [{"role": "user", "content": "h\\u00e9"}], "max_tokens": 70, "x_extra": [1]}'
     async with http.post(gateway.url + CHAT, data=raw,
                          headers={"Content-Type": "application/json"}) as r:
         assert r.status == 200 and r.content_type == "application/json"
@@ -48,9 +49,10 @@ async def test_a_non_streaming_completion_is_fetched_as_a_stream_and_answered_wh
                                      "stream_options": {"include_usage": True}}
     assert seen.headers["Authorization"] == f"Bearer {BACKEND_KEY}"
     assert reply["object"] == "chat.completion"
+    text = "".join(f"t{i}" for i in range(70))
     assert reply["choices"] == [{"index": 0, "finish_reason": "length",
-                                 "message": {"role": "assistant", "content": "t0t1t2"}}]
-    assert reply["usage"]["completion_tokens"] == 3 and "timings" in reply
+                                 "message": {"role": "assistant", "content": text}}]
+    assert reply["usage"]["completion_tokens"] == 70 and "timings" in reply
 
 
 async def test_other_v1_routes_pass_through(gateway: Gateway, fake: FakeUpstream,
