@@ -5,11 +5,14 @@ demand, and the admin model routes (scope, validation, load/unload, audit)."""
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from llamagate.tiny_model import write_model
 from tests.gateway_auth.fakes import KeyTool
@@ -31,7 +34,7 @@ from .support import (
 @pytest.fixture(scope="module")
 def keys(keytool: KeyTool) -> dict[str, tuple[str, str]]:
     return {
-        "ops": keytool.generate("ops", "--scopes", "inference,admin"),
+        "ops": keytool.generate("ops", "--scopes", "inference,admin,metrics"),
         "app": keytool.generate("app"),
         "alpha_only": keytool.generate("alpha-only", "--models", "alpha"),
     }
@@ -41,8 +44,9 @@ def keys(keytool: KeyTool) -> dict[str, tuple[str, str]]:
 def svc(keytool: KeyTool, keys: dict[str, tuple[str, str]]) -> Iterator[Service]:
     tmp = service_dir(keytool)
     write_models(tmp / "models", "alpha", "beta")
+    # context shift: a generation runs until it is stopped, so a test can see it stop
     service = Service(tmp, {**auth_env(keytool), "MODELS_DIR": str(tmp / "models"),
-                            "MAX_LOADED_MODELS": "1"}).start()
+                            "MAX_LOADED_MODELS": "1", "EXTRA_ARGS": "--context-shift"}).start()
     try:
         service.wait_ready()
         yield service
@@ -218,3 +222,32 @@ def test_a_rescan_changes_the_served_set(svc: Service, ops: str, keytool: KeyToo
     wait_for(lambda: v1_model_ids(svc, ops) == ["alpha", "beta"], 10, "gamma to be gone")
     assert chat(svc, "gamma", ops).status_code == 404
     assert "gamma" not in health_states(svc)
+
+
+def _processing(svc: Service, secret: str, model: str) -> float | None:
+    """llama-server's own requests_processing for `model`, as merged into the gateway's /metrics."""
+    text = requests.get(f"{svc.url}/metrics", headers={"Authorization": f"Bearer {secret}"},
+                        timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "llamacpp:requests_processing" and sample.labels.get("model") == model:
+                return float(sample.value)
+    return None
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_hangs_up_frees_the_slot_through_the_router(
+        svc: Service, ops: str, stream: bool) -> None:
+    body = json.dumps({"model": "beta", "messages": [{"role": "user", "content": "go on"}],
+                       "max_tokens": 1_000_000, "stream": stream}).encode()
+    sock = socket.create_connection(("127.0.0.1", svc.port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + ops.encode() + b"\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    try:
+        wait_for(lambda: _processing(svc, ops, "beta") == 1, 30, "the generation to run")
+    finally:
+        sock.close()
+    hung_up = time.monotonic()
+    wait_for(lambda: _processing(svc, ops, "beta") == 0, 10, "the slot to be freed")
+    assert time.monotonic() - hung_up < 1.0, "the router's child still generated 1 s after the hang-up"
