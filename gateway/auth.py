@@ -163,6 +163,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+def may_use(request: web.Request, model: str) -> bool:
+    """Whether the request's key (if any) may use `model`."""
+    key = key_of(request)
+    return key is None or allows_model(key, model)
+
+
 def check_model(request: web.Request, ex: Exchange) -> None:
     """403 unless the request's key may use the model; called by the proxy once it is known.
 

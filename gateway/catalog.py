@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,16 +37,17 @@ class ModelCatalog:
             return requested
         return None
 
-    def route(self, name: str) -> str:
+    def route(self, name: str, allowed: Callable[[str], bool] = lambda m: True) -> str:
         """The model that serves a request for `name`: itself, or its fallback while it cools
-        down; raises 503 when it cools down with no usable fallback."""
+        down; raises 503 when it cools down with no usable fallback (one in cooldown too, or
+        one the caller's key may not use: a fallback never widens what a key reaches)."""
         state = self.states.get(name)
         if state is None or state.get("state") != "cooldown":
             self.used[name] = time.time()
             return name
         fallback = state.get("fallback")
         other = self.states.get(fallback) if isinstance(fallback, str) else None
-        if other is not None and other.get("state") != "cooldown":
+        if other is not None and other.get("state") != "cooldown" and allowed(str(fallback)):
             assert isinstance(fallback, str)
             self.used[fallback] = time.time()
             return fallback

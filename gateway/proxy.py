@@ -64,7 +64,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if model is None:  # ex.model stays "-": a client must not mint metric label values
             raise NotFound(f"model '{info.model}' does not exist; available: "
                            f"{', '.join(state.models.names)}", code="model_not_found", param="model")
-        routed = state.models.route(model)  # 503 while it cools down, or its fallback
+        ex.model = model
+        auth.check_model(request, ex)  # the model asked for, before any fallback
+        # 503 while it cools down, or its fallback (only one the key may use too)
+        routed = state.models.route(model, lambda m: auth.may_use(request, m))
         if routed != model:
             raw = json.dumps({**(info.body or {}), "model": routed}).encode()
             ex.fallback = routed

@@ -284,6 +284,9 @@ def test_catalog_routes_around_a_cooling_model() -> None:
     assert catalog.route("b") == "b"
     assert catalog.route("a") == "b"
     assert "b" in catalog.used and "a" not in catalog.used
+    # a key that may not use the fallback is not moved to it: the fallback never widens access
+    with pytest.raises(BackendUnavailable):
+        catalog.route("a", allowed=lambda m: m == "a")
     with pytest.raises(BackendUnavailable) as caught:
         catalog.route("c")
     assert caught.value.code == "model_unavailable"
