@@ -71,8 +71,6 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     app.cleanup_ctx.append(_upstream_ctx(state, wiring))
     app.cleanup_ctx.append(_background(lambda: proxy.expire(state), "request-timeouts"))
     if wiring.runtime_dir is not None:
-        app.cleanup_ctx.append(_background(
-            lambda: state.models.follow(wiring.runtime_dir), "model-catalog"))  # type: ignore[arg-type]
         app.cleanup_ctx.append(_heartbeat_ctx(state, wiring.runtime_dir))
     return app
 
@@ -103,7 +101,7 @@ def _upstream_ctx(state: AppState, wiring: Wiring
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         await state.upstream.open()
         if wiring.runtime_dir is not None:
-            watcher = state.upstream.follow_serve_file(wiring.runtime_dir)
+            watcher = state.upstream.follow_serve_file(wiring.runtime_dir, state.models.update)
         else:
             watcher = state.upstream.poll_health()
         task = asyncio.create_task(watcher, name="backend-status")

@@ -8,17 +8,13 @@ llama-server's router loads an unloaded model while the request waits.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from gateway.errors import BackendUnavailable
-from llamagate import runtime
 
 
 @dataclass
@@ -71,19 +67,6 @@ class ModelCatalog:
         self.mode = str(serve_state.get("mode", self.mode))
         states = serve_state.get("model_states")
         self.states = states if isinstance(states, dict) else {}
-
-    async def follow(self, runtime_dir: Path, interval: float = 0.1) -> None:
-        path = runtime_dir / runtime.SERVE_FILE
-        last_mtime = 0
-        while True:
-            with contextlib.suppress(OSError):
-                mtime = path.stat().st_mtime_ns
-                if mtime != last_mtime:
-                    last_mtime = mtime
-                    data = runtime.read_state(path)
-                    if data is not None:
-                        self.update(data)
-            await asyncio.sleep(interval)  # poll period of a shared file
 
     def listing(self) -> dict[str, Any]:
         """GET /v1/models in multi-model mode (OpenAI shape; state as an extra field)."""

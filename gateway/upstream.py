@@ -10,9 +10,8 @@ backend) or from polling `/health` (BACKEND_URL).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,8 +97,11 @@ class Upstream:
 
     def _read_serve_file(self, path: Path) -> None:
         state = runtime.read_state(path)
-        if state is None:
-            return
+        if state is not None:
+            self.apply(state)
+
+    def apply(self, state: dict[str, Any]) -> None:
+        """Take the backend's state from the serve process's published state."""
         backend = state.get("backend", {})
         self.status = BackendStatus(
             state=str(backend.get("state", "unknown")),
@@ -107,17 +109,17 @@ class Upstream:
             draining=state.get("phase") == "draining",
             restarts=int(backend.get("restarts", 0)))
 
-    async def follow_serve_file(self, runtime_dir: Path, interval: float = 0.1) -> None:
-        """Track the supervised backend's state as published by the serve process."""
+    async def follow_serve_file(self, runtime_dir: Path,
+                                also: Callable[[dict[str, Any]], None] = lambda s: None) -> None:
+        """Track the supervised backend's state as published by the serve process (and hand
+        each new state to `also`: one reader of the file per worker)."""
         path = self._serve_file = runtime_dir / runtime.SERVE_FILE
-        last_mtime = 0
-        while True:
-            with contextlib.suppress(OSError):
-                mtime = path.stat().st_mtime_ns
-                if mtime != last_mtime:
-                    last_mtime = mtime
-                    self._read_serve_file(path)
-            await asyncio.sleep(interval)  # poll period of a shared file
+
+        def on_state(state: dict[str, Any]) -> None:
+            self.apply(state)
+            also(state)
+
+        await runtime.follow(path, on_state)
 
     async def poll_health(self, interval: float = 1.0) -> None:
         """Track an external backend (BACKEND_URL) through its own /health."""

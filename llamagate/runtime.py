@@ -8,10 +8,13 @@ dead, which is how the health tier tells the truth when the gateway hangs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,21 @@ def read_workers(runtime_dir: Path) -> list[dict[str, Any]]:
         if state is not None:
             states.append(state)
     return states
+
+
+async def follow(path: Path, on_change: Callable[[dict[str, Any]], None],
+                 interval: float = 0.1) -> None:
+    """Call `on_change` with the file's state whenever it is rewritten (mtime changes)."""
+    last_mtime = 0
+    while True:
+        with contextlib.suppress(OSError):
+            mtime = os.stat(path).st_mtime_ns  # a stat of a tiny local file: not worth a thread
+            if mtime != last_mtime:
+                last_mtime = mtime
+                state = read_state(path)
+                if state is not None:
+                    on_change(state)
+        await asyncio.sleep(interval)  # poll period of a shared file
 
 
 def write_secret(path: Path, secret: str) -> None:
