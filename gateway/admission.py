@@ -39,23 +39,26 @@ class Admission:
             return
         if len(self._waiters) >= self.max_queue:
             raise QueueFull
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         self._waiters.append(fut)
+        # one timer on the waiter itself: wait_for(shield(...)) would build two more
+        # futures and a timeout per queued request, on the path every request takes under load
+        timer = loop.call_later(self.timeout, _expire, fut)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self.timeout)
-        except TimeoutError:
-            if fut.done() and not fut.cancelled():
-                return  # the slot arrived at the deadline: keep it
-            fut.cancel()
+            await fut
+        except QueueTimeout:
             self._discard(fut)
-            raise QueueTimeout from None
+            raise
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release()  # handed a slot while being cancelled: give it on
             else:
                 fut.cancel()
                 self._discard(fut)
             raise
+        finally:
+            timer.cancel()
 
     def _discard(self, fut: asyncio.Future[None]) -> None:
         with contextlib.suppress(ValueError):
@@ -78,3 +81,8 @@ class Admission:
             yield
         finally:
             self.release()
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():  # a slot handed over at the deadline is kept
+        fut.set_exception(QueueTimeout())
