@@ -79,6 +79,11 @@ class Supervisor:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def log_tail(self) -> list[str]:
+        """The last lines llama-server (and, in router mode, its children) printed."""
+        return list(self._proc.tail) if self._proc else []
+
     def _set(self, state: BackendState, **changes: object) -> None:
         self.snapshot = replace(self.snapshot, state=state, since=time.time(), **changes)  # type: ignore[arg-type]
         log.info("backend %s", state.value, extra={"backend_pid": self.snapshot.pid})

@@ -21,6 +21,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -87,7 +88,6 @@ def routes(socket_path: Path, audit: Auditor
 
 
 def _segment(value: str) -> str:
-    from urllib.parse import quote
     return quote(value, safe="")
 
 

@@ -68,10 +68,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         auth.check_model(request, ex)  # the model asked for, before any fallback
         # 503 while it cools down, or its fallback (only one the key may use too)
         routed = state.models.route(model, lambda m: auth.may_use(request, m))
-        if routed != model:
-            raw = json.dumps({**(info.body or {}), "model": routed}).encode()
-            ex.fallback = routed
         ex.model = routed
+        if routed != model:
+            ex.fallback = routed
         if not info.stream and request.path in unstream.ROUTES and info.body is not None and (
                 info.max_tokens is None
                 or info.max_tokens >= state.config.stream_to_backend_min_tokens):
@@ -79,6 +78,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             # per token, and what a short one can run on for after a hang-up is bounded
             raw = unstream.stream_body({**info.body, "model": routed})
             ex.unstream = True
+        elif ex.fallback is not None:
+            raw = json.dumps({**(info.body or {}), "model": routed}).encode()
         state.activity.touch()
     auth.check_model(request, ex)  # 403 for a model outside the key's allowlist
     ratelimit.reserve_tokens(request, ex)  # tokens/min; ratelimit_middleware settles it

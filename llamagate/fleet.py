@@ -126,7 +126,8 @@ class Fleet:
         self.states = {n: self.states.get(n, ModelState()) for n in self.models}
 
     async def switch(self, profile_name: str | None) -> None:
-        """Serve another profile (None: every model); the running one stays on any error."""
+        """Serve another profile (None: every model); a profile that cannot be read or planned
+        leaves the running one in place."""
         async with self._lock:
             profile = None
             if profile_name is not None:

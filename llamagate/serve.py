@@ -108,12 +108,11 @@ class Service:
     def _router_error(self, name: str) -> str | None:
         """The llama-server log line that best explains why `name` failed to load: the first
         error its child logged (the router prefixes a child's lines with `[port]`)."""
-        proc = self.supervisor._proc if self.supervisor else None
         port = self.fleet.ports.get(name) if self.fleet else None
-        if proc is None or port is None:
+        if self.supervisor is None or port is None:
             return None
         prefix = f"[{port}] "
-        lines = [line[len(prefix):] for line in proc.tail if line.startswith(prefix)]
+        lines = [line[len(prefix):] for line in self.supervisor.log_tail if line.startswith(prefix)]
         for line in lines:
             if " E " in line and "error" in line.lower():
                 return line.strip()[-300:]

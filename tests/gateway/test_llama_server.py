@@ -74,18 +74,23 @@ async def _wait_busy(backend: Backend, http: aiohttp.ClientSession, within: floa
         await asyncio.sleep(0.01)  # poll period of a deadline wait
 
 
-async def test_stream_disconnect_frees_the_slot_within_a_second(
-        backend: Backend, gateway: Gateway, http: aiohttp.ClientSession) -> None:
-    client = await RawRequest.send(gateway.url, "/v1/chat/completions",
-                                   {"messages": MESSAGES, "max_tokens": ENDLESS, "stream": True})
-    assert b" 200 " in await client.read_head(30)
-    await client.read_until(b"\n\n", 30)  # tokens are flowing
+async def _hang_up_and_see_the_slot_freed(client: RawRequest, backend: Backend, gateway: Gateway,
+                                          http: aiohttp.ClientSession) -> None:
     await _wait_busy(backend, http)
     dropped = await client.drop()
     while await backend.busy_slots(http):
         assert time.monotonic() - dropped < 1.0, "the slot was still busy 1 s after the disconnect"
         await asyncio.sleep(0.01)  # poll period of a deadline wait
     assert gateway.state.admission.in_flight == 0
+
+
+async def test_stream_disconnect_frees_the_slot_within_a_second(
+        backend: Backend, gateway: Gateway, http: aiohttp.ClientSession) -> None:
+    client = await RawRequest.send(gateway.url, "/v1/chat/completions",
+                                   {"messages": MESSAGES, "max_tokens": ENDLESS, "stream": True})
+    assert b" 200 " in await client.read_head(30)
+    await client.read_until(b"\n\n", 30)  # tokens are flowing
+    await _hang_up_and_see_the_slot_freed(client, backend, gateway, http)
 
 
 @pytest.mark.parametrize("path,body", [
@@ -99,12 +104,7 @@ async def test_non_stream_disconnect_frees_the_slot_within_a_second(
     # result queue; the gateway fetches these as streams (gateway/unstream.py), which
     # llama-server checks at every token
     client = await RawRequest.send(gateway.url, path, {**body, "max_tokens": ENDLESS})
-    await _wait_busy(backend, http)
-    dropped = await client.drop()
-    while await backend.busy_slots(http):
-        assert time.monotonic() - dropped < 1.0, "the slot was still busy 1 s after the disconnect"
-        await asyncio.sleep(0.01)  # poll period of a deadline wait
-    assert gateway.state.admission.in_flight == 0
+    await _hang_up_and_see_the_slot_freed(client, backend, gateway, http)
 
 
 @pytest.mark.parametrize("path,body", [

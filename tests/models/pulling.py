@@ -34,6 +34,15 @@ async def finished(pulls: PullManager, job: Job) -> Job:
         return await pulls.wait(job.id)
 
 
+async def pull_one(pulls: PullManager, repo: str, file: str, revision: str | None = None) -> Job:
+    """Start ``pulls``, run one pull to its end, stop it; the finished job."""
+    await pulls.start()
+    try:
+        return await finished(pulls, pulls.submit(repo, file, revision))
+    finally:
+        await pulls.close()
+
+
 async def until(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
     """Poll ``condition`` until it holds; fail after the deadline."""
     deadline = time.monotonic() + DEADLINE_S

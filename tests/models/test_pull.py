@@ -13,7 +13,7 @@ from backend.models.registry import ModelRegistry
 
 from .fakehub import FakeHub
 from .ggufs import write_tiny
-from .pulling import finished, manager, partials, sha256, until
+from .pulling import finished, manager, partials, pull_one, sha256, until
 
 REPO = "org/models"
 
@@ -128,12 +128,7 @@ async def test_hub_errors_fail_the_job_with_an_actionable_message(
     hub.add_file(REPO, "m.gguf", b"x")
     hub.add_file("org/gated", "m.gguf", b"x")
     hub.switches.gated.add("org/gated")
-    pulls, _ = manager(hub, models_dir, data_dir)
-    await pulls.start()
-    try:
-        job = await finished(pulls, pulls.submit(repo, file))
-    finally:
-        await pulls.close()
+    job = await pull_one(manager(hub, models_dir, data_dir)[0], repo, file)
     assert job.state is JobState.FAILED and job.error_code == code
     assert job.error is not None and message in job.error
 
@@ -142,12 +137,7 @@ async def test_unreachable_hub_fails_with_network_advice(models_dir: Path, data_
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens there
-    pulls, _ = manager(closed, models_dir, data_dir)
-    await pulls.start()
-    try:
-        job = await finished(pulls, pulls.submit(REPO, "m.gguf"))
-    finally:
-        await pulls.close()
+    job = await pull_one(manager(closed, models_dir, data_dir)[0], REPO, "m.gguf")
     assert job.state is JobState.FAILED and job.error_code == "hub_unavailable"
     assert job.error is not None and "cannot reach" in job.error and "HF_ENDPOINT" in job.error
 
@@ -156,12 +146,7 @@ async def test_not_enough_disk_space_fails_before_downloading(
     hub: FakeHub, models_dir: Path, data_dir: Path
 ) -> None:
     hub.add_file(REPO, "m.gguf", os.urandom(100_000))
-    pulls, _ = manager(hub, models_dir, data_dir, free_space=lambda _path: 4096)
-    await pulls.start()
-    try:
-        job = await finished(pulls, pulls.submit(REPO, "m.gguf"))
-    finally:
-        await pulls.close()
+    job = await pull_one(manager(hub, models_dir, data_dir, free_space=lambda _path: 4096)[0], REPO, "m.gguf")
     assert job.state is JobState.FAILED and job.error_code == "not_enough_space"
     assert job.error is not None and "only 4.0 KiB free" in job.error
     assert hub.body_bytes() == 0
@@ -185,12 +170,7 @@ async def test_dropped_connection_is_resumed_with_a_range(
     data = os.urandom(600_000)
     expected = hub.add_file(REPO, "m.gguf", data)
     hub.switches.fail_after_bytes, hub.switches.fail_times = 250_000, 2
-    pulls, _ = manager(hub, models_dir, data_dir)
-    await pulls.start()
-    try:
-        job = await finished(pulls, pulls.submit(REPO, "m.gguf"))
-    finally:
-        await pulls.close()
+    job = await pull_one(manager(hub, models_dir, data_dir)[0], REPO, "m.gguf")
     assert job.state is JobState.DONE, job.error
     assert sha256(models_dir / "m.gguf") == expected
     ranges = [s.range for s in hub.log if s.path.startswith("/cdn/")]
@@ -203,12 +183,7 @@ async def test_wrong_sha256_fails_and_discards_the_bytes(
 ) -> None:
     hub.add_file(REPO, "m.gguf", os.urandom(50_000))
     hub.switches.corrupt.add("m.gguf")
-    pulls, _ = manager(hub, models_dir, data_dir)
-    await pulls.start()
-    try:
-        job = await finished(pulls, pulls.submit(REPO, "m.gguf"))
-    finally:
-        await pulls.close()
+    job = await pull_one(manager(hub, models_dir, data_dir)[0], REPO, "m.gguf")
     assert job.state is JobState.FAILED and job.error_code == "verification_failed"
     assert job.error is not None and "does not match the Hub's" in job.error
     assert partials(models_dir) == [] and not (models_dir / "m.gguf").exists()
@@ -239,12 +214,7 @@ async def test_pattern_pulls_every_part_of_a_split_model(
     for n, data in enumerate(parts, start=1):
         hub.add_file(REPO, f"Q8/m-Q8_0-0000{n}-of-00002.gguf", data)
     hub.add_file(REPO, "m-Q4_K_M.gguf", os.urandom(1000))
-    pulls, _ = manager(hub, models_dir, data_dir)
-    await pulls.start()
-    try:
-        job = await finished(pulls, pulls.submit(REPO, "*Q8_0*"))
-    finally:
-        await pulls.close()
+    job = await pull_one(manager(hub, models_dir, data_dir)[0], REPO, "*Q8_0*")
     assert job.state is JobState.DONE, job.error
     assert job.files == ("Q8/m-Q8_0-00001-of-00002.gguf", "Q8/m-Q8_0-00002-of-00002.gguf")
     assert job.bytes_total == 50_000
@@ -261,12 +231,7 @@ async def test_partial_bytes_from_an_earlier_run_are_reused(
     (models_dir / ".partial").mkdir()
     (models_dir / ".partial" / f"{expected}.part").write_bytes(data[:200_000])
     hub.switches.ignore_range = ignore_range
-    pulls, _ = manager(hub, models_dir, data_dir)
-    await pulls.start()
-    try:
-        job = await finished(pulls, pulls.submit(REPO, "m.gguf"))
-    finally:
-        await pulls.close()
+    job = await pull_one(manager(hub, models_dir, data_dir)[0], REPO, "m.gguf")
     assert job.state is JobState.DONE, job.error
     assert sha256(models_dir / "m.gguf") == expected
     # A server that ignores Range sends everything again; the download starts over cleanly.
