@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -16,13 +17,15 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import keys_wiring, openapi, pipeline, proxy, routes
+from gateway import edge, keys_wiring, openapi, pipeline, proxy, routes
 from gateway.admission import Admission
 from gateway.catalog import ModelCatalog
 from gateway.cors import Cors
+from gateway.http_server import EdgeServer
 from gateway.metrics import BackendCollector, GatewayMetrics, make_registries
 from gateway.model_metrics import ModelStateCollector
 from gateway.state import APP_STATE, AppState
+from gateway.tunnel import Finished, Tunnel
 from gateway.upstream import Upstream
 from llamagate import runtime
 from llamagate.config import Config
@@ -56,16 +59,14 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     exposed.register(ModelStateCollector(state.models))
     state.metrics.follow(state.admission)
     app[APP_STATE] = state
-    pipeline.install(app, Cors(config.cors_origins))
+    state.cors = Cors(config.cors_origins)
+    pipeline.install(app, state.cors)
     app.router.add_get("/ping", routes.ping)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/metrics", routes.metrics)
     app.router.add_get("/openapi.json", openapi.handler(
         admin=config.auth_enabled, models_admin=wiring.control_socket is not None))
-    app.router.add_get("/v1/models", _list_models)
-    for path in proxy.INFERENCE_ROUTES:  # plain routes resolve by lookup, before any pattern
-        app.router.add_post(path, proxy.handle)
-    app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
+    # /v1/* is answered by gateway/edge.py, before aiohttp (see Served below)
     # keyring, limits, usage, audit, /admin routes (models, pulls and profiles via the socket)
     keys_wiring.install(app, state, wiring.control_socket)
     app.cleanup_ctx.append(_upstream_ctx(state, wiring))
@@ -75,12 +76,35 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     return app
 
 
-async def _list_models(request: web.Request) -> web.StreamResponse:
-    """Several models: the gateway's own listing (the router's would show paths and argv)."""
-    catalog = request.app[APP_STATE].models
-    if catalog.mode != "router":
-        return await proxy.handle(request)
-    return web.json_response(catalog.listing())
+@dataclass
+class Served:
+    """A listening gateway: the edge server in front, the aiohttp app behind it."""
+
+    runner: web.AppRunner
+    edge: EdgeServer
+    port: int
+
+    async def close(self) -> None:
+        await self.edge.close()
+        await self.runner.cleanup()
+
+
+async def serve(app: web.Application, host: str, port: int, *,
+                reuse_port: bool = False) -> Served:
+    """Start the app (its startup and cleanup contexts) and listen on host:port."""
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0,
+                           access_log=logging.getLogger("aiohttp.access"),
+                           access_log_class=Finished)  # the tunnel's end-of-answer signal
+    await runner.setup()
+    state = app[APP_STATE]
+    server = EdgeServer(state, edge.handle, Tunnel(runner), edge.decorator(state.cors),
+                        max_body=state.config.max_body_bytes)
+    try:
+        listening = await server.listen(host, port, reuse_port=reuse_port)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return Served(runner, server, listening.sockets[0].getsockname()[1])
 
 
 def _background(coro_fn: Callable[[], Coroutine[Any, Any, None]], name: str

@@ -21,7 +21,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -91,13 +91,16 @@ def is_canonical(path: str) -> bool:
     return all(seg not in ("", ".", "..") for seg in path[1:].split("/"))
 
 
-def presented_secret(request: web.Request) -> str | None:
-    """The key from `Authorization: Bearer` or, failing that, `x-api-key`."""
-    header = request.headers.get("Authorization", "")
+def presented_secret(headers: Mapping[str, str]) -> str | None:
+    """The key from `Authorization: Bearer` or, failing that, `x-api-key`.
+
+    ``headers``: aiohttp's (case-insensitive) or the edge server's (names in lower case).
+    """
+    header = headers.get("authorization", "")
     scheme, _, value = header.strip().partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return request.headers.get("x-api-key", "").strip() or None
+    return headers.get("x-api-key", "").strip() or None
 
 
 def required_scope(request: web.Request, metrics_public: bool) -> str | None:
@@ -120,17 +123,17 @@ def key_of(request: web.Request) -> ApiKey | None:
     return request.get(_KEY)
 
 
-def authenticate(request: web.Request, state: AppState) -> ApiKey:
+def authenticate(headers: Mapping[str, str], remote: str | None, state: AppState) -> ApiKey:
     """Return the request's key or raise 401 (or 429 for an address that keeps failing)."""
     throttle = state.auth_failures
-    address = request.remote or "-"
+    address = remote or "-"
     if throttle is not None:
         wait = throttle.retry_after(address)
         if wait > 0:
             raise RateLimited("too many failed authentications from this address",
                               code="too_many_auth_failures", retry_after=wait)
     keyring = state.keys.keyring if state.keys is not None else _EMPTY
-    result = keyring.authenticate(presented_secret(request), state.clock())
+    result = keyring.authenticate(presented_secret(headers), state.clock())
     if result.key is not None:
         return result.key
     reason = result.reason or AuthFailure.INVALID
@@ -144,6 +147,7 @@ def authenticate(request: web.Request, state: AppState) -> ApiKey:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Routes off the token path (those are checked in gateway/edge.py)."""
     if not is_canonical(request.path):
         raise NotFound("no such route", code="not_found")
     state = request.app[APP_STATE]
@@ -152,63 +156,52 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     scope = required_scope(request, state.config.metrics_public)
     if scope == "":
         return await handler(request)
-    key = authenticate(request, state)
+    key = authenticate(request.headers, request.remote, state)
     exchange_of(request).key_id = key.id
     if scope is not None and not has_scope(key, scope):
         raise Forbidden(f"this API key lacks the '{scope}' scope", code="missing_scope")
     request[_KEY] = key
-    response = await handler(request)
-    if key.models is not None and request.path == "/v1/models":
-        return _filter_models(response, key)
-    return response
+    return await handler(request)
 
 
-def may_use(request: web.Request, model: str) -> bool:
-    """Whether the request's key (if any) may use `model`."""
-    key = key_of(request)
+def may_use(key: ApiKey | None, model: str) -> bool:
+    """Whether the request's key (None: auth off) may use `model`."""
     return key is None or allows_model(key, model)
 
 
-def check_model(request: web.Request, ex: Exchange) -> None:
+def check_model(key: ApiKey | None, ex: Exchange, method: str, state: AppState) -> None:
     """403 unless the request's key may use the model; called by the proxy once it is known.
 
     Requests the proxy does not parse run on the backend's default model, so a key with an
     allowlist may send them only when that model is on it; reads (GET, HEAD) are listings.
     """
-    key = key_of(request)
     if key is None or key.models is None:
         return
     if ex.inference:
         model: str | None = ex.model
-    elif request.method in ("GET", "HEAD"):
+    elif method in ("GET", "HEAD"):
         return
     else:
-        models = request.app[APP_STATE].models
+        models = state.models
         model = models.default or (models.names[0] if models.names else None)
     if model is None or not allows_model(key, model):
         raise Forbidden(f"this API key may not use model '{model or '-'}'",
                         code="model_not_allowed", param="model")
 
 
-def _filter_models(response: web.StreamResponse, key: ApiKey) -> web.StreamResponse:
-    """Drop the models the key may not use from the backend's listing."""
-    if not isinstance(response, web.Response) or response.status != 200:
-        return response
-    body = response.body
-    if not isinstance(body, (bytes, bytearray)):
-        return response
+def filter_models(body: bytes, key: ApiKey) -> bytes:
+    """Drop the models the key may not use from a model listing (the backend's or ours)."""
     try:
         listing = json.loads(body)
     except ValueError:
-        return response
+        return body
     if not isinstance(listing, dict):
-        return response
+        return body
     for field, name_keys in (("data", ("id",)), ("models", ("name", "model", "id"))):
         entries = listing.get(field)
         if isinstance(entries, list):
             listing[field] = [e for e in entries if _entry_allowed(e, name_keys, key)]
-    return web.Response(status=200, body=json.dumps(listing).encode(),
-                        content_type="application/json")
+    return json.dumps(listing).encode()
 
 
 def _entry_allowed(entry: object, name_keys: tuple[str, ...], key: ApiKey) -> bool:

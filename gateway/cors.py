@@ -62,3 +62,14 @@ class Cors:
             assert origin is not None
             response.headers.update(self._origin_headers(origin))
             response.headers["Access-Control-Expose-Headers"] = _EXPOSE
+
+    def lines(self, origin: str | None) -> str:
+        """The same headers as ``on_prepare``, as header lines, for the edge server's answers."""
+        if not self.allowed:
+            return ""
+        if not self._allowed(origin):
+            return "Vary: Origin\r\n"
+        assert origin is not None
+        found = self._origin_headers(origin)
+        found["Access-Control-Expose-Headers"] = _EXPOSE
+        return "Vary: Origin\r\n" + "".join(f"{k}: {v}\r\n" for k, v in found.items())

@@ -75,12 +75,17 @@ def error_body(message: str, type_: str, code: str, param: str | None = None) ->
                                  "code": code}}).encode()
 
 
-def error_response(exc: GatewayError) -> web.Response:
+def error_parts(exc: GatewayError) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (Retry-After included) and body of the error's answer."""
     headers = dict(exc.headers)
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    return web.Response(status=exc.status, body=error_body(exc.message, exc.type, exc.code, exc.param),
-                        content_type="application/json", headers=headers)
+    return exc.status, headers, error_body(exc.message, exc.type, exc.code, exc.param)
+
+
+def error_response(exc: GatewayError) -> web.Response:
+    status, headers, body = error_parts(exc)
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def sse_error_event(message: str, type_: str, code: str) -> bytes:

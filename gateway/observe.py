@@ -40,12 +40,12 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
             ex.error = ex.error or "client_disconnected"
             raise
         finally:
-            _record(request.app[APP_STATE].metrics, ex, status, request.method)
+            record(request.app[APP_STATE].metrics, ex, status, request.method)
     finally:
         request_id_var.reset(token)
 
 
-def _record(metrics: GatewayMetrics, ex: Exchange, status: int, method: str) -> None:
+def record(metrics: GatewayMetrics, ex: Exchange, status: int, method: str) -> None:
     duration = time.monotonic() - ex.started
     model, key_id, tokens = ex.model, ex.key_id, ex.tokens
     metrics.requests_for(ex.route, str(status), model, key_id).inc()

@@ -2,7 +2,7 @@
 
 The body is forwarded byte for byte; only inference routes are parsed (for
 validation, the model name and token limits). Backend work is cancelled as soon
-as the client goes away: the app runs with handler cancellation, and an
+as the client goes away: the edge server cancels the request's task, and an
 unfinished upstream response is closed, not returned to the pool, which makes
 llama-server drop the request and free its slot.
 """
@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-
-from aiohttp import web
 
 from gateway import auth, ratelimit, sse, unstream
 from gateway.admission import QueueFull, QueueTimeout
@@ -26,19 +24,23 @@ from gateway.errors import (
     UpstreamTimeout,
     sse_error_event,
 )
-from gateway.exchange import Exchange, exchange_of
-from gateway.state import APP_STATE, AppState
+from gateway.exchange import Exchange
+from gateway.http_server import Call
+from gateway.state import AppState
 from gateway.usage import tokens_from_body
 from gateway.validation import prompt_of, validate
 
 INFERENCE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+# what the edge server answers here, as (path, method); "*": any method but OPTIONS
+ROUTES = frozenset({(p, "POST") for p in INFERENCE_ROUTES}
+                   | {("/v1/models", "GET"), ("/v1/{path}", "*")})
 # how often the sweeper looks for requests past their timeout: a per-request timer costs
 # every request ~10 µs (uvloop timer handles); this bounds how late a timeout fires
 SWEEP_INTERVAL = 0.05
 
 
-def request_timeout(request: web.Request, default: float) -> float:
-    raw = request.headers.get("X-Request-Timeout")
+def request_timeout(raw: str | None, default: float) -> float:
+    """The X-Request-Timeout header's seconds (1-600), or the default."""
     if raw is None:
         return default
     try:
@@ -51,27 +53,32 @@ def request_timeout(request: web.Request, default: float) -> float:
     return value
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    state = request.app[APP_STATE]
-    ex = exchange_of(request)
-    raw = await request.read()
-    if request.method == "POST" and request.path in INFERENCE_ROUTES:
-        info = validate(request.path, raw)
+async def handle(call: Call) -> None:
+    state: AppState = call.state
+    ex: Exchange = call.ex
+    raw = call.body
+    if call.method == "GET" and call.path == "/v1/models" and state.models.mode == "router":
+        # several models: our own listing (the router's would show paths and argv)
+        _respond(call, 200, json.dumps(state.models.listing()).encode(), "application/json")
+        return
+    if call.method == "POST" and call.path in INFERENCE_ROUTES:
+        info = validate(call.path, raw)
         ex.inference, ex.stream, ex.max_tokens = True, info.stream, info.max_tokens
         if state.config.log_prompts:
-            ex.prompt = prompt_of(request.path, info.body)
+            ex.prompt = prompt_of(call.path, info.body)
         model = state.models.resolve(info.model)
         if model is None:  # ex.model stays "-": a client must not mint metric label values
             raise NotFound(f"model '{info.model}' does not exist; available: "
                            f"{', '.join(state.models.names)}", code="model_not_found", param="model")
         ex.model = model
-        auth.check_model(request, ex)  # the model asked for, before any fallback
+        key = call.key
+        auth.check_model(key, ex, call.method, state)  # the model asked for, before any fallback
         # 503 while it cools down, or its fallback (only one the key may use too)
-        routed = state.models.route(model, lambda m: auth.may_use(request, m))
+        routed = state.models.route(model, lambda m: auth.may_use(key, m))
         ex.model = routed
         if routed != model:
             ex.fallback = routed
-        if not info.stream and request.path in unstream.ROUTES and info.body is not None and (
+        if not info.stream and call.path in unstream.ROUTES and info.body is not None and (
                 info.max_tokens is None
                 or info.max_tokens >= state.config.stream_to_backend_min_tokens):
             # see gateway/unstream.py; short answers skip it: llama-server streams cost it
@@ -81,9 +88,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         elif ex.fallback is not None:
             raw = json.dumps({**(info.body or {}), "model": routed}).encode()
         state.activity.touch()
-    auth.check_model(request, ex)  # 403 for a model outside the key's allowlist
-    ratelimit.reserve_tokens(request, ex)  # tokens/min; ratelimit_middleware settles it
-    timeout = request_timeout(request, state.config.request_timeout)
+    auth.check_model(call.key, ex, call.method, state)  # 403 for a model outside the allowlist
+    ratelimit.reserve_tokens(state, call.ticket, ex)  # tokens/min; the edge settles it
+    timeout = request_timeout(call.headers.get("x-request-timeout"), state.config.request_timeout)
     status = state.upstream.status
     if not status.ready:
         status = state.upstream.refresh()
@@ -121,18 +128,18 @@ async def handle(request: web.Request) -> web.StreamResponse:
     state.active[ex] = task
     state.idle.clear()
     try:
-        return await _exchange(request, raw)
+        await _exchange(call, state, ex, raw)
     except asyncio.CancelledError:
         if not (ex.shutdown or ex.timed_out):
             raise  # the client went away
         task.uncancel()
         if ex.shutdown:
-            return await _end_stream(ex, "the server is shutting down", "server_error",
-                                     "shutting_down")
-        if ex.response is not None:  # headers already sent: end the stream with an event
-            return await _end_stream(ex, f"the request exceeded its timeout of {timeout:g}s",
-                                     "timeout", "upstream_timeout")
-        raise UpstreamTimeout(f"the backend did not answer within {timeout:g}s") from None
+            _end_stream(call, ex, "the server is shutting down", "server_error", "shutting_down")
+        elif call.started:  # headers already sent: end the stream with an event
+            _end_stream(call, ex, f"the request exceeded its timeout of {timeout:g}s",
+                        "timeout", "upstream_timeout")
+        else:
+            raise UpstreamTimeout(f"the backend did not answer within {timeout:g}s") from None
     finally:
         state.admission.release()
         if counted:
@@ -154,30 +161,45 @@ async def expire(state: AppState) -> None:
                 task.cancel()
 
 
-async def _end_stream(ex: Exchange, message: str, type_: str, code: str) -> web.StreamResponse:
-    """Close a request cut short by shutdown: an SSE error event, or a 503."""
+def _end_stream(call: Call, ex: Exchange, message: str, type_: str, code: str) -> None:
+    """Close a request cut short by shutdown or its timeout: an SSE error event, or a 503."""
     ex.error = code
-    if ex.response is None:
+    if not call.started:
         raise BackendUnavailable(message, code=code, retry_after=5)
-    await ex.response.write(sse_error_event(message, type_, code))
-    await ex.response.write_eof()
-    return ex.response
+    call.conn.write(_chunk(call, sse_error_event(message, type_, code)))
+    call.finish()
 
 
-async def _exchange(request: web.Request, raw: bytes) -> web.StreamResponse:
-    state = request.app[APP_STATE]
-    ex = exchange_of(request)
+def _chunk(call: Call, data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data) if call.conn.http11 else data
+
+
+def _respond(call: Call, status: int, body: bytes, content_type: str | None = "application/json"
+             ) -> None:
+    """A whole answer; the key's limits are settled first, so its headers include this one."""
+    key = call.key
+    if key is not None:
+        if key.models is not None and status == 200 and call.path == "/v1/models":
+            body = auth.filter_models(body, key)
+        if call.ticket is not None:
+            ratelimit.settle(call.state, call.ticket, key, call.ex)
+    call.respond(status, body, content_type)
+
+
+async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes) -> None:
     try:
-        resp = await state.upstream.send(request.method, request.rel_url.path_qs, raw,
-                                         request.headers.get("Content-Type"), ex.request_id)
+        resp = await state.upstream.send(call.method, call.path_qs, raw,
+                                         call.headers.get("content-type"), ex.request_id)
     except BackendError as exc:  # its message says which: no connection, or one that broke
         raise BackendUnavailable(str(exc), retry_after=2) from None
     try:
         is_sse = resp.status == 200 and resp.content_type.startswith("text/event-stream")
         if ex.stream and is_sse:
-            return await sse.relay(request, resp, ex)
+            await sse.relay(call, resp, ex)
+            return
         if ex.unstream and is_sse:
-            return await _collect(request, resp, ex)
+            await _collect(call, resp, ex)
+            return
         try:
             body = await resp.read()
         except BackendBroken as exc:
@@ -186,18 +208,15 @@ async def _exchange(request: web.Request, raw: bytes) -> web.StreamResponse:
         ex.completed = True
         if ex.inference and resp.status == 200:
             ex.tokens = tokens_from_body(body)
-        if resp.content_type:
-            return web.Response(status=resp.status, body=body,
-                                headers={"Content-Type": resp.content_type})
-        return web.Response(status=resp.status, body=body)
+        _respond(call, resp.status, body, resp.content_type or None)
     finally:
         if not ex.completed:
             resp.close()  # unfinished: drop the connection so llama-server stops the work
 
 
-async def _collect(request: web.Request, resp: Response, ex: Exchange) -> web.Response:
+async def _collect(call: Call, resp: Response, ex: Exchange) -> None:
     """A non-streaming request's answer, read as a stream and sent as one body."""
-    collector = unstream.Collector(chat=request.path == "/v1/chat/completions")
+    collector = unstream.Collector(chat=call.path == "/v1/chat/completions")
     try:
         while chunk := await resp.read_chunk():
             collector.feed(chunk)
@@ -206,12 +225,12 @@ async def _collect(request: web.Request, resp: Response, ex: Exchange) -> web.Re
     except unstream.UpstreamError as exc:
         # llama-server reported an error after it started streaming: answer as it would have
         ex.completed = True
-        body = json.dumps(exc.body).encode()
-        return web.Response(status=500, body=body, content_type="application/json")
+        _respond(call, 500, json.dumps(exc.body).encode())
+        return
     except ValueError:
         raise BackendUnavailable("the backend sent an unreadable stream", retry_after=2) from None
     ex.first_byte_at = time.monotonic()
     ex.completed = True
     body = collector.result()
     ex.tokens = tokens_from_body(body)
-    return web.Response(status=200, body=body, content_type="application/json")
+    _respond(call, 200, body)

@@ -25,8 +25,8 @@ from aiohttp.typedefs import Handler
 from gateway.auth import key_of
 from gateway.errors import RateLimited
 from gateway.exchange import Exchange, exchange_of
-from gateway.state import APP_STATE
-from keys.model import Limits
+from gateway.state import APP_STATE, AppState
+from keys.model import ApiKey, Limits
 
 Clock = Callable[[], float]
 MINUTE = 60.0
@@ -177,33 +177,55 @@ class Ticket:
     limiter: KeyLimiter
     clock: Clock
     reserved: int = 0
+    settled: bool = False
 
 
 _TICKET = web.RequestKey("llamagate.rate_ticket", Ticket)
 
 
-@web.middleware
-async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    state = request.app[APP_STATE]
-    key = key_of(request)
-    if key is None or state.limiter is None:
-        return await handler(request)
-    ticket = Ticket(state.limiter.for_key(key.id, key.limits), state.limiter.clock)
-    request[_TICKET] = ticket  # before admission, so a 429 carries the headers too
+def admit(state: AppState, key: ApiKey) -> Ticket | None:
+    """Take the key's request and concurrency budget, or raise 429; None when unlimited."""
+    limiter = state.limiter
+    if limiter is None:
+        return None
+    ticket = Ticket(limiter.for_key(key.id, key.limits), limiter.clock)
     try:
         ticket.limiter.admit(ticket.clock())
     except LimitExceeded as exc:
         state.metrics.rejections_for("key_rate_limit").inc()
         raise RateLimited(f"rate limit reached for this API key: {exc.what}",
-                          retry_after=exc.retry_after) from None
-    ex = exchange_of(request)
+                          retry_after=exc.retry_after, headers=ticket.limiter.headers(
+                              ticket.clock())) from None
+    return ticket
+
+
+def settle(state: AppState, ticket: Ticket, key: ApiKey, ex: Exchange) -> None:
+    """The request is over: give back its slot, charge what it used, record its usage.
+    Once per ticket: the proxy settles before it answers, so the answer's headers count it."""
+    if ticket.settled:
+        return
+    ticket.settled = True
+    ticket.limiter.release(ticket.reserved, _tokens_used(ex), ticket.clock())
+    if state.usage is not None and ex.inference and ex.tokens is not None:
+        # Usage is recorded here because this is where a finished request is settled.
+        state.usage.record(key.id, ex.model, ex.tokens[0], ex.tokens[1], time.time())
+
+
+@web.middleware
+async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Routes off the token path (those are limited in gateway/edge.py)."""
+    state = request.app[APP_STATE]
+    key = key_of(request)
+    if key is None:
+        return await handler(request)
+    ticket = admit(state, key)
+    if ticket is None:
+        return await handler(request)
+    request[_TICKET] = ticket
     try:
         return await handler(request)
     finally:
-        ticket.limiter.release(ticket.reserved, _tokens_used(ex), ticket.clock())
-        if state.usage is not None and ex.inference and ex.tokens is not None:
-            # Usage is recorded here because this is where a finished request is settled.
-            state.usage.record(key.id, ex.model, ex.tokens[0], ex.tokens[1], time.time())
+        settle(state, ticket, key, exchange_of(request))
 
 
 def _tokens_used(ex: Exchange) -> int | None:
@@ -214,18 +236,24 @@ def _tokens_used(ex: Exchange) -> int | None:
     return None  # it answered without usage: keep the reservation as the charge
 
 
-def reserve_tokens(request: web.Request, ex: Exchange) -> None:
+def reserve_tokens(state: AppState, ticket: Ticket | None, ex: Exchange) -> None:
     """Reserve the inference request's tokens, or raise 429. Called by the proxy."""
-    ticket = request.get(_TICKET)
     if ticket is None or not ex.inference:
         return
     try:
         ticket.reserved = ticket.limiter.reserve(ex.max_tokens or DEFAULT_TOKEN_RESERVATION,
                                                  ticket.clock())
     except LimitExceeded as exc:
-        request.app[APP_STATE].metrics.rejections_for("key_token_limit").inc()
+        state.metrics.rejections_for("key_token_limit").inc()
         raise RateLimited(f"rate limit reached for this API key: {exc.what}",
                           code="tokens_rate_limit_exceeded", retry_after=exc.retry_after) from None
+
+
+def header_lines(ticket: Ticket | None) -> str:
+    """The key's limits and what is left of them, as response header lines."""
+    if ticket is None:
+        return ""
+    return "".join(f"{k}: {v}\r\n" for k, v in ticket.limiter.headers(ticket.clock()).items())
 
 
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -27,9 +28,9 @@ def route_label(path: str) -> str:
     return "/v1/other" if path.startswith("/v1/") else "other"
 
 
-def request_id_of(request: web.Request) -> str:
+def request_id_of(headers: Mapping[str, str]) -> str:
     """The client's id when it is 1-128 of ``[A-Za-z0-9._:-]``, else a new one."""
-    rid = request.headers.get("X-Request-ID")
+    rid = headers.get("x-request-id")
     if rid is not None and _SAFE(rid):
         return rid
     return os.urandom(16).hex()  # what uuid4().hex gives, without building a UUID
@@ -37,7 +38,7 @@ def request_id_of(request: web.Request) -> str:
 
 def open_exchange(request: web.Request) -> Exchange:
     """Start the request's record, which every later stage fills in."""
-    ex = Exchange(request_id=request_id_of(request), route=route_label(request.path))
+    ex = Exchange(request_id=request_id_of(request.headers), route=route_label(request.path))
     request[EXCHANGE] = ex
     return ex
 

@@ -13,11 +13,10 @@ import logging
 import time
 from collections import deque
 
-from aiohttp import web
-
 from gateway.backend_http import BackendBroken, Response
 from gateway.errors import sse_error_event
 from gateway.exchange import Exchange
+from gateway.http_server import Call
 from gateway.usage import tokens_from_body
 
 log = logging.getLogger("llamagate.gateway.sse")
@@ -32,10 +31,9 @@ SSE_HEADERS = {
 }
 
 
-async def relay(request: web.Request, upstream: Response, ex: Exchange) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, headers=SSE_HEADERS)
-    ex.response = response
-    await response.prepare(request)
+async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
+    call.start(upstream.status, SSE_HEADERS)
+    ex.streaming = True
     tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
     while True:
         try:
@@ -44,7 +42,7 @@ async def relay(request: web.Request, upstream: Response, ex: Exchange) -> web.S
         except BackendBroken as exc:
             log.warning("backend stream broke: %s", exc)
             ex.error = "backend_stream_error"
-            await response.write(sse_error_event(
+            await call.write(sse_error_event(
                 "the backend stopped in the middle of the stream", "server_error",
                 "backend_disconnected"))
             break
@@ -54,8 +52,7 @@ async def relay(request: web.Request, upstream: Response, ex: Exchange) -> web.S
         if ex.first_byte_at is None:
             ex.first_byte_at = time.monotonic()
         # a departed client raises ConnectionResetError here; the caller closes upstream
-        await response.write(chunk)
+        await call.write(chunk)
         tail.append(chunk)
     ex.tokens = tokens_from_body(b"".join(tail))
-    await response.write_eof()
-    return response
+    call.finish()

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.admission import Admission
 from gateway.catalog import ModelCatalog
+from gateway.cors import Cors
 from gateway.exchange import Exchange
 from gateway.metrics import GatewayMetrics
 from gateway.upstream import Upstream
@@ -55,6 +56,7 @@ class AppState:
     limiter: RateLimiter | None = None
     auth_failures: AddressThrottle | None = None
     clock: Callable[[], float] = time.time  # wall clock for key expiry and rotation grace
+    cors: Cors = field(default_factory=lambda: Cors(()))
 
     def drain_deadline_now(self) -> None:
         self.drain_now.set()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.app import Wiring, create_app
+from gateway.app import Wiring, create_app, serve
 from gateway.drain import drain
 from gateway.state import APP_STATE
 from llamagate.entry import config_or_exit, loop_factory
@@ -39,11 +39,7 @@ def parse_wiring(raw: str) -> Wiring:
 
 async def run(app: web.Application, host: str, port: int, reuse_port: bool) -> None:
     state = app[APP_STATE]
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
-    await site.start()
+    served = await serve(app, host, port, reuse_port=reuse_port)
     log.info("gateway listening", extra={"host": host, "port": port, "pid": os.getpid()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -60,7 +56,7 @@ async def run(app: web.Application, host: str, port: int, reuse_port: bool) -> N
         loop.add_signal_handler(sig, on_signal)
     await stop.wait()
     await drain(state)
-    await runner.cleanup()
+    await served.close()
 
 
 def main(argv: list[str] | None = None) -> int:

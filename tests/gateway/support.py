@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.app import Wiring, create_app
+from gateway.app import Served, Wiring, create_app, serve
 from gateway.state import APP_STATE, AppState
 from llamagate.config import load_config
 from tests.gateway.fake_upstream import BACKEND_KEY, MODEL
@@ -46,7 +46,7 @@ async def wait_until(cond: Callable[[], Any | Awaitable[Any]], within: float = 5
 @dataclass
 class Gateway:
     app: web.Application
-    runner: web.AppRunner
+    served: Served
     url: str
 
     @property
@@ -63,7 +63,7 @@ class Gateway:
                                   **kwargs)
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        await self.served.close()
 
 
 async def serve_gateway(backend_url: str, env: dict[str, str], models: tuple[str, ...] = (MODEL,),
@@ -75,12 +75,8 @@ async def serve_gateway(backend_url: str, env: dict[str, str], models: tuple[str
     app = create_app(config, Wiring(backend_url=backend_url, backend_key=backend_key,
                                     runtime_dir=None, models=models))
     app.add_routes(extra_routes or [])
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    gateway = Gateway(app, runner, f"http://{host}:{port}")
+    served = await serve(app, "127.0.0.1", 0)
+    gateway = Gateway(app, served, f"http://127.0.0.1:{served.port}")
     if ready:
         # the first /health poll of the backend runs at startup; wait for its answer
         await wait_until(lambda: gateway.state.upstream.status.ready, 10, "the backend to be ready")

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.app import Wiring, create_app
+from gateway.app import Wiring, create_app, serve
 from gateway.state import APP_STATE, AppState
 from keys.cli import main as keys_main
 from llamagate.config import Config
@@ -132,9 +132,12 @@ async def gateway(config: Config, backend_url: str,
     state = app[APP_STATE]
     if clock is not None:
         state.clock = clock
-    async with serve_app(app) as url:
+    served = await serve(app, "127.0.0.1", 0)
+    try:
         await wait_until(lambda: state.upstream.status.ready, "the fake backend to be ready")
-        yield Served(url, state, app)
+        yield Served(f"http://127.0.0.1:{served.port}", state, app)
+    finally:
+        await served.close()
 
 
 def base_config(tmp: Path, **overrides: Any) -> Config:

@@ -41,7 +41,9 @@ def test_canonical_paths(path: str, ok: bool) -> None:
     ({"Authorization": "Basic abc"}, None), ({"Authorization": "Bearer "}, None), ({}, None),
 ])
 def test_presented_secret(headers: dict[str, str], secret: str | None) -> None:
-    assert presented_secret(make_mocked_request("GET", "/", headers=headers)) == secret
+    # aiohttp's case-insensitive headers, and the edge server's lower-cased ones
+    assert presented_secret(make_mocked_request("GET", "/", headers=headers).headers) == secret
+    assert presented_secret({k.lower(): v for k, v in headers.items()}) == secret
 
 
 async def test_probes_are_public_everything_else_needs_a_key(

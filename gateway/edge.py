@@ -1,0 +1,125 @@
+"""The token path: every `/v1/*` request, served by gateway/http_server.py.
+
+The same stages as gateway/pipeline.py, in the same order, as plain calls instead of
+aiohttp middlewares (each middleware layer cost every request a few µs):
+
+observe (request id, then metrics and the access log) → errors → auth → rate limit →
+proxy (validation → admission → forward → SSE relay).
+
+Headers every answer carries (request id, fallback model, rate limits, CORS) are
+added by ``decorate`` when the answer's head is written, so errors and streams get
+them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from gateway import proxy, ratelimit
+from gateway.auth import authenticate, is_canonical
+from gateway.cors import Cors
+from gateway.errors import (
+    Forbidden,
+    GatewayError,
+    NotFound,
+    PayloadTooLarge,
+    error_body,
+    error_parts,
+)
+from gateway.exchange import Exchange
+from gateway.http_server import Call
+from gateway.observe import record
+from gateway.request_id import request_id_of, route_label
+from gateway.state import AppState
+from keys.keyring import has_scope
+from keys.model import SCOPE_INFERENCE
+from llamagate.logs import request_id_var
+
+log = logging.getLogger("llamagate.gateway")
+
+
+async def handle(call: Call) -> None:
+    state: AppState = call.state
+    ex = Exchange(request_id=request_id_of(call.headers), route=route_label(call.path))
+    call.ex = ex
+    request_id_var.set(ex.request_id)  # this task's own context: no reset needed
+    status = 499  # client closed the request, unless we learn otherwise
+    try:
+        await _answer(call, state, ex)
+        status = call.status or 499
+    except (asyncio.CancelledError, ConnectionResetError):
+        ex.error = ex.error or "client_disconnected"
+        raise
+    finally:
+        record(state.metrics, ex, status, call.method)
+
+
+async def _answer(call: Call, state: AppState, ex: Exchange) -> None:
+    try:
+        await _authorized(call, state, ex)
+    except GatewayError as exc:
+        if ex.error is None:
+            ex.error = exc.code  # the access line says why the gateway answered with an error
+        if call.started:
+            raise  # a stream already under way: nothing left to answer with
+        status, headers, body = error_parts(exc)
+        call.respond(status, body, headers=headers)
+    except (ConnectionResetError, OSError) as exc:
+        log.info("client connection lost: %s", type(exc).__name__)
+        raise
+    except Exception:
+        if call.started:
+            raise
+        log.exception("unhandled error")
+        call.respond(500, error_body("internal gateway error", "server_error", "internal_error"))
+
+
+async def _authorized(call: Call, state: AppState, ex: Exchange) -> None:
+    if not is_canonical(call.path):
+        raise NotFound("no such route", code="not_found")
+    if not state.config.auth_enabled:
+        _check_size(call)
+        await proxy.handle(call)
+        return
+    key = authenticate(call.headers, call.remote, state)
+    ex.key_id = key.id
+    if not has_scope(key, SCOPE_INFERENCE):
+        raise Forbidden(f"this API key lacks the '{SCOPE_INFERENCE}' scope", code="missing_scope")
+    call.key = key
+    ticket = ratelimit.admit(state, key)
+    if ticket is None:
+        _check_size(call)
+        await proxy.handle(call)
+        return
+    call.ticket = ticket
+    try:
+        _check_size(call)
+        await proxy.handle(call)
+    finally:
+        ratelimit.settle(state, ticket, key, ex)
+
+
+def _check_size(call: Call) -> None:
+    if call.too_large:
+        raise PayloadTooLarge("request body is too large (MAX_BODY_BYTES)")
+
+
+def decorator(cors: Cors) -> Callable[[Call], str]:
+    """The headers every answer on the token path carries, as header lines."""
+
+    def decorate(call: Call) -> str:
+        ex = call.ex
+        if ex is None:
+            return ""
+        lines = f"X-Request-ID: {ex.request_id}\r\n"
+        if ex.fallback is not None:
+            lines += f"X-Model-Fallback: {ex.fallback}\r\n"
+        if call.ticket is not None:
+            lines += ratelimit.header_lines(call.ticket)
+        if cors.allowed:
+            lines += cors.lines(call.headers.get("origin"))
+        return lines
+
+    return decorate
