@@ -29,7 +29,7 @@ from gateway.errors import (
     error_parts,
 )
 from gateway.exchange import Exchange
-from gateway.http_server import Call
+from gateway.http_call import Call
 from gateway.observe import record
 from gateway.request_id import request_id_of, route_label
 from gateway.state import AppState

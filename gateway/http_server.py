@@ -19,127 +19,20 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable
 from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any
-from urllib.parse import unquote
 
 import httptools
+
+from gateway.http_call import Call, Handler
 
 log = logging.getLogger("llamagate.gateway.http")
 
 # a pipelining client may queue this many requests before we stop reading from it
 MAX_PENDING = 16
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
-class Call:
-    """One request and the means to answer it: a whole body, or a chunked stream."""
-
-    __slots__ = ("body", "conn", "ex", "headers", "key", "keep_alive", "method", "path", "query",
-                 "raw_headers", "state", "status", "target", "ticket", "too_large", "_streaming", "_done")
-
-    def __init__(self, conn: HttpConnection, method: str, target: bytes, headers: dict[str, str],
-                 raw_headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool) -> None:
-        self.conn = conn
-        self.method = method
-        self.target = target
-        raw_path, _, query = target.partition(b"?")
-        path = raw_path.decode("latin-1")
-        self.path = unquote(path, errors="surrogateescape") if "%" in path else path
-        self.query = query.decode("latin-1")
-        self.headers = headers  # names in lower case; a repeated header: the last one
-        self.raw_headers = raw_headers
-        self.body = body
-        self.keep_alive = keep_alive
-        self.status = 0  # once the head is sent
-        self.ex: Any = None  # what the handler keeps per request (gateway/edge.py)
-        self.key: Any = None
-        self.ticket: Any = None
-        self.state: Any = conn.server.state
-        self.too_large = False  # the body was over MAX_BODY_BYTES and was not read
-        self._streaming = False
-        self._done = False
-
-    @property
-    def remote(self) -> str | None:
-        peer = self.conn.peer
-        return peer[0] if isinstance(peer, tuple) else None
-
-    @property
-    def path_qs(self) -> str:
-        return f"{self.path}?{self.query}" if self.query else self.path
-
-    @property
-    def started(self) -> bool:
-        return self.status != 0
-
-    def respond(self, status: int, body: bytes, content_type: str | None = "application/json",
-                headers: Mapping[str, str] | None = None) -> None:
-        """The whole answer, in one write."""
-        extra = f"Content-Type: {content_type}\r\n" if content_type else ""
-        if headers:
-            extra += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        head = self._head(status, f"{extra}Content-Length: {len(body)}\r\n")
-        self._done = True
-        self.conn.write(head + body if self.method != "HEAD" else head)
-        self.conn.finished(self)
-
-    def start(self, status: int, headers: Mapping[str, str]) -> None:
-        """Begin a streamed answer (chunked; a HTTP/1.0 client reads until close)."""
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        if self.conn.http11:
-            extra += "Transfer-Encoding: chunked\r\n"
-        else:
-            self.keep_alive = False
-        self._streaming = True
-        self.conn.write(self._head(status, extra))
-
-    async def write(self, data: bytes) -> None:
-        conn = self.conn
-        if conn.closed:
-            raise ConnectionResetError("the client closed the connection")
-        if data:
-            conn.write(b"%x\r\n%b\r\n" % (len(data), data) if conn.http11 else data)
-        if conn.paused:
-            await conn.drain()
-
-    def finish(self) -> None:
-        """End a streamed answer."""
-        if self._done:
-            return
-        self._done = True
-        if self.conn.http11:
-            self.conn.write(b"0\r\n\r\n")
-        self.conn.finished(self)
-
-    def _head(self, status: int, extra: str) -> bytes:
-        self.status = status
-        server = self.conn.server
-        conn = "" if self.keep_alive and not server.closing else "Connection: close\r\n"
-        return (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-                f"Date: {server.date()}\r\nServer: llamagate\r\n{extra}{conn}"
-                f"{server.decorate(self)}\r\n").encode("latin-1")
-
-    def settled(self) -> None:
-        """Answered by someone else (the aiohttp app, through the tunnel)."""
-        self._done = True
-
-    def abandon(self) -> None:
-        """The handler ended without finishing its answer: the connection cannot be reused."""
-        if self._done:
-            return
-        self._done = True
-        if not self.started and not self.conn.closed:
-            self.keep_alive = False
-            self.respond(500, b'{"error":{"message":"internal gateway error","type":"server_error",'
-                              b'"param":null,"code":"internal_error"}}')
-            return
-        self.conn.close()
-
-
-Handler = Callable[[Call], Awaitable[None]]
 
 
 class EdgeServer:
@@ -293,11 +186,15 @@ class HttpConnection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        length = next((v for n, v in self._headers if n.lower() == b"content-length"), None)
-        if length is not None and length.isdigit() and int(length) > self.server.max_body:
-            self._too_large()
-            return
-        if any(n.lower() == b"expect" and v.lower() == b"100-continue" for n, v in self._headers):
+        expect = False
+        for name, value in self._headers:  # names compared by length first: most are neither
+            if len(name) == 14 and name.lower() == b"content-length":
+                if value.isdigit() and int(value) > self.server.max_body:
+                    self._too_large()
+                    return
+            elif len(name) == 6 and name.lower() == b"expect":
+                expect = value.lower() == b"100-continue"
+        if expect:
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:

@@ -25,7 +25,7 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.exchange import Exchange
-from gateway.http_server import Call
+from gateway.http_call import Call
 from gateway.state import AppState
 from gateway.usage import tokens_from_body
 from gateway.validation import prompt_of, validate

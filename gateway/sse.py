@@ -16,7 +16,7 @@ from collections import deque
 from gateway.backend_http import BackendBroken, Response
 from gateway.errors import sse_error_event
 from gateway.exchange import Exchange
-from gateway.http_server import Call
+from gateway.http_call import Call
 from gateway.usage import tokens_from_body
 
 log = logging.getLogger("llamagate.gateway.sse")

@@ -17,7 +17,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from gateway.http_server import Call, HttpConnection
+from gateway.http_call import Call
+from gateway.http_server import HttpConnection
 
 # hop-by-hop or framing headers: the re-framed request sets its own
 _DROP = frozenset({b"connection", b"keep-alive", b"expect", b"transfer-encoding",

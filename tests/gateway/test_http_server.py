@@ -1,0 +1,294 @@
+"""The edge server's HTTP/1.1 handling, with plain handlers in place of the gateway:
+keep-alive, pipelining, framing of bodies both ways, limits, disconnects, idle timeout.
+
+Every test runs on both event loops: asyncio, and uvloop (what gateway workers run),
+whose transports differ."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import uvloop
+
+from gateway.http_call import Call
+from gateway.http_server import EdgeServer
+from tests.gateway.http_client import Client, chunked, request
+from tests.gateway.support import wait_until
+
+BIG = 4 * 1024 * 1024
+
+
+@dataclass
+class Edge:
+    server: EdgeServer
+    port: int
+    seen: list[tuple[str, str]] = field(default_factory=list)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    hanging: asyncio.Event = field(default_factory=asyncio.Event)
+    clients: list[Client] = field(default_factory=list)
+
+    async def connect(self) -> Client:
+        client = await Client.connect(self.port)
+        self.clients.append(client)
+        return client
+
+
+async def _handler(edge: Edge, call: Call) -> None:
+    edge.seen.append(("fast", call.path))
+    if call.too_large:
+        call.respond(413, b"too large")
+    elif call.path == "/v1/echo":
+        call.respond(200, call.body, "text/plain",
+                     {"X-Method": call.method, "X-Query": call.query or "-"})
+    elif call.path == "/v1/stream":
+        call.start(200, {"Content-Type": "text/plain"})
+        for i in range(3):
+            await call.write(b"event %d\n" % i)
+        call.finish()
+    elif call.path == "/v1/big":
+        call.start(200, {"Content-Type": "application/octet-stream"})
+        piece = bytes(range(256)) * 256  # 64 KiB
+        for _ in range(BIG // len(piece)):
+            await call.write(piece)
+        call.finish()
+    elif call.path == "/v1/hang":
+        edge.hanging.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            edge.cancelled.set()
+            raise
+    elif call.path == "/v1/slow":
+        await asyncio.sleep(0.05)  # an answer that takes a moment, so later ones must wait
+        call.respond(200, b"slow")
+    else:
+        call.respond(404, b"no")
+
+
+async def _tunnel(edge: Edge, call: Call) -> None:
+    edge.seen.append(("tunnel", call.path))
+    call.respond(200, b"tunnel " + call.method.encode() + b" " + call.path.encode())
+
+
+@contextlib.asynccontextmanager
+async def started_edge() -> AsyncIterator[Edge]:
+    holder: list[Edge] = []
+    server = EdgeServer(None, lambda c: _handler(holder[0], c), lambda c: _tunnel(holder[0], c),
+                        lambda c: "X-Decorated: yes\r\n", max_body=1000, keepalive_timeout=0.4)
+    listening = await server.listen("127.0.0.1", 0)
+    holder.append(Edge(server, listening.sockets[0].getsockname()[1]))
+    try:
+        yield holder[0]
+    finally:
+        for client in holder[0].clients:
+            await client.close()
+        await server.close()
+
+
+Scenario = Callable[[Edge], Awaitable[None]]
+Run = Callable[[Scenario], None]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Run:
+    """`run(scenario)`: the scenario against a fresh edge server, on a new loop of the
+    parameter's kind."""
+    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
+
+    def run(scenario: Scenario) -> None:
+        async def main() -> None:
+            async with started_edge() as edge:
+                await scenario(edge)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
+    return run
+
+
+def test_keep_alive_serves_fast_and_handed_over_requests_in_turn(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        for path in ("/v1/echo", "/health", "/v1/echo", "/metrics"):
+            await client.send(request("POST", path, b"x"))
+            answer = await client.answer()
+            assert answer.status == 200
+            assert answer.keep_alive
+            assert answer.headers["x-decorated"] == "yes"
+            assert "date" in answer.headers
+        assert edge.seen == [("fast", "/v1/echo"), ("tunnel", "/health"), ("fast", "/v1/echo"),
+                             ("tunnel", "/metrics")]
+    run(scenario)
+
+
+def test_pipelined_requests_are_answered_in_order(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("POST", "/v1/slow", b"") + request("GET", "/ping")
+                          + request("POST", "/v1/echo", b"third"))
+        slow, ping, echo = await client.answers(3)
+        assert (slow.body, ping.body, echo.body) == (b"slow", b"tunnel GET /ping", b"third")
+    run(scenario)
+
+
+def test_a_chunked_request_body_arrives_whole(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(chunked("POST", "/v1/echo", [b"hello ", b"chunked ", b"world"]))
+        answer = await client.answer()
+        assert answer.body == b"hello chunked world"
+    run(scenario)
+
+
+def test_expect_100_continue_is_answered_before_the_body(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        head = b"POST /v1/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+        await client.send(head)
+        interim = await asyncio.wait_for(client.reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        await client.send(b"body")
+        answer = await client.answer()
+        assert (answer.status, answer.body) == (200, b"body")
+    run(scenario)
+
+
+def test_query_string_and_percent_encoded_path(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("GET", "/v1/%65cho?a=1&b=%20"))
+        answer = await client.answer()
+        assert answer.status == 200
+        assert answer.headers["x-query"] == "a=1&b=%20"  # the query is passed on as sent
+        assert edge.seen[-1] == ("fast", "/v1/echo")
+    run(scenario)
+
+
+def test_http10_is_answered_then_closed(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("GET", "/v1/echo", version="1.0"))
+        raw = await client.read_all()
+        assert raw.startswith(b"HTTP/1.1 200 ")
+        assert b"\r\nConnection: close\r\n" in raw
+    run(scenario)
+
+
+def test_a_stream_to_an_http10_client_is_delimited_by_the_close(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("GET", "/v1/stream", version="1.0"))
+        raw = await client.read_all()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert b"Transfer-Encoding" not in head
+        assert body == b"event 0\nevent 1\nevent 2\n"
+    run(scenario)
+
+
+def test_a_stream_is_chunked_and_the_connection_kept(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("GET", "/v1/stream"))
+        answer = await client.answer()
+        assert answer.headers["transfer-encoding"] == "chunked"
+        assert answer.body == b"event 0\nevent 1\nevent 2\n"
+        await client.send(request("POST", "/v1/echo", b"again"))
+        assert (await client.answer()).body == b"again"
+    run(scenario)
+
+
+def test_connection_close_is_honoured(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("POST", "/v1/echo", b"x", {"Connection": "close"}))
+        answer = await client.answer()
+        assert answer.status == 200
+        assert not answer.keep_alive
+        assert await client.closed()
+    run(scenario)
+
+
+def test_head_gets_the_head_only(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("HEAD", "/v1/echo", headers={"Connection": "close"}))
+        raw = await client.read_all()
+        assert raw.startswith(b"HTTP/1.1 200 ")
+        assert raw.endswith(b"\r\n\r\n")  # Content-Length is there, the body is not
+    run(scenario)
+
+
+@pytest.mark.parametrize("send", [
+    request("POST", "/v1/echo", b"x" * 1001),
+    chunked("POST", "/v1/echo", [b"x" * 600, b"x" * 600]),
+    request("POST", "/admin/keys", b"x" * 1001),  # not handed over: the body was never read
+], ids=["content-length", "chunked", "handed-over-route"])
+def test_a_body_over_the_limit_gets_413_and_the_connection_closes(run: Run, send: bytes) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(send)
+        answer = await client.answer()
+        assert (answer.status, answer.body) == (413, b"too large")
+        assert not answer.keep_alive
+        assert await client.closed()
+        assert all(kind == "fast" for kind, _ in edge.seen)
+    run(scenario)
+
+
+def test_a_malformed_request_gets_400_and_the_connection_closes(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(b"NOT HTTP AT ALL\r\n\r\n")
+        answer = await client.answer()
+        assert answer.status == 400
+        assert b"malformed HTTP request" in answer.body
+        assert await client.closed()
+        assert edge.seen == []
+    run(scenario)
+
+
+def test_a_client_that_leaves_cancels_its_request(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("POST", "/v1/hang", b"{}"))
+        await asyncio.wait_for(edge.hanging.wait(), 5)
+        await client.close()
+        await asyncio.wait_for(edge.cancelled.wait(), 5)
+        assert edge.server.connections == set() or all(c.closed for c in edge.server.connections)
+    run(scenario)
+
+
+def test_a_large_stream_to_a_slow_reader_arrives_intact(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("GET", "/v1/big"))
+        # the client reads nothing yet: the server's buffer fills and it must wait for the reader
+        await wait_until(lambda: any(c.paused for c in edge.server.connections), 10, "a paused writer")
+        answer = await client.answer(within=20)
+        piece = bytes(range(256)) * 256
+        assert len(answer.body) == BIG
+        assert answer.body == piece * (BIG // len(piece))
+    run(scenario)
+
+
+def test_an_idle_connection_is_closed_after_the_keepalive_timeout(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("POST", "/v1/echo", b"x"))
+        assert (await client.answer()).status == 200
+        assert await client.closed(within=5)  # keepalive_timeout is 0.4 s here
+    run(scenario)
+
+
+def test_stop_listening_closes_idle_connections_and_refuses_new_ones(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        idle = await edge.connect()
+        await idle.send(request("POST", "/v1/echo", b"x"))
+        await idle.answer()
+        await edge.server.stop_listening()
+        assert await idle.closed()
+        with pytest.raises(OSError):
+            await Client.connect(edge.port)
+    run(scenario)
