@@ -77,10 +77,11 @@ async def _answer(call: Call, state: AppState, ex: Exchange) -> None:
 
 
 async def _authorized(call: Call, state: AppState, ex: Exchange) -> None:
+    if call.too_large:  # any route: the body was never read, so nothing else can be said
+        raise PayloadTooLarge("request body is too large (MAX_BODY_BYTES)")
     if not is_canonical(call.path):
         raise NotFound("no such route", code="not_found")
     if not state.config.auth_enabled:
-        _check_size(call)
         await proxy.handle(call)
         return
     key = authenticate(call.headers, call.remote, state)
@@ -90,20 +91,13 @@ async def _authorized(call: Call, state: AppState, ex: Exchange) -> None:
     call.key = key
     ticket = ratelimit.admit(state, key)
     if ticket is None:
-        _check_size(call)
         await proxy.handle(call)
         return
     call.ticket = ticket
     try:
-        _check_size(call)
         await proxy.handle(call)
     finally:
         ratelimit.settle(state, ticket, key, ex)
-
-
-def _check_size(call: Call) -> None:
-    if call.too_large:
-        raise PayloadTooLarge("request body is too large (MAX_BODY_BYTES)")
 
 
 def decorator(cors: Cors) -> Callable[[Call], str]:

@@ -22,19 +22,21 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 class Call:
     """One request and the means to answer it: a whole body, or a chunked stream."""
 
-    __slots__ = ("body", "conn", "ex", "headers", "key", "keep_alive", "method", "path", "query",
-                 "raw_headers", "state", "status", "target", "ticket", "too_large", "_streaming", "_done")
+    __slots__ = ("body", "conn", "ex", "headers", "http11", "key", "keep_alive", "method", "path",
+                 "query", "raw_headers", "state", "status", "target", "ticket", "too_large", "_done")
 
     def __init__(self, conn: HttpConnection, method: str, target: bytes, headers: dict[str, str],
-                 raw_headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool) -> None:
+                 raw_headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool,
+                 http11: bool = True) -> None:
         self.conn = conn
         self.method = method
+        self.http11 = http11  # else HTTP/1.0: no chunked answers, keep-alive only on request
         self.target = target
         raw_path, _, query = target.partition(b"?")
         path = raw_path.decode("latin-1")
         self.path = unquote(path, errors="surrogateescape") if "%" in path else path
         self.query = query.decode("latin-1")
-        self.headers = headers  # names in lower case; a repeated header: the last one
+        self.headers = headers  # names in lower case; a repeated header: its first value
         self.raw_headers = raw_headers
         self.body = body
         self.keep_alive = keep_alive
@@ -44,7 +46,6 @@ class Call:
         self.ticket: Any = None
         self.state: Any = conn.server.state
         self.too_large = False  # the body was over MAX_BODY_BYTES and was not read
-        self._streaming = False
         self._done = False
 
     @property
@@ -66,7 +67,11 @@ class Call:
         extra = f"Content-Type: {content_type}\r\n" if content_type else ""
         if headers:
             extra += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        head = self._head(status, f"{extra}Content-Length: {len(body)}\r\n")
+        if status in (204, 304):  # never a body, so no length either
+            body = b""
+        else:
+            extra += f"Content-Length: {len(body)}\r\n"
+        head = self._head(status, extra)
         self._done = True
         self.conn.write(head + body if self.method != "HEAD" else head)
         self.conn.finished(self)
@@ -74,19 +79,22 @@ class Call:
     def start(self, status: int, headers: Mapping[str, str]) -> None:
         """Begin a streamed answer (chunked; a HTTP/1.0 client reads until close)."""
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        if self.conn.http11:
+        if self.http11:
             extra += "Transfer-Encoding: chunked\r\n"
         else:
             self.keep_alive = False
-        self._streaming = True
         self.conn.write(self._head(status, extra))
+
+    def frame(self, data: bytes) -> bytes:
+        """``data`` as one piece of a streamed answer, as the wire carries it."""
+        return b"%x\r\n%b\r\n" % (len(data), data) if self.http11 else data
 
     async def write(self, data: bytes) -> None:
         conn = self.conn
-        if conn.closed:
+        if conn.closing:
             raise ConnectionResetError("the client closed the connection")
         if data:
-            conn.write(b"%x\r\n%b\r\n" % (len(data), data) if conn.http11 else data)
+            conn.write(b"%x\r\n%b\r\n" % (len(data), data) if self.http11 else data)
         if conn.paused:
             await conn.drain()
 
@@ -95,14 +103,17 @@ class Call:
         if self._done:
             return
         self._done = True
-        if self.conn.http11:
+        if self.http11:
             self.conn.write(b"0\r\n\r\n")
         self.conn.finished(self)
 
     def _head(self, status: int, extra: str) -> bytes:
         self.status = status
         server = self.conn.server
-        conn = "" if self.keep_alive and not server.closing else "Connection: close\r\n"
+        if not self.keep_alive or server.closing:
+            conn = "Connection: close\r\n"
+        else:  # HTTP/1.1 keeps the connection unless told; a 1.0 client must be told it is kept
+            conn = "" if self.http11 else "Connection: keep-alive\r\n"
         return (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
                 f"Date: {server.date()}\r\nServer: llamagate\r\n{extra}{conn}"
                 f"{server.decorate(self)}\r\n").encode("latin-1")
@@ -116,7 +127,7 @@ class Call:
         if self._done:
             return
         self._done = True
-        if not self.started and not self.conn.closed:
+        if not self.started and not self.conn.closing:
             self.keep_alive = False
             self.respond(500, b'{"error":{"message":"internal gateway error","type":"server_error",'
                               b'"param":null,"code":"internal_error"}}')

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -25,14 +26,21 @@ from typing import Any
 
 import httptools
 
+from gateway.errors import error_body
 from gateway.http_call import Call, Handler
 
 log = logging.getLogger("llamagate.gateway.http")
 
 # a pipelining client may queue this many requests before we stop reading from it
 MAX_PENDING = 16
-
-
+# the request line and each header field (aiohttp's limits), the number of header fields,
+# and all of a head: past them, 414/431 before anything is buffered without bound
+MAX_LINE = 8190
+MAX_HEADERS = 128
+MAX_HEAD = 64 * 1024
+# after a 413 the unread body is drained for this long, so the client sees the answer
+# rather than a reset; then the connection is closed
+LINGER = 2.0
 
 
 class EdgeServer:
@@ -54,8 +62,10 @@ class EdgeServer:
         self._sweeper: asyncio.Task[None] | None = None
 
     @staticmethod
-    def fast(method: str, path: str) -> bool:
-        return path.startswith("/v1/") and method != "OPTIONS"
+    def fast(call: Call) -> bool:
+        # CORS preflights go to the aiohttp side, where the CORS stage answers them
+        return call.path.startswith("/v1/") and (
+            call.method != "OPTIONS" or "access-control-request-method" not in call.headers)
 
     def date(self) -> str:
         now = int(time.time())
@@ -81,17 +91,25 @@ class EdgeServer:
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
-            if conn.idle:
+            if conn.idle and not conn.receiving:
                 conn.close()
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 1.0) -> None:
+        """Stop; requests still running get ``grace`` seconds, then their clients are cut off."""
         await self.stop_listening()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        running = {c.task for c in self.connections if c.task is not None}
+        if running:
+            await asyncio.wait(running, timeout=grace)
         for conn in list(self.connections):
             conn.close()
+        running = {c.task for c in self.connections if c.task is not None} | {
+            t for t in running if not t.done()}
+        if running:  # cut off: let them unwind before what they use is torn down
+            await asyncio.wait(running, timeout=grace)
         for server in self._servers:
             await server.wait_closed()
 
@@ -111,19 +129,22 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer: Any = None
-        self.closed = False
+        self.closing = False  # close() was called or the client left: write nothing more
         self.paused = False
-        self.http11 = True
+        self.receiving = False  # a request is partly in
         self.task: asyncio.Task[None] | None = None
         self.current: Call | None = None
-        self.tunnel: asyncio.BaseProtocol | None = None  # aiohttp's, while it answers
+        self.tunnel: Any = None  # aiohttp's protocol, while it answers (gateway/tunnel.py)
         self.pending: collections.deque[Call] = collections.deque()
         self.idle_since = time.monotonic()
         self._drain: asyncio.Future[None] | None = None
-        self._url = b""
+        self._url: list[bytes] = []
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._size = 0
+        self._head = 0  # bytes received while a head was incomplete
+        self._in_head = False
+        self._continue = False  # `Expect: 100-continue` to answer when the request's turn comes
         self._refused = False
 
     @property
@@ -138,7 +159,7 @@ class HttpConnection(asyncio.Protocol):
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.closing = True
         self.server.connections.discard(self)
         if self.tunnel is not None:
             self.tunnel.connection_lost(exc)
@@ -149,53 +170,74 @@ class HttpConnection(asyncio.Protocol):
             self._drain.set_exception(ConnectionResetError("the client closed the connection"))
 
     def data_received(self, data: bytes) -> None:
+        self.idle_since = time.monotonic()  # a slow upload is not an idle connection
         if self._refused:
-            return
+            return  # after a 413 or a broken request: drained, never parsed
+        if self._in_head:
+            self._head += len(data)
+            if self._head > MAX_HEAD:
+                self._refuse(431, "the request head is too large")
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._refuse(400, "protocol upgrades are not supported")
+            self._refuse(400, "protocol upgrades are not supported")  # answered, then closed
         except httptools.HttpParserError:
-            if not self._refused:
-                self._refuse(400, "malformed HTTP request")
+            self._refuse(400, "malformed HTTP request")
 
     def pause_writing(self) -> None:
         self.paused = True
-        if self.tunnel is not None:
-            self.tunnel.pause_writing()
+        tunnel = self.tunnel
+        if tunnel is not None and not tunnel.writing_paused:
+            tunnel.pause_writing()
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.tunnel is not None:
-            self.tunnel.resume_writing()
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.writing_paused:
+            tunnel.resume_writing()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        self._url = b""
+        self.receiving = self._in_head = True
+        self._url = []
         self._headers = []
         self._body = []
         self._size = 0
+        self._head = 0
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        self._url.append(url)
+        self._size += len(url)
+        if self._size > MAX_LINE:
+            self._refuse(414, "the request target is too long")
+            raise httptools.HttpParserError("target too long")  # stops the parser
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        if len(name) + len(value) > MAX_LINE or len(self._headers) > MAX_HEADERS:
+            self._refuse(431, "a request header field is too large, or there are too many")
+            raise httptools.HttpParserError("headers too large")
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._size = 0
         expect = False
         for name, value in self._headers:  # names compared by length first: most are neither
             if len(name) == 14 and name.lower() == b"content-length":
-                if value.isdigit() and int(value) > self.server.max_body:
+                if value.strip().isdigit() and int(value) > self.server.max_body:
                     self._too_large()
                     return
             elif len(name) == 6 and name.lower() == b"expect":
-                expect = value.lower() == b"100-continue"
-        if expect:
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                expect = value.strip().lower() == b"100-continue"
+        if expect and self.parser.get_http_version() == "1.1":
+            if self.idle:
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            else:  # the answers before it must go out first
+                self._continue = True
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -205,25 +247,37 @@ class HttpConnection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self.receiving = False
+        self._continue = False
         if self._refused:
+            return
+        if self.parser.should_upgrade():
+            # the parser stops at the head of an upgrade: a body would be lost, so such a
+            # request is refused; one without is answered as a plain request, the last one
+            if any(n.lower() in (b"content-length", b"transfer-encoding") and v.strip() != b"0"
+                   for n, v in self._headers):
+                self._refuse(400, "protocol upgrades are not supported")
+                return
+            self._dispatch(self._call(b"", keep_alive=False))
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         self._dispatch(self._call(body, self.parser.should_keep_alive()))
 
     def _call(self, body: bytes, keep_alive: bool) -> Call:
         parser = self.parser
-        self.http11 = parser.get_http_version() == "1.1"
-        headers = {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in self._headers}
-        target = self._url
+        # first value wins for a repeated header, as aiohttp's headers.get() gave
+        headers = {n.decode("latin-1").lower(): v.decode("latin-1").strip()
+                   for n, v in reversed(self._headers)}
+        target = b"".join(self._url)
         if not target.startswith(b"/"):  # absolute form, as sent to a proxy
             url = httptools.parse_url(target)
             target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
         return Call(self, parser.get_method().decode("latin-1"), target, headers, self._headers,
-                    body, keep_alive)
+                    body, keep_alive, parser.get_http_version() == "1.1")
 
     def _too_large(self) -> None:
-        """Answered with 413 by the handler (so it is logged and counted), then closed:
-        the unread body cannot be skipped to find the next request."""
+        """Answered with 413 by the handler (so it is logged and counted); the unread body is
+        drained for a moment, then the connection closed (see ``finished``)."""
         if self._refused:
             return
         self._refused = True
@@ -242,29 +296,42 @@ class HttpConnection(asyncio.Protocol):
     # answering
 
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
+        if not self.closing and self.transport is not None:
             self.transport.write(data)
 
     async def drain(self) -> None:
-        if self.closed:
+        if self.closing:
             raise ConnectionResetError("the client closed the connection")
         if self._drain is None or self._drain.done():
             self._drain = asyncio.get_running_loop().create_future()
         await self._drain
 
     def finished(self, call: Call) -> None:
-        if not call.keep_alive or self.server.closing:
+        """``call``'s answer is all written: close now if it was the last one."""
+        if call.too_large and not self.closing and self.transport is not None:
+            self._linger()
+        elif not call.keep_alive or self.server.closing:
             self.close()
 
     def close(self) -> None:
+        self.closing = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()  # flushes what is buffered first
 
+    def _linger(self) -> None:
+        assert self.transport is not None
+        self.closing = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the client sees the end of the answer and may close
+        asyncio.get_running_loop().call_later(LINGER, self.close)
+
     def _run(self, call: Call) -> None:
-        fast = call.too_large or self.server.fast(call.method, call.path)
-        answer = self.server.handler if fast else self.server.tunnel
+        answer = self.server.handler if call.too_large or self.server.fast(call) \
+            else self.server.tunnel
         self.current = call
-        self.task = asyncio.get_running_loop().create_task(self._serve(call, answer))
+        # a fresh context: nothing (a request id) carries over from the previous request
+        self.task = asyncio.get_running_loop().create_task(self._serve(call, answer),
+                                                           context=contextvars.Context())
 
     async def _serve(self, call: Call, answer: Handler) -> None:
         try:
@@ -277,18 +344,29 @@ class HttpConnection(asyncio.Protocol):
             call.abandon()
             self.task = self.current = None
             self.idle_since = time.monotonic()
-        if self.pending and not self.closed:
+        if self.closing:
+            return
+        if self.pending:
             if self.transport is not None and len(self.pending) == MAX_PENDING:
                 self.transport.resume_reading()
             self._run(self.pending.popleft())
+        elif self._continue:
+            self._continue = False
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def _refuse(self, status: int, message: str, code: str = "invalid_request") -> None:
-        """A request we cannot parse or accept: answer (if nothing is in progress) and close."""
+    def _refuse(self, status: int, message: str) -> None:
+        """A request we cannot parse or accept. With answers still owed, they are given and
+        the connection closed after them; else this one is answered and the connection closed."""
+        if self._refused:
+            return
         self._refused = True
-        if self.task is None and not self.pending and not self.closed:
-            body = (b'{"error":{"message":"%b","type":"invalid_request_error","param":null,'
-                    b'"code":"%b"}}' % (message.encode(), code.encode()))
-            call = Call(self, "POST", b"/", {}, [], b"", keep_alive=False)
-            call.respond(status, body)
-        else:
-            self.close()
+        last = self.pending[-1] if self.pending else self.current
+        if last is not None:
+            last.keep_alive = False
+            return
+        if not self.closing:
+            body = error_body(message, "invalid_request_error", _CODES.get(status, "invalid_request"))
+            Call(self, "GET", b"/", {}, [], b"", keep_alive=False).respond(status, body)
+
+
+_CODES = {414: "uri_too_long", 431: "request_header_fields_too_large"}

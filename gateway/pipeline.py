@@ -1,4 +1,5 @@
-"""The order every request passes through, in one place (a test pins it).
+"""The order every request off the token path passes through (a test pins it).
+gateway/edge.py runs the same stages, in the same order, for `/v1/*`.
 
 observe (request id, then metrics and the access log) → CORS preflight → errors →
 auth → rate limit → handler (validation → admission → proxy → SSE relay).

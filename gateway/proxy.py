@@ -166,12 +166,8 @@ def _end_stream(call: Call, ex: Exchange, message: str, type_: str, code: str) -
     ex.error = code
     if not call.started:
         raise BackendUnavailable(message, code=code, retry_after=5)
-    call.conn.write(_chunk(call, sse_error_event(message, type_, code)))
+    call.conn.write(call.frame(sse_error_event(message, type_, code)))
     call.finish()
-
-
-def _chunk(call: Call, data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data) if call.conn.http11 else data
 
 
 def _respond(call: Call, status: int, body: bytes, content_type: str | None = "application/json"

@@ -45,7 +45,9 @@ def open_exchange(request: web.Request) -> Exchange:
 
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: every response, streamed or not, carries the id (and says
-    when a fallback model answered: one hook for both, as each hook costs every request)."""
+    when a fallback model answered, and names the server without its software versions:
+    one hook for all, as each hook costs every request)."""
+    response.headers["Server"] = "llamagate"  # as on the edge server's own answers
     ex = request.get(EXCHANGE)
     if ex is not None:
         response.headers["X-Request-ID"] = ex.request_id

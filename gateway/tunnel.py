@@ -41,6 +41,8 @@ class Tunnel:
         conn.tunnel = handler
         try:
             handler.connection_made(transport)
+            if conn.paused:  # the client is behind already: aiohttp must wait for it too
+                handler.pause_writing()
             handler.data_received(_reframe(call))
             keep_alive = await done
         finally:
@@ -49,14 +51,23 @@ class Tunnel:
                 done.cancel()
                 asyncio.get_running_loop().call_soon(handler.connection_lost, None)
         call.settled()
-        if not keep_alive or not call.keep_alive:
+        if not keep_alive:
             call.keep_alive = False
-            conn.close()
+        conn.finished(call)
 
 
 def _reframe(call: Call) -> bytes:
-    head = [b"%b %b HTTP/1.1\r\n" % (call.method.encode("latin-1"), call.target)]
+    """The request as aiohttp should see it: the client's method, target, version and
+    headers, the whole body with its length, and whether the connection is kept."""
+    version = b"1.1" if call.http11 else b"1.0"
+    head = [b"%b %b HTTP/%b\r\n" % (call.method.encode("latin-1"), call.target, version)]
     head += [b"%b: %b\r\n" % (n, v) for n, v in call.raw_headers if n.lower() not in _DROP]
+    if not call.keep_alive:
+        head.append(b"Connection: close\r\n")
+    elif not call.http11:
+        head.append(b"Connection: keep-alive\r\n")
+    if "host" not in call.headers:  # aiohttp refuses a request without one; HTTP/1.0 may omit it
+        head.append(b"Host: localhost\r\n")
     head.append(b"Content-Length: %d\r\n\r\n" % len(call.body))
     return b"".join(head) + call.body
 
@@ -86,7 +97,7 @@ class _Transport(asyncio.Transport):
             self.conn.write(b"".join(list_of_data))
 
     def is_closing(self) -> bool:
-        return self._closed or self.conn.closed
+        return self._closed or self.conn.closing
 
     def close(self) -> None:
         if self._closed:
@@ -137,4 +148,7 @@ class Finished(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         transport = request.transport
         if isinstance(transport, _Transport):
-            transport.finished(bool(response.keep_alive))
+            # an HTTP/1.0 answer of no stated length ends with the connection (aiohttp
+            # still reports keep-alive for it)
+            delimited = request.version >= (1, 1) or response.content_length is not None
+            transport.finished(bool(response.keep_alive) and delimited)

@@ -292,3 +292,132 @@ def test_stop_listening_closes_idle_connections_and_refuses_new_ones(run: Run) -
         with pytest.raises(OSError):
             await Client.connect(edge.port)
     run(scenario)
+
+
+@pytest.mark.parametrize("upgrade", ["h2c", "websocket"])
+def test_an_upgrade_request_is_answered_as_a_plain_one_then_closed(run: Run, upgrade: str) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("GET", "/v1/echo", headers={
+            "Connection": "Upgrade", "Upgrade": upgrade}))
+        answer = await client.answer()
+        assert answer.status == 200
+        assert answer.headers["x-method"] == "GET"
+        assert await client.closed()
+    run(scenario)
+
+
+def test_an_upgrade_request_with_a_body_is_refused(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("POST", "/v1/echo", b"lost", {
+            "Connection": "Upgrade", "Upgrade": "h2c"}))
+        answer = await client.answer()
+        assert answer.status == 400
+        assert b"upgrades are not supported" in answer.body
+        assert await client.closed()
+        assert edge.seen == []
+    run(scenario)
+
+
+def test_garbage_after_a_request_still_lets_it_be_answered(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("POST", "/v1/slow", b"") + b"\x00\x01 NOT HTTP\r\n\r\n")
+        answer = await client.answer()
+        assert (answer.status, answer.body) == (200, b"slow")
+        assert not answer.keep_alive
+        assert await client.closed()
+    run(scenario)
+
+
+def test_a_request_after_connection_close_is_not_served(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("POST", "/v1/slow", b"", {"Connection": "close"})
+                          + request("POST", "/v1/echo", b"never"))
+        raw = await client.read_all()
+        assert raw.count(b"HTTP/1.1 ") == 1
+        assert edge.seen == [("fast", "/v1/slow")]
+    run(scenario)
+
+
+@pytest.mark.parametrize(("send", "status"), [
+    (request("GET", "/v1/echo?" + "q" * 9000), 414),
+    (request("GET", "/v1/echo", headers={"X-Big": "v" * 9000}), 431),
+    (request("GET", "/v1/echo", headers={f"X-H{i}": "v" for i in range(200)}), 431),
+], ids=["long-target", "long-header", "many-headers"])
+def test_oversized_heads_are_refused(run: Run, send: bytes, status: int) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(send)
+        answer = await client.answer()
+        assert answer.status == status
+        assert not answer.keep_alive
+        assert await client.closed()
+        assert edge.seen == []
+    run(scenario)
+
+
+def test_an_http10_keep_alive_client_is_told_and_kept(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        for path in ("/v1/echo", "/ping", "/v1/echo"):
+            await client.send(request("POST", path, b"k", {"Connection": "keep-alive"},
+                                      version="1.0"))
+            answer = await client.answer()
+            assert answer.status == 200
+            assert answer.headers.get("connection", "").lower() == "keep-alive" or \
+                path == "/ping"  # the handed-over answer here is the test's stand-in
+    run(scenario)
+
+
+def test_each_pipelined_answer_uses_its_own_requests_http_version(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("GET", "/v1/stream")
+                          + request("GET", "/v1/stream", version="1.0"))
+        raw = await client.read_all()
+        first, _, second = raw.partition(b"0\r\n\r\n")  # the chunked answer's last chunk
+        assert b"Transfer-Encoding: chunked" in first
+        assert second.startswith(b"HTTP/1.1 200 ")
+        assert b"Transfer-Encoding" not in second
+        assert second.endswith(b"event 0\nevent 1\nevent 2\n")
+    run(scenario)
+
+
+def test_100_continue_waits_for_the_answers_before_it(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("POST", "/v1/slow", b"")
+                          + b"POST /v1/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n"
+                            b"Expect: 100-continue\r\n\r\n")
+        slow, interim = await client.answers(2)
+        assert (slow.body, interim.status) == (b"slow", 100)
+        await client.send(b"ok")
+        assert (await client.answer()).body == b"ok"
+    run(scenario)
+
+
+def test_a_slow_upload_is_not_cut_by_the_keepalive_timeout(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(b"POST /v1/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n")
+        for _ in range(10):  # one byte per 0.1 s: the upload outlasts the 0.4 s timeout
+            await asyncio.sleep(0.1)  # a slow client's pace, not a wait for the server
+            await client.send(b"x")
+        answer = await client.answer()
+        assert (answer.status, answer.body) == (200, b"x" * 10)
+    run(scenario)
+
+
+def test_close_lets_a_running_request_finish(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("POST", "/v1/slow", b""))
+        await wait_until(lambda: ("fast", "/v1/slow") in edge.seen, 5, "the request to start")
+        await edge.server.close(grace=5)
+        answer = await client.answer()
+        assert (answer.status, answer.body) == (200, b"slow")
+        assert not answer.keep_alive
+    run(scenario)

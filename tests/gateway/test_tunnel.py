@@ -141,3 +141,23 @@ async def test_a_handler_bug_is_a_500_in_openai_shape_and_the_connection_survive
     assert json.loads(answer.body)["error"]["code"] == "internal_error"
     await client.send(request("POST", "/test/echo", b"still here"))
     assert (await client.answer()).body == b"still here"
+
+
+async def test_an_http10_probe_without_host_is_answered(client: Client) -> None:
+    await client.send(b"GET /ping HTTP/1.0\r\n\r\n")
+    raw = await client.read_all()
+    assert raw.startswith(b"HTTP/1.0 200 ")
+    assert b"\r\nServer: llamagate\r\n" in raw  # no software versions on either side
+
+
+async def test_an_http10_keep_alive_client_is_kept_across_both_sides(client: Client) -> None:
+    for path in ("/ping", "/test/stream", "/health"):
+        await client.send(request("GET", path, headers={"Connection": "keep-alive"},
+                                  version="1.0"))
+        if path == "/test/stream":  # an HTTP/1.0 stream can only end with the connection
+            raw = await client.read_all()
+            assert raw.endswith(b"part 0\npart 1\npart 2\n")
+            return
+        answer = await client.answer()
+        assert answer.status == 200
+        assert answer.headers["connection"].lower() == "keep-alive"
