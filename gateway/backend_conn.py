@@ -66,6 +66,11 @@ class Response:
         chunks = self._chunks
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    @property
+    def has_data(self) -> bool:
+        """Body bytes have arrived that ``read_chunk`` would return at once."""
+        return bool(self._chunks)
+
     async def read_chunk(self) -> bytes:
         """Everything that has arrived since the last call (waiting for something when
         nothing has); b"" at the end of the body. Raises BackendBroken if the

@@ -76,14 +76,16 @@ class Call:
         self.conn.write(head + body if self.method != "HEAD" else head)
         self.conn.finished(self)
 
-    def start(self, status: int, headers: Mapping[str, str]) -> None:
-        """Begin a streamed answer (chunked; a HTTP/1.0 client reads until close)."""
+    def start(self, status: int, headers: Mapping[str, str], first: bytes = b"") -> None:
+        """Begin a streamed answer (chunked; a HTTP/1.0 client reads until close), with
+        its ``first`` piece in the same write when it is already at hand."""
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         if self.http11:
             extra += "Transfer-Encoding: chunked\r\n"
         else:
             self.keep_alive = False
-        self.conn.write(self._head(status, extra))
+        head = self._head(status, extra)
+        self.conn.write(head + self.frame(first) if first else head)
 
     def frame(self, data: bytes) -> bytes:
         """``data`` as one piece of a streamed answer, as the wire carries it."""

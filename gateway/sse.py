@@ -32,9 +32,14 @@ SSE_HEADERS = {
 
 
 async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
-    call.start(upstream.status, SSE_HEADERS)
-    ex.streaming = True
     tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
+    # the first event usually comes with the backend's head: one write, one wake-up
+    first = await upstream.read_chunk() if upstream.has_data else b""
+    call.start(upstream.status, SSE_HEADERS, first)
+    ex.streaming = True
+    if first:
+        ex.first_byte_at = time.monotonic()
+        tail.append(first)
     while True:
         try:
             # everything that arrived since the last read, as one write

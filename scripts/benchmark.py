@@ -12,7 +12,8 @@ Wall-clock figures move with whatever else the machine runs; the gateway worker'
 own CPU time per request (or per SSE event), read from /proc before and after each
 load, does not, so it is the figure to compare between builds.
 
-    scripts/benchmark.py [--seconds 5] [--conc 1,16,64] [--gateway-cpu 1] [--load-cpu 0]
+    scripts/benchmark.py [--seconds 5] [--conc 1,16,64] [--stream-conc 1,16]
+                         [--gateway-cpu 1] [--load-cpu 0] [--only static|llama|cold]
 """
 
 from __future__ import annotations
@@ -165,12 +166,13 @@ def measure(name: str, base: str, auth: str, model: str, args: argparse.Namespac
             r["cpu_us"] = (cpu_seconds(pid) - cpu) * 1e6 / r["count"]
         rows.append({"target": name, "kind": "json", "conc": conc, **r})
     headers = {"Authorization": auth} if auth else {}
-    cpu = cpu_seconds(pid)
-    s = asyncio.run(stream_run(f"{base}/v1/chat/completions", headers, model, 1, args.seconds,
-                               stream_tokens))
-    if pid is not None and s["events"]:
-        s["cpu_us"] = (cpu_seconds(pid) - cpu) * 1e6 / s["events"]
-    rows.append({"target": name, "kind": "sse", "conc": 1, **s})
+    for conc in args.stream_conc:
+        cpu = cpu_seconds(pid)
+        s = asyncio.run(stream_run(f"{base}/v1/chat/completions", headers, model, conc,
+                                   args.seconds, stream_tokens))
+        if pid is not None and s["events"]:
+            s["cpu_us"] = (cpu_seconds(pid) - cpu) * 1e6 / s["events"]
+        rows.append({"target": name, "kind": "sse", "conc": conc, **s})
     return rows
 
 
@@ -195,7 +197,7 @@ def table(rows: list[dict[str, Any]], upstream: str) -> None:
         if r["target"] != "direct" and r["kind"] == "json" and r["conc"] == 1:
             added = r["p50_ms"] - direct[("json", 1)]["p50_ms"]
             print(f"\nadded p50 latency at concurrency 1: {added:.3f} ms")
-        if r["target"] != "direct" and r["kind"] == "sse":
+        if r["target"] != "direct" and r["kind"] == "sse" and r["conc"] == 1:
             added = r["ttft_p50_ms"] - direct[("sse", 1)]["ttft_p50_ms"]
             print(f"added time to first event (p50): {added:.3f} ms")
 
@@ -245,6 +247,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--conc", type=lambda v: [int(x) for x in v.split(",")], default=[1, 16, 64])
+    parser.add_argument("--stream-conc", type=lambda v: [int(x) for x in v.split(",")],
+                        default=[1, 16], help="concurrent streams (default 1,16)")
     parser.add_argument("--gateway-cpu", default="1")
     parser.add_argument("--load-cpu", default="0")
     parser.add_argument("--no-auth", action="store_true", help="measure with auth off")
