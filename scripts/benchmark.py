@@ -12,7 +12,7 @@ Wall-clock figures move with whatever else the machine runs; the gateway worker'
 own CPU time per request (or per SSE event), read from /proc before and after each
 load, does not, so it is the figure to compare between builds.
 
-    scripts/benchmark.py [--seconds 5] [--conc 1,16,64] [--stream-conc 1,16]
+    scripts/benchmark.py [--seconds 5] [--reps 1] [--conc 1,16,64] [--stream-conc 1,16]
                          [--gateway-cpu 1] [--load-cpu 0] [--only static|llama|cold]
 """
 
@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -176,6 +177,21 @@ def measure(name: str, base: str, auth: str, model: str, args: argparse.Namespac
     return rows
 
 
+def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (target, load, concurrency): the median of each figure over the runs."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["target"], r["kind"], r["conc"]), []).append(r)
+    out = []
+    for (target, kind, conc), rs in groups.items():
+        row: dict[str, Any] = {"target": target, "kind": kind, "conc": conc}
+        for field in rs[0]:
+            if field not in row and isinstance(rs[0][field], (int, float)):
+                row[field] = statistics.median(r[field] for r in rs if field in r)
+        out.append(row)
+    return out
+
+
 def table(rows: list[dict[str, Any]], upstream: str) -> None:
     direct = {(r["kind"], r["conc"]): r for r in rows if r["target"] == "direct"}
     print(f"\n## upstream: {upstream}")
@@ -249,6 +265,8 @@ def main() -> int:
     parser.add_argument("--conc", type=lambda v: [int(x) for x in v.split(",")], default=[1, 16, 64])
     parser.add_argument("--stream-conc", type=lambda v: [int(x) for x in v.split(",")],
                         default=[1, 16], help="concurrent streams (default 1,16)")
+    parser.add_argument("--reps", type=int, default=1,
+                        help="alternating direct/gateway runs per level; medians are shown")
     parser.add_argument("--gateway-cpu", default="1")
     parser.add_argument("--load-cpu", default="0")
     parser.add_argument("--no-auth", action="store_true", help="measure with auth off")
@@ -263,9 +281,12 @@ def main() -> int:
             """The same load direct and through a gateway in front of `direct`."""
             gw, url, auth, pid = gateway(direct, tmp, args.gateway_cpu, not args.no_auth)
             procs.append(gw)
-            rows = measure("direct", direct, "", model, args, lua, stream_tokens)
-            rows += measure("llamagate", url, auth, model, args, lua, stream_tokens, pid)
-            table(rows, title)
+            runs: list[dict[str, Any]] = []
+            for _ in range(args.reps):  # alternating, so a drifting backend hurts both alike
+                runs += measure("direct", direct, "", model, args, lua, stream_tokens)
+                runs += measure("llamagate", url, auth, model, args, lua, stream_tokens, pid)
+            table(medians(runs), title + (f"; medians of {args.reps} alternating runs"
+                                          if args.reps > 1 else ""))
 
         if args.only in (None, "static"):
             port = free_port()
