@@ -52,6 +52,9 @@ async def handle(call: Call) -> None:
     except (asyncio.CancelledError, ConnectionResetError):
         ex.error = ex.error or "client_disconnected"
         raise
+    except BaseException:
+        status = call.status or 500  # a stream cut short by a bug: what its head said
+        raise
     finally:
         record(state.metrics, ex, status, call.method)
 

@@ -89,6 +89,8 @@ class Call:
 
     def frame(self, data: bytes) -> bytes:
         """``data`` as one piece of a streamed answer, as the wire carries it."""
+        if not data:
+            return b""  # an empty chunk would end the stream
         return b"%x\r\n%b\r\n" % (len(data), data) if self.http11 else data
 
     async def write(self, data: bytes) -> None:

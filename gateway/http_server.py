@@ -104,10 +104,10 @@ class EdgeServer:
         running = {c.task for c in self.connections if c.task is not None}
         if running:
             await asyncio.wait(running, timeout=grace)
-        for conn in list(self.connections):
-            conn.close()
         running = {c.task for c in self.connections if c.task is not None} | {
             t for t in running if not t.done()}
+        for conn in list(self.connections):
+            conn.abort()  # whatever is left, even a client that stopped reading
         if running:  # cut off: let them unwind before what they use is torn down
             await asyncio.wait(running, timeout=grace)
         for server in self._servers:
@@ -117,9 +117,11 @@ class EdgeServer:
         # one periodic pass instead of a timer per connection per request
         while True:
             await asyncio.sleep(min(5.0, self.keepalive_timeout / 2))
-            limit = time.monotonic() - self.keepalive_timeout
+            now = time.monotonic()
             for conn in list(self.connections):
-                if conn.idle and conn.idle_since < limit:
+                if conn.closing and conn.closed_at < now - LINGER - 1:
+                    conn.abort()  # closed, but its last bytes never left: the client stopped reading
+                elif conn.idle and conn.idle_since < now - self.keepalive_timeout:
                     conn.close()
 
 
@@ -130,6 +132,7 @@ class HttpConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.peer: Any = None
         self.closing = False  # close() was called or the client left: write nothing more
+        self.closed_at = 0.0  # when close() was first called
         self.paused = False
         self.receiving = False  # a request is partly in
         self.task: asyncio.Task[None] | None = None
@@ -173,17 +176,21 @@ class HttpConnection(asyncio.Protocol):
         self.idle_since = time.monotonic()  # a slow upload is not an idle connection
         if self._refused:
             return  # after a 413 or a broken request: drained, never parsed
-        if self._in_head:
-            self._head += len(data)
-            if self._head > MAX_HEAD:
-                self._refuse(431, "the request head is too large")
-                return
+        was_in_head = self._in_head
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._refuse(400, "protocol upgrades are not supported")  # answered, then closed
+            return
         except httptools.HttpParserError:
             self._refuse(400, "malformed HTTP request")
+            return
+        # a head still incomplete after a whole read: bound what the parser buffers for it
+        # (a read that completes a head is not counted: the rest of it may be body)
+        if was_in_head and self._in_head:
+            self._head += len(data)
+            if self._head > MAX_HEAD:
+                self._refuse(431, "the request head is too large")
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -217,6 +224,8 @@ class HttpConnection(asyncio.Protocol):
             raise httptools.HttpParserError("target too long")  # stops the parser
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a chunked body's trailer: never a request header (aiohttp ignored them too)
         self._headers.append((name, value))
         if len(name) + len(value) > MAX_LINE or len(self._headers) > MAX_HEADERS:
             self._refuse(431, "a request header field is too large, or there are too many")
@@ -314,13 +323,24 @@ class HttpConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        self.closing = True
+        if not self.closing:
+            self.closing = True
+            self.closed_at = time.monotonic()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()  # flushes what is buffered first
+
+    def abort(self) -> None:
+        """Cut the connection now, unsent bytes and all (a client that stopped reading)."""
+        self.close()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError("the connection was cut off"))
+        if self.transport is not None:
+            self.transport.abort()
 
     def _linger(self) -> None:
         assert self.transport is not None
         self.closing = True
+        self.closed_at = time.monotonic()
         if self.transport.can_write_eof():
             self.transport.write_eof()  # the client sees the end of the answer and may close
         asyncio.get_running_loop().call_later(LINGER, self.close)
@@ -336,7 +356,7 @@ class HttpConnection(asyncio.Protocol):
     async def _serve(self, call: Call, answer: Handler) -> None:
         try:
             await answer(call)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionError):
             pass  # the client left, or shutdown ended the request
         except Exception:  # the handler renders its own errors; this is a bug
             log.exception("unhandled error answering a request")
@@ -361,8 +381,11 @@ class HttpConnection(asyncio.Protocol):
             return
         self._refused = True
         last = self.pending[-1] if self.pending else self.current
-        if last is not None:
-            last.keep_alive = False
+        if last is not None and not last._done:
+            last.keep_alive = False  # closed once that answer is written
+            return
+        if last is not None:  # answered already, its task still finishing: close now
+            self.close()
             return
         if not self.closing:
             body = error_body(message, "invalid_request_error", _CODES.get(status, "invalid_request"))

@@ -47,9 +47,11 @@ class Tunnel:
             keep_alive = await done
         finally:
             conn.tunnel = None
-            if not done.done():  # cancelled: the client left or we are shutting down
+            if not done.done():  # cancelled, or a bug: what aiohttp wrote may be half an answer
                 done.cancel()
                 asyncio.get_running_loop().call_soon(handler.connection_lost, None)
+                call.settled()
+                conn.close()
         call.settled()
         if not keep_alive:
             call.keep_alive = False

@@ -20,6 +20,7 @@ from tests.gateway.http_client import Client, chunked, request
 from tests.gateway.support import wait_until
 
 BIG = 4 * 1024 * 1024
+MAX_BODY = 1000
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Edge:
     server: EdgeServer
     port: int
     seen: list[tuple[str, str]] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     hanging: asyncio.Event = field(default_factory=asyncio.Event)
     clients: list[Client] = field(default_factory=list)
@@ -39,8 +41,11 @@ class Edge:
 
 async def _handler(edge: Edge, call: Call) -> None:
     edge.seen.append(("fast", call.path))
+    edge.calls.append(call)
     if call.too_large:
         call.respond(413, b"too large")
+    elif call.path == "/v1/length":
+        call.respond(200, b"%d" % len(call.body), "text/plain")
     elif call.path == "/v1/echo":
         call.respond(200, call.body, "text/plain",
                      {"X-Method": call.method, "X-Query": call.query or "-"})
@@ -78,7 +83,7 @@ async def _tunnel(edge: Edge, call: Call) -> None:
 async def started_edge() -> AsyncIterator[Edge]:
     holder: list[Edge] = []
     server = EdgeServer(None, lambda c: _handler(holder[0], c), lambda c: _tunnel(holder[0], c),
-                        lambda c: "X-Decorated: yes\r\n", max_body=1000, keepalive_timeout=0.4)
+                        lambda c: "X-Decorated: yes\r\n", max_body=MAX_BODY, keepalive_timeout=0.4)
     listening = await server.listen("127.0.0.1", 0)
     holder.append(Edge(server, listening.sockets[0].getsockname()[1]))
     try:
@@ -420,4 +425,42 @@ def test_close_lets_a_running_request_finish(run: Run) -> None:
         answer = await client.answer()
         assert (answer.status, answer.body) == (200, b"slow")
         assert not answer.keep_alive
+    run(scenario)
+
+
+def test_chunked_trailers_never_become_request_headers(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(b"POST /v1/echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"3\r\nabc\r\n0\r\nX-Method: injected\r\n\r\n")
+        answer = await client.answer()
+        assert answer.body == b"abc"
+        assert answer.headers["x-method"] == "POST"  # the handler did not see the trailer
+        assert "x-method" not in edge.calls[-1].headers
+    run(scenario)
+
+
+def test_a_head_split_over_reads_is_not_counted_with_its_body(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        edge.server.max_body = 200_000
+        client = await edge.connect()
+        body = b"x" * 150_000  # over the 64 KiB head limit, arriving in the head's last read
+        data = request("POST", "/v1/length", body)
+        await client.send(data[:20])
+        await wait_until(lambda: any(c.receiving for c in edge.server.connections), 5,
+                         "the first part of the head to be read")
+        await client.send(data[20:])
+        answer = await client.answer()
+        assert (answer.status, answer.body) == (200, b"150000")
+    run(scenario)
+
+
+def test_close_cuts_off_a_client_that_stopped_reading(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(request("GET", "/v1/big"))  # the client never reads it
+        await wait_until(lambda: any(c.paused for c in edge.server.connections), 10,
+                         "a paused writer")
+        await edge.server.close(grace=0.2)
+        assert edge.server.connections == set()  # aborted, not left waiting on the reader
     run(scenario)
