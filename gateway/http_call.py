@@ -13,17 +13,21 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from gateway.errors import error_body
+
 if TYPE_CHECKING:
     from gateway.http_server import HttpConnection
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_REFUSAL_CODES = {414: "uri_too_long", 431: "request_header_fields_too_large"}
 
 
 class Call:
     """One request and the means to answer it: a whole body, or a chunked stream."""
 
     __slots__ = ("body", "conn", "ex", "headers", "http11", "key", "keep_alive", "method", "path",
-                 "query", "raw_headers", "state", "status", "target", "ticket", "too_large", "_done")
+                 "query", "raw_headers", "refusal", "state", "status", "target", "ticket",
+                 "too_large", "_done")
 
     def __init__(self, conn: HttpConnection, method: str, target: bytes, headers: dict[str, str],
                  raw_headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool,
@@ -46,6 +50,7 @@ class Call:
         self.ticket: Any = None
         self.state: Any = conn.server.state
         self.too_large = False  # the body was over MAX_BODY_BYTES and was not read
+        self.refusal: tuple[int, str] | None = None  # not a request we accept: status, why
         self._done = False
 
     @property
@@ -121,6 +126,14 @@ class Call:
         return (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
                 f"Date: {server.date()}\r\nServer: llamagate\r\n{extra}{conn}"
                 f"{server.decorate(self)}\r\n").encode("latin-1")
+
+    def refuse(self) -> None:
+        """Answer a request the server would not take (``refusal``), closing after it."""
+        assert self.refusal is not None
+        status, message = self.refusal
+        self.keep_alive = False
+        self.respond(status, error_body(message, "invalid_request_error",
+                                        _REFUSAL_CODES.get(status, "invalid_request")))
 
     def settled(self) -> None:
         """Answered by someone else (the aiohttp app, through the tunnel)."""

@@ -26,7 +26,6 @@ from typing import Any
 
 import httptools
 
-from gateway.errors import error_body
 from gateway.http_call import Call, Handler
 
 log = logging.getLogger("llamagate.gateway.http")
@@ -147,6 +146,7 @@ class HttpConnection(asyncio.Protocol):
         self._size = 0
         self._head = 0  # bytes received while a head was incomplete
         self._in_head = False
+        self._host = False
         self._continue = False  # `Expect: 100-continue` to answer when the request's turn comes
         self._refused = False
 
@@ -210,6 +210,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.receiving = self._in_head = True
+        self._host = False
         self._url = []
         self._headers = []
         self._body = []
@@ -227,6 +228,8 @@ class HttpConnection(asyncio.Protocol):
         if not self._in_head:
             return  # a chunked body's trailer: never a request header (aiohttp ignored them too)
         self._headers.append((name, value))
+        if len(name) == 4 and name.lower() == b"host":
+            self._host = True
         if len(name) + len(value) > MAX_LINE or len(self._headers) > MAX_HEADERS:
             self._refuse(431, "a request header field is too large, or there are too many")
             raise httptools.HttpParserError("headers too large")
@@ -259,6 +262,9 @@ class HttpConnection(asyncio.Protocol):
         self.receiving = False
         self._continue = False
         if self._refused:
+            return
+        if not self._host and self.parser.get_http_version() == "1.1":
+            self._refuse(400, "an HTTP/1.1 request needs a Host header")
             return
         if self.parser.should_upgrade():
             # the parser stops at the head of an upgrade: a body would be lost, so such a
@@ -346,6 +352,9 @@ class HttpConnection(asyncio.Protocol):
         asyncio.get_running_loop().call_later(LINGER, self.close)
 
     def _run(self, call: Call) -> None:
+        if call.refusal is not None:
+            call.refuse()  # its turn has come: answered, and the connection closed after it
+            return
         answer = self.server.handler if call.too_large or self.server.fast(call) \
             else self.server.tunnel
         self.current = call
@@ -375,21 +384,13 @@ class HttpConnection(asyncio.Protocol):
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _refuse(self, status: int, message: str) -> None:
-        """A request we cannot parse or accept. With answers still owed, they are given and
-        the connection closed after them; else this one is answered and the connection closed."""
+        """A request we cannot parse or accept: answered with ``status`` in its turn, after
+        any answers still owed on this connection, which is then closed (what follows it
+        cannot be trusted to be a request)."""
         if self._refused:
             return
         self._refused = True
-        last = self.pending[-1] if self.pending else self.current
-        if last is not None and not last._done:
-            last.keep_alive = False  # closed once that answer is written
-            return
-        if last is not None:  # answered already, its task still finishing: close now
-            self.close()
-            return
-        if not self.closing:
-            body = error_body(message, "invalid_request_error", _CODES.get(status, "invalid_request"))
-            Call(self, "GET", b"/", {}, [], b"", keep_alive=False).respond(status, body)
+        call = Call(self, "GET", b"/", {}, [], b"", keep_alive=False)
+        call.refusal = (status, message)
+        self._dispatch(call)
 
-
-_CODES = {414: "uri_too_long", 431: "request_header_fields_too_large"}

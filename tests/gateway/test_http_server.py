@@ -325,13 +325,14 @@ def test_an_upgrade_request_with_a_body_is_refused(run: Run) -> None:
     run(scenario)
 
 
-def test_garbage_after_a_request_still_lets_it_be_answered(run: Run) -> None:
+def test_garbage_after_a_request_is_refused_after_its_answer(run: Run) -> None:
     async def scenario(edge: Edge) -> None:
         client = await edge.connect()
         await client.send(request("POST", "/v1/slow", b"") + b"\x00\x01 NOT HTTP\r\n\r\n")
-        answer = await client.answer()
+        answer, refusal = await client.answers(2)
         assert (answer.status, answer.body) == (200, b"slow")
-        assert not answer.keep_alive
+        assert refusal.status == 400  # in its turn, after the answer owed before it
+        assert b"malformed HTTP request" in refusal.body
         assert await client.closed()
     run(scenario)
 
@@ -463,4 +464,16 @@ def test_close_cuts_off_a_client_that_stopped_reading(run: Run) -> None:
                          "a paused writer")
         await edge.server.close(grace=0.2)
         assert edge.server.connections == set()  # aborted, not left waiting on the reader
+    run(scenario)
+
+
+def test_an_http11_request_without_host_is_refused(run: Run) -> None:
+    async def scenario(edge: Edge) -> None:
+        client = await edge.connect()
+        await client.send(b"GET /v1/echo HTTP/1.1\r\n\r\n")
+        answer = await client.answer()
+        assert answer.status == 400
+        assert b"Host header" in answer.body
+        assert await client.closed()
+        assert edge.seen == []
     run(scenario)
