@@ -75,4 +75,4 @@ def record(metrics: GatewayMetrics, ex: Exchange, status: int, method: str) -> N
     }
     if ex.prompt is not None:  # set only with LOG_PROMPTS=true
         fields["prompt"] = ex.prompt
-    access_log.info("request", extra=fields)
+    access_log.info("request", extra={"fields": fields})

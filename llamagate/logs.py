@@ -6,12 +6,13 @@ is handled carries it without being passed around.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -34,12 +35,19 @@ class JsonFormatter(logging.Formatter):
         rid = request_id_var.get()
         if rid is not None:
             entry["request_id"] = rid
-        for key, value in vars(record).items():
-            if key not in _RESERVED and not key.startswith("_"):
-                entry[key] = value
+        entry.update(_fields(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, separators=(",", ":"))
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The record's own fields: ``extra={"fields": {...}}`` as given (the access line: one
+    attribute to copy, none to look for), else every attribute ``extra`` added."""
+    fields: dict[str, Any] | None = record.__dict__.get("fields")
+    if fields is not None:
+        return fields
+    return {k: v for k, v in vars(record).items() if k not in _RESERVED and k[0] != "_"}
 
 
 class TextFormatter(logging.Formatter):
@@ -50,8 +58,8 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         rid = request_id_var.get()
-        extra = " ".join(f"{k}={v}" for k, v in vars(record).items()
-                         if k not in _RESERVED and not k.startswith("_"))
+        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items()
+                         if not (rid and k == "request_id"))  # said once, below
         line = f"{stamp} {record.levelname[0]} [{self.role}] {record.name}: {record.getMessage()}"
         if rid:
             line += f" request_id={rid}"
@@ -62,8 +70,51 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes the lines logged during one event-loop iteration together, in one write, at
+    its end (the access log writes a line per request: under load, many per iteration).
+    Outside a running loop (startup, exit, other threads) a line is written at once."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if not self._lines and loop is not None:
+            loop.call_soon(self.flush)
+        self._lines.append(line)
+        if loop is None:
+            self.flush()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            if self._lines:
+                self.stream.write("\n".join(self._lines) + "\n")
+                self._lines.clear()
+            self.stream.flush()
+        except Exception:
+            self._lines.clear()  # a broken stream: drop them rather than grow without end
+        finally:
+            self.release()
+
+
 def setup_logging(role: str, level: str = "INFO", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    # Our lines show no source file, thread or process name, so the logging module need not
+    # look them up for every record (the access log writes one per request): about a third
+    # of what a line cost.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    handler = LineHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(role) if fmt == "json" else TextFormatter(role))
     root = logging.getLogger()
     root.handlers[:] = [handler]
