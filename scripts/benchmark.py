@@ -14,6 +14,7 @@ load, does not, so it is the figure to compare between builds.
 
     scripts/benchmark.py [--seconds 5] [--reps 1] [--conc 1,16,64] [--stream-conc 1,16]
                          [--gateway-cpu 1] [--load-cpu 0] [--only static|llama|cold]
+                         [--log-level warning|info] [--no-auth]
 """
 
 from __future__ import annotations
@@ -131,11 +132,11 @@ async def py_load(url: str, body: str, auth: str, conc: int, seconds: float) -> 
             "p99_ms": 1000 * lat[int(len(lat) * 0.99)], "errors": 0, "count": len(lat)}
 
 
-def gateway(backend_url: str, tmp: Path, cpu: str | None,
-            auth: bool) -> tuple[subprocess.Popen[bytes], str, str, int | None]:
+def gateway(backend_url: str, tmp: Path, cpu: str | None, auth: bool,
+            log_level: str) -> tuple[subprocess.Popen[bytes], str, str, int | None]:
     port, health = free_port(), free_port()
     env = {**os.environ, "BACKEND_URL": backend_url, "PORT": str(port), "PORT_HEALTH": str(health),
-           "HOST": "127.0.0.1", "DATA_DIR": str(tmp / "data"), "LOG_LEVEL": "warning",
+           "HOST": "127.0.0.1", "DATA_DIR": str(tmp / "data"), "LOG_LEVEL": log_level,
            "AUTH_ENABLED": "true" if auth else "false", "MAX_CONCURRENT_REQUESTS": "256",
            "MAX_QUEUE_SIZE": "1024"}
     key = ""
@@ -270,6 +271,9 @@ def main() -> int:
     parser.add_argument("--gateway-cpu", default="1")
     parser.add_argument("--load-cpu", default="0")
     parser.add_argument("--no-auth", action="store_true", help="measure with auth off")
+    parser.add_argument("--log-level", default="warning",
+                        help="the gateway's LOG_LEVEL: warning (default) leaves the access log "
+                             "off, like the reference nginx; info measures it too")
     parser.add_argument("--only", choices=["static", "llama", "cold"], default=None)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="llamagate-bench-"))
@@ -279,7 +283,8 @@ def main() -> int:
     try:
         def pair(direct: str, model: str, stream_tokens: int, title: str) -> None:
             """The same load direct and through a gateway in front of `direct`."""
-            gw, url, auth, pid = gateway(direct, tmp, args.gateway_cpu, not args.no_auth)
+            gw, url, auth, pid = gateway(direct, tmp, args.gateway_cpu, not args.no_auth,
+                                         args.log_level)
             procs.append(gw)
             runs: list[dict[str, Any]] = []
             for _ in range(args.reps):  # alternating, so a drifting backend hurts both alike
