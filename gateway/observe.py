@@ -16,7 +16,7 @@ from gateway.exchange import Exchange
 from gateway.metrics import GatewayMetrics
 from gateway.request_id import open_exchange
 from gateway.state import APP_STATE
-from llamagate.logs import request_id_var
+from llamagate.logs import info_fields, request_id_var
 
 access_log = logging.getLogger("llamagate.access")
 
@@ -75,4 +75,4 @@ def record(metrics: GatewayMetrics, ex: Exchange, status: int, method: str) -> N
     }
     if ex.prompt is not None:  # set only with LOG_PROMPTS=true
         fields["prompt"] = ex.prompt
-    access_log.info("request", extra={"fields": fields})
+    info_fields(access_log, "request", fields)

@@ -25,20 +25,53 @@ class JsonFormatter(logging.Formatter):
         self.role = role
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "role": self.role,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
+        exc = self.formatException(record.exc_info) if record.exc_info else None
+        return self.line(record.created, record.levelname.lower(), record.name,
+                         record.getMessage(), _fields(record), exc)
+
+    def line(self, created: float, level: str, name: str, msg: str, fields: dict[str, Any],
+             exc: str | None = None) -> str:
+        entry: dict[str, Any] = {"ts": round(created, 3), "level": level, "role": self.role,
+                                 "logger": name, "msg": msg}
         rid = request_id_var.get()
         if rid is not None:
             entry["request_id"] = rid
-        entry.update(_fields(record))
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+        entry.update(fields)
+        if exc is not None:
+            entry["exc"] = exc
         return json.dumps(entry, default=str, separators=(",", ":"))
+
+
+def info_fields(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
+    """``logger.info(msg, extra={"fields": fields})``. When the only handler on the way is
+    the JSON ``LineHandler`` every process installs, the line goes straight to it: the same
+    line, without a LogRecord and the logging module's per-record work (the access log
+    writes one per request). Any other handler (a test's, an operator's) gets the record."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    handler = _sole_json_handler(logger)
+    if handler is None:
+        logger.info(msg, extra={"fields": fields})
+        return
+    formatter = handler.formatter
+    assert isinstance(formatter, JsonFormatter)
+    handler.add(formatter.line(time.time(), "info", logger.name, msg, fields))
+
+
+def _sole_json_handler(logger: logging.Logger) -> LineHandler | None:
+    found: LineHandler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        for handler in current.handlers:
+            if (found is not None or type(handler) is not LineHandler or handler.filters
+                    or type(handler.formatter) is not JsonFormatter
+                    or handler.level > logging.INFO):
+                return None
+            found = handler
+        current = current.parent if current.propagate else None
+    return found
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -85,13 +118,21 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
+        self.add(line)
+
+    def add(self, line: str) -> None:
+        """Write a formatted line: at the end of this loop iteration, or now outside a loop."""
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if not self._lines and loop is not None:
-            loop.call_soon(self.flush)
-        self._lines.append(line)
+        self.acquire()  # also called directly (info_fields), not only from handle()
+        try:
+            if not self._lines and loop is not None:
+                loop.call_soon(self.flush)
+            self._lines.append(line)
+        finally:
+            self.release()
         if loop is None:
             self.flush()
 

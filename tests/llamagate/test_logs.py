@@ -8,7 +8,7 @@ import io
 import json
 import logging
 
-from llamagate.logs import JsonFormatter, LineHandler, TextFormatter
+from llamagate.logs import JsonFormatter, LineHandler, TextFormatter, info_fields
 
 
 class CountingStream(io.StringIO):
@@ -64,3 +64,40 @@ def test_the_text_format_names_the_request_id_once() -> None:
     text = stream.getvalue()
     assert text.count("request_id=r1") == 1
     assert "status=200" in text
+
+
+def _tree(stream: CountingStream) -> tuple[logging.Logger, logging.Logger]:
+    """A parent with the JSON LineHandler, as setup_logging installs on the root, and a child."""
+    parent = _logger(stream, JsonFormatter("gateway"))
+    child = logging.getLogger(f"{parent.name}.access")
+    child.handlers[:] = []
+    child.propagate = True
+    return parent, child
+
+
+def test_info_fields_writes_the_same_line_as_a_record_would() -> None:
+    fields = {"request_id": "r1", "status": 200, "model": "tiny", "stream": False, "ttft_ms": None}
+    direct, through_records = CountingStream(), CountingStream()
+    _, child = _tree(direct)
+    info_fields(child, "request", fields)
+    _, child2 = _tree(through_records)
+    child2.info("request", extra={"fields": fields})
+    one, two = (json.loads(s.getvalue()) for s in (direct, through_records))
+    assert one.pop("ts") > 0 and two.pop("ts") > 0
+    assert one == {**two, "logger": one["logger"]}
+    assert one["logger"].endswith(".access") and one["status"] == 200 and one["ttft_ms"] is None
+
+
+def test_info_fields_gives_a_record_to_any_other_handler() -> None:
+    stream = CountingStream()
+    parent, child = _tree(stream)
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    parent.addHandler(Keep())
+    info_fields(child, "request", {"status": 503})
+    assert [r.__dict__["fields"] for r in seen] == [{"status": 503}]
+    assert json.loads(stream.getvalue())["status"] == 503  # and ours still writes it
