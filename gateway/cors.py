@@ -57,19 +57,18 @@ class Cors:
             headers["Vary"] = "Origin"
         elif "origin" not in vary.lower():
             headers["Vary"] = f"{vary}, Origin"
-        origin = request.headers.get("Origin")
-        if self._allowed(origin):
-            assert origin is not None
-            response.headers.update(self._origin_headers(origin))
-            response.headers["Access-Control-Expose-Headers"] = _EXPOSE
+        response.headers.update(self._answer_headers(request.headers.get("Origin")))
 
     def lines(self, origin: str | None) -> str:
         """The same headers as ``on_prepare``, as header lines, for the edge server's answers."""
         if not self.allowed:
             return ""
+        return "Vary: Origin\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in self._answer_headers(origin).items())
+
+    def _answer_headers(self, origin: str | None) -> dict[str, str]:
+        """What an answer (not a preflight) to ``origin`` adds besides `Vary`."""
         if not self._allowed(origin):
-            return "Vary: Origin\r\n"
+            return {}
         assert origin is not None
-        found = self._origin_headers(origin)
-        found["Access-Control-Expose-Headers"] = _EXPOSE
-        return "Vary: Origin\r\n" + "".join(f"{k}: {v}\r\n" for k, v in found.items())
+        return self._origin_headers(origin) | {"Access-Control-Expose-Headers": _EXPOSE}

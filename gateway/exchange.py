@@ -24,7 +24,6 @@ class Exchange:
     completed: bool = False
     error: str | None = None
     inference: bool = False
-    streaming: bool = False  # the answer's head is sent: errors now end the stream
     shutdown: bool = False  # ended by a drain deadline
     prompt: object = None  # messages/prompt/input, kept only with LOG_PROMPTS=true
     fallback: str | None = None  # the model that answered for one cooling down (X-Model-Fallback)

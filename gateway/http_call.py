@@ -146,8 +146,7 @@ class Call:
         self._done = True
         if not self.started and not self.conn.closing:
             self.keep_alive = False
-            self.respond(500, b'{"error":{"message":"internal gateway error","type":"server_error",'
-                              b'"param":null,"code":"internal_error"}}')
+            self.respond(500, error_body("internal gateway error", "server_error", "internal_error"))
             return
         self.conn.close()
 

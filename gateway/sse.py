@@ -36,7 +36,6 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
     # the first event usually comes with the backend's head: one write, one wake-up
     first = await upstream.read_chunk() if upstream.has_data else b""
     call.start(upstream.status, SSE_HEADERS, first)
-    ex.streaming = True
     if first:
         ex.first_byte_at = time.monotonic()
         tail.append(first)

@@ -19,9 +19,6 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
     """One running service (auth off) shared by a test module."""
     tmp = tmp_path_factory.mktemp("service")
     svc = Service(tmp, {"MODEL_PATH": str(tiny_model), "MODEL_NAME": "tiny",
-                        "AUTH_ENABLED": "false"}).start()
-    try:
-        svc.wait_ready()
+                        "AUTH_ENABLED": "false"})
+    with svc.running():
         yield svc
-    finally:
-        svc.stop()

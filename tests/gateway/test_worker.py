@@ -20,12 +20,9 @@ N = 24
 def two_workers(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("workers")
     svc = Service(tmp, {"MODEL_PATH": str(tiny_model), "MODEL_NAME": "tiny", "AUTH_ENABLED": "false",
-                        "GATEWAY_WORKERS": "2", "PARALLEL": "2"}).start()
-    try:
-        svc.wait_ready()
+                        "GATEWAY_WORKERS": "2", "PARALLEL": "2"})
+    with svc.running():
         yield svc
-    finally:
-        svc.stop()
 
 
 def _answered_by(svc: Service) -> set[int]:

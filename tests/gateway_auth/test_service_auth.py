@@ -45,12 +45,9 @@ def svc(store: KeyTool, keys: dict[str, tuple[str, str]], tiny_model: Path) -> I
         "MODEL_PATH": str(tiny_model), "MODEL_NAME": "tiny", "AUTH_ENABLED": "true",
         "AUTH_KEYS_FILE": str(store.keys_file), "USAGE_DB": str(store.usage_db),
         "KEYS_RELOAD_INTERVAL": "0",  # so only SIGHUP and the admin endpoint reload
-        "USAGE_FLUSH_INTERVAL": "0.1", "AUTH_FAILURES_PER_MINUTE": "1000"}).start()
-    try:
-        service.wait_ready()
+        "USAGE_FLUSH_INTERVAL": "0.1", "AUTH_FAILURES_PER_MINUTE": "1000"})
+    with service.running():
         yield service
-    finally:
-        service.stop()
 
 
 def client(svc: Service, secret: str) -> openai.OpenAI:

@@ -66,12 +66,9 @@ def svc(keytool: KeyTool, ops: str, profiles_file: Path) -> Iterator[Service]:
     service = Service(tmp, {**auth_env(keytool), "MODELS_DIR": str(tmp / "models"),
                             "PROFILES_FILE": str(profiles_file), "PROFILE": "main",
                             "MAX_LOADED_MODELS": "4", "METRICS_PUBLIC": "true",
-                            "MODEL_COOLDOWN_SECONDS": str(COOLDOWN)}).start()
-    try:
-        service.wait_ready()
+                            "MODEL_COOLDOWN_SECONDS": str(COOLDOWN)})
+    with service.running():
         yield service
-    finally:
-        service.stop()
 
 
 def test_the_profile_is_served(svc: Service, ops: str) -> None:

@@ -57,12 +57,9 @@ def env(keytool: KeyTool, hub: HubThread, tiny_model: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def svc(keytool: KeyTool, env: dict[str, str], ops: str,
         files: dict[str, tuple[bytes, str]]) -> Iterator[Service]:
-    service = Service(service_dir(keytool), env).start()
-    try:
-        service.wait_ready()
+    service = Service(service_dir(keytool), env)
+    with service.running():
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture(scope="module")

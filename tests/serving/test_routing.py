@@ -46,12 +46,9 @@ def svc(keytool: KeyTool, keys: dict[str, tuple[str, str]]) -> Iterator[Service]
     write_models(tmp / "models", "alpha", "beta")
     # context shift: a generation runs until it is stopped, so a test can see it stop
     service = Service(tmp, {**auth_env(keytool), "MODELS_DIR": str(tmp / "models"),
-                            "MAX_LOADED_MODELS": "1", "EXTRA_ARGS": "--context-shift"}).start()
-    try:
-        service.wait_ready()
+                            "MAX_LOADED_MODELS": "1", "EXTRA_ARGS": "--context-shift"})
+    with service.running():
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,9 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     service = Service(tmp, {"AUTH_ENABLED": "false", "MODELS_DIR": str(tmp / "models"),
                             "MODEL_TTL_SECONDS": str(TTL),
                             # room for one long generation (the last test)
-                            "CTX": "8192", "PARALLEL": "1"}).start()
-    try:
-        service.wait_ready()
+                            "CTX": "8192", "PARALLEL": "1"})
+    with service.running():
         yield service
-    finally:
-        service.stop()
 
 
 def test_an_idle_model_is_unloaded_after_the_ttl(svc: Service) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,15 @@ class Service:
             return self.ping() == 200
         wait_for(ready, timeout, "the service to be ready")
         return self
+
+    @contextlib.contextmanager
+    def running(self, timeout: float = 60.0) -> Iterator[Service]:
+        """Started and ready for the block; stopped after it, whatever happens."""
+        self.start()
+        try:
+            yield self.wait_ready(timeout)
+        finally:
+            self.stop()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

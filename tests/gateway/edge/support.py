@@ -1,0 +1,93 @@
+"""An edge server with plain handlers in place of the gateway, for the tests of its
+HTTP/1.1 handling (tests/gateway/edge/): what each path answers, and a `run` fixture
+(conftest.py) that runs a scenario against a fresh server on asyncio and on uvloop,
+whose transports differ."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from gateway.http_call import Call
+from gateway.http_server import EdgeServer
+from tests.gateway.http_client import Client
+
+BIG = 4 * 1024 * 1024
+MAX_BODY = 1000
+
+
+@dataclass
+class Edge:
+    server: EdgeServer
+    port: int
+    seen: list[tuple[str, str]] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    hanging: asyncio.Event = field(default_factory=asyncio.Event)
+    clients: list[Client] = field(default_factory=list)
+
+    async def connect(self) -> Client:
+        client = await Client.connect(self.port)
+        self.clients.append(client)
+        return client
+
+
+async def _handler(edge: Edge, call: Call) -> None:
+    edge.seen.append(("fast", call.path))
+    edge.calls.append(call)
+    if call.too_large:
+        call.respond(413, b"too large")
+    elif call.path == "/v1/length":
+        call.respond(200, b"%d" % len(call.body), "text/plain")
+    elif call.path == "/v1/echo":
+        call.respond(200, call.body, "text/plain",
+                     {"X-Method": call.method, "X-Query": call.query or "-"})
+    elif call.path == "/v1/stream":
+        call.start(200, {"Content-Type": "text/plain"})
+        for i in range(3):
+            await call.write(b"event %d\n" % i)
+        call.finish()
+    elif call.path == "/v1/big":
+        call.start(200, {"Content-Type": "application/octet-stream"})
+        piece = bytes(range(256)) * 256  # 64 KiB
+        for _ in range(BIG // len(piece)):
+            await call.write(piece)
+        call.finish()
+    elif call.path == "/v1/hang":
+        edge.hanging.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            edge.cancelled.set()
+            raise
+    elif call.path == "/v1/slow":
+        await asyncio.sleep(0.05)  # an answer that takes a moment, so later ones must wait
+        call.respond(200, b"slow")
+    else:
+        call.respond(404, b"no")
+
+
+async def _tunnel(edge: Edge, call: Call) -> None:
+    edge.seen.append(("tunnel", call.path))
+    call.respond(200, b"tunnel " + call.method.encode() + b" " + call.path.encode())
+
+
+@contextlib.asynccontextmanager
+async def started_edge() -> AsyncIterator[Edge]:
+    holder: list[Edge] = []
+    server = EdgeServer(None, lambda c: _handler(holder[0], c), lambda c: _tunnel(holder[0], c),
+                        lambda c: "X-Decorated: yes\r\n", max_body=MAX_BODY, keepalive_timeout=0.4)
+    listening = await server.listen("127.0.0.1", 0)
+    holder.append(Edge(server, listening.sockets[0].getsockname()[1]))
+    try:
+        yield holder[0]
+    finally:
+        for client in holder[0].clients:
+            await client.close()
+        await server.close()
+
+
+Scenario = Callable[[Edge], Awaitable[None]]
+Run = Callable[[Scenario], None]
