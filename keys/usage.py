@@ -46,19 +46,55 @@ def hour_bucket(ts: float) -> int:
     return int(ts // HOUR) * HOUR
 
 
+class Tally:
+    """Per (key, model, hour) increments and each key's latest request time, folded as
+    events come: recording a request costs a dict update, and a flush writes a few rows."""
+
+    __slots__ = ("events", "last_used", "totals")
+
+    def __init__(self) -> None:
+        self.totals: dict[tuple[str, str, int], list[int]] = {}
+        self.last_used: dict[str, float] = {}
+        self.events = 0
+
+    def __len__(self) -> int:
+        return len(self.totals)
+
+    def add(self, key_id: str, model: str, prompt_tokens: int, completion_tokens: int,
+            ts: float) -> None:
+        where = (key_id, model, int(ts // HOUR) * HOUR)
+        t = self.totals.get(where)
+        if t is None:
+            t = self.totals[where] = [0, 0, 0]
+        t[0] += 1
+        t[1] += prompt_tokens
+        t[2] += completion_tokens
+        if ts > self.last_used.get(key_id, float("-inf")):
+            self.last_used[key_id] = ts
+        self.events += 1
+
+    def merge(self, other: "Tally") -> None:
+        """Add ``other``'s counts to these (a batch that could not be written)."""
+        for where, counts in other.totals.items():
+            t = self.totals.setdefault(where, [0, 0, 0])
+            for i, n in enumerate(counts):
+                t[i] += n
+        for k, ts in other.last_used.items():
+            if ts > self.last_used.get(k, float("-inf")):
+                self.last_used[k] = ts
+        self.events += other.events
+
+    def batch(self) -> "UsageBatch":
+        rows = tuple(UsageRow(k, m, h, t[0], t[1], t[2]) for (k, m, h), t in self.totals.items())
+        return UsageBatch(rows=rows, last_used=dict(self.last_used))
+
+
 def aggregate(events: Iterable[UsageEvent]) -> UsageBatch:
     """Fold events into one increment per (key, model, hour)."""
-    totals: dict[tuple[str, str, int], list[int]] = {}
-    last_used: dict[str, float] = {}
+    tally = Tally()
     for e in events:
-        t = totals.setdefault((e.key_id, e.model, hour_bucket(e.ts)), [0, 0, 0])
-        t[0] += 1
-        t[1] += e.prompt_tokens
-        t[2] += e.completion_tokens
-        if e.ts > last_used.get(e.key_id, float("-inf")):
-            last_used[e.key_id] = e.ts
-    rows = tuple(UsageRow(k, m, h, t[0], t[1], t[2]) for (k, m, h), t in totals.items())
-    return UsageBatch(rows=rows, last_used=last_used)
+        tally.add(e.key_id, e.model, e.prompt_tokens, e.completion_tokens, e.ts)
+    return tally.batch()
 
 
 class UsageStore:

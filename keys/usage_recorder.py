@@ -1,12 +1,14 @@
 """Buffered usage recording for the request path.
 
-``record()`` only appends to a list: no I/O, no await. The recorder's own flusher task folds the
-buffer into per-hour increments and writes them in a worker thread at most every
-``flush_interval`` seconds; ``close()`` stops the task and flushes what is left.
+``record()`` folds the request into per-(key, model, hour) counters: a dict update, no I/O, no
+await. The recorder's own flusher task writes those few rows in a worker thread at most every
+``flush_interval`` seconds; ``close()`` stops the task and flushes what is left. (Folding in
+the thread instead held the GIL for milliseconds a flush at thousands of requests/s: a stall
+every request in flight then waited out.)
 
-If a write fails (disk full, database locked too long) the events go back into the buffer and
-are retried; past ``max_pending`` new events are dropped and counted, so a stuck disk cannot
-grow memory without bound.
+If a write fails (disk full, database locked too long) the rows go back and are retried; past
+``max_rows`` distinct (key, model, hour) rows, events that would need a new row are dropped and
+counted, so a stuck disk cannot grow memory without bound.
 """
 
 import asyncio
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from keys.db import open_db
-from keys.usage import UsageEvent, UsageRow, UsageStore, aggregate
+from keys.usage import HOUR, Tally, UsageRow, UsageStore
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
@@ -32,16 +34,16 @@ class UsageRecorder:
         db_path: Path,
         *,
         flush_interval: float = 1.0,
-        max_pending: int = 100_000,
+        max_rows: int = 100_000,
         sleep: Sleep = asyncio.sleep,
         logger: logging.Logger | None = None,
     ) -> None:
         self._db_path = db_path
         self._interval = flush_interval
-        self._max_pending = max_pending
+        self._max_rows = max_rows
         self._sleep = sleep
         self._log = logger or logging.getLogger("llamagate.keys")
-        self._pending: list[UsageEvent] = []
+        self._pending = Tally()
         self._dropped = 0
         self._closed = False
         self._store: UsageStore | None = None
@@ -54,7 +56,7 @@ class UsageRecorder:
     @property
     def pending(self) -> int:
         """Events recorded but not yet written."""
-        return len(self._pending)
+        return self._pending.events
 
     @property
     def dropped(self) -> int:
@@ -74,30 +76,32 @@ class UsageRecorder:
 
     def record(self, key_id: str, model: str, prompt_tokens: int, completion_tokens: int, ts: float) -> None:
         """Note one finished request. Never blocks and never raises on the request path."""
-        if self._closed or len(self._pending) >= self._max_pending:
+        pending = self._pending
+        if self._closed or (len(pending) >= self._max_rows
+                            and (key_id, model, int(ts // HOUR) * HOUR) not in pending.totals):
             self._dropped += 1
             return
-        self._pending.append(UsageEvent(key_id, model, prompt_tokens, completion_tokens, ts))
+        pending.add(key_id, model, prompt_tokens, completion_tokens, ts)
 
     async def flush(self) -> int:
         """Write everything buffered so far; returns the number of events written."""
         async with self._flush_lock:
-            if not self._pending:
+            if not self._pending.events:
                 return 0
             if self._store is None:
                 raise RuntimeError("UsageRecorder.open() has not been called")
-            batch, self._pending = self._pending, []
+            tally, self._pending = self._pending, Tally()
+            batch = tally.batch()
             try:
-                await self._in_thread(lambda store: store.write(aggregate(batch)))
+                await self._in_thread(lambda store: store.write(batch))
             except (sqlite3.Error, OSError) as exc:
-                room = max(self._max_pending - len(self._pending), 0)
-                self._dropped += max(len(batch) - room, 0)
-                self._pending[:0] = batch[:room]
-                self._log.error(
-                    "usage flush failed, %d events kept for retry: %s", min(len(batch), room), exc
-                )
+                # what arrived meanwhile is added to the batch: rows only grow by new hours
+                tally.merge(self._pending)
+                self._pending = tally
+                self._log.error("usage flush failed, %d events kept for retry: %s",
+                                tally.events, exc)
                 return 0
-            return len(batch)
+            return tally.events
 
     async def close(self) -> None:
         """Stop the flusher, write what is left, close the database."""
@@ -110,10 +114,11 @@ class UsageRecorder:
                 self._log.error("usage flusher had stopped: %r", task.exception())
         if self._conn is not None:
             await self.flush()
-            if self._pending:
-                self._log.error("dropping %d usage events that could not be written", len(self._pending))
-                self._dropped += len(self._pending)
-                self._pending = []
+            if self._pending.events:
+                self._log.error("dropping %d usage events that could not be written",
+                                self._pending.events)
+                self._dropped += self._pending.events
+                self._pending = Tally()
             conn, self._conn, self._store = self._conn, None, None
             await asyncio.to_thread(self._close_conn, conn)
 

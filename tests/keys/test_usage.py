@@ -2,7 +2,7 @@ import contextlib
 from pathlib import Path
 
 from keys.db import open_db
-from keys.usage import HOUR, UsageEvent, UsageRow, UsageStore, aggregate, hour_bucket
+from keys.usage import HOUR, Tally, UsageEvent, UsageRow, UsageStore, aggregate, hour_bucket
 from tests.keys.helpers import T0
 
 H0 = hour_bucket(T0)
@@ -30,6 +30,23 @@ def test_aggregate_folds_per_key_model_and_hour() -> None:
         UsageRow("k2", "m", H0, 1, 4, 4),
     ]
     assert batch.last_used == {"k1": H0 + HOUR, "k2": H0 + 9}
+
+
+def test_tally_merge_adds_counts_and_keeps_the_latest_time() -> None:
+    kept, meanwhile = Tally(), Tally()
+    kept.add("k1", "m", 10, 5, H0 + 5)
+    kept.add("k2", "m", 1, 1, H0 + 9)
+    meanwhile.add("k1", "m", 2, 2, H0 + 7)
+    meanwhile.add("k1", "m", 3, 3, H0 + HOUR)
+    meanwhile.add("k2", "m", 1, 1, H0 + 1)
+    kept.merge(meanwhile)
+    assert kept.events == 5 and len(kept) == 3
+    assert sorted(kept.batch().rows, key=lambda r: (r.key_id, r.hour)) == [
+        UsageRow("k1", "m", H0, 2, 12, 7),
+        UsageRow("k1", "m", H0 + HOUR, 1, 3, 3),
+        UsageRow("k2", "m", H0, 2, 2, 2),
+    ]
+    assert kept.batch().last_used == {"k1": H0 + HOUR, "k2": H0 + 9}
 
 
 def test_store_upserts_and_filters(tmp_path: Path) -> None:

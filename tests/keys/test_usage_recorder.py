@@ -70,7 +70,7 @@ async def test_flusher_task_writes_every_interval(tmp_path: Path) -> None:
 
 
 async def test_failed_write_keeps_events_for_retry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    recorder = UsageRecorder(tmp_path / "usage.db", max_pending=3)
+    recorder = UsageRecorder(tmp_path / "usage.db", max_rows=1)
     await recorder.open()
     try:
         real_write = UsageStore.write
@@ -83,13 +83,14 @@ async def test_failed_write_keeps_events_for_retry(tmp_path: Path, monkeypatch: 
         recorder.record("k1", "m", 1, 1, T0)
         assert await recorder.flush() == 0
         assert recorder.pending == 2
-        recorder.record("k1", "m", 1, 1, T0)
-        recorder.record("k1", "m", 1, 1, T0)  # over max_pending: dropped
+        recorder.record("k1", "m", 1, 1, T0)  # folds into the row kept for retry
+        recorder.record("k2", "m", 1, 1, T0)  # would need a second row: over max_rows, dropped
         assert recorder.pending == 3 and recorder.dropped == 1
 
         monkeypatch.setattr(UsageStore, "write", real_write)
         assert await recorder.flush() == 3
         assert await recorder.usage() == [UsageRow("k1", "m", H0, 3, 3, 3)]
+        assert await recorder.last_used("k1") == T0
     finally:
         await recorder.close()
 
