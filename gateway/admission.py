@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 
 class QueueFull(Exception):
@@ -19,6 +20,24 @@ class QueueFull(Exception):
 
 class QueueTimeout(Exception):
     pass
+
+
+class AdmissionClosed(Exception):
+    """The admission queue is gone (several workers: the serve process is ending)."""
+
+
+class Slots(Protocol):
+    """What the proxy needs of admission: this module's `Admission` in a single worker,
+    gateway/shared_admission.py's client of the serve process's queue in several."""
+
+    in_flight: int
+
+    @property
+    def queued(self) -> int: ...
+
+    async def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
 
 
 class Admission:
@@ -33,9 +52,15 @@ class Admission:
     def queued(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take a place if one is free and nobody is queued for it."""
         if self.in_flight < self.limit and not self._waiters:
             self.in_flight += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
         if len(self._waiters) >= self.max_queue:
             raise QueueFull

@@ -24,6 +24,7 @@ from gateway.cors import Cors
 from gateway.http_server import EdgeServer
 from gateway.metrics import BackendCollector, GatewayMetrics, make_registries
 from gateway.model_metrics import ModelStateCollector
+from gateway.shared_admission import SharedAdmission
 from gateway.state import APP_STATE, AppState
 from gateway.tunnel import Finished, Tunnel
 from gateway.upstream import Upstream
@@ -40,6 +41,7 @@ class Wiring:
     runtime_dir: Path | None  # None: no serve process; follow the backend's /health
     models: tuple[str, ...] = ()
     control_socket: Path | None = None  # the serve process's model-management API
+    admission_socket: Path | None = None  # several workers: the serve process's single queue
 
 
 def create_app(config: Config, wiring: Wiring) -> web.Application:
@@ -50,7 +52,8 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     state = AppState(
         config=config,
         upstream=upstream,
-        admission=Admission(config.concurrency_limit, config.max_queue_size, config.queue_timeout),
+        admission=SharedAdmission(wiring.admission_socket) if wiring.admission_socket else
+        Admission(config.concurrency_limit, config.max_queue_size, config.queue_timeout),
         metrics=GatewayMetrics(made),
         models=ModelCatalog(wiring.models, wiring.models[0] if wiring.models else None),
         exposed_registry=exposed,
@@ -70,6 +73,8 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     # keyring, limits, usage, audit, /admin routes (models, pulls and profiles via the socket)
     keys_wiring.install(app, state, wiring.control_socket)
     app.cleanup_ctx.append(_upstream_ctx(state, wiring))
+    if isinstance(state.admission, SharedAdmission):
+        app.cleanup_ctx.append(_hub_ctx(state.admission))
     app.cleanup_ctx.append(_background(lambda: proxy.expire(state), "request-timeouts"))
     if wiring.runtime_dir is not None:
         app.cleanup_ctx.append(_heartbeat_ctx(state, wiring.runtime_dir))
@@ -134,6 +139,16 @@ def _upstream_ctx(state: AppState, wiring: Wiring
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await state.upstream.close()
+    return ctx
+
+
+def _hub_ctx(admission: SharedAdmission
+             ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await admission.connect()
+        yield
+        admission.close()
     return ctx
 
 

@@ -14,7 +14,7 @@ import json
 import time
 
 from gateway import auth, ratelimit, sse, unstream
-from gateway.admission import QueueFull, QueueTimeout
+from gateway.admission import AdmissionClosed, QueueFull, QueueTimeout
 from gateway.backend_http import BackendBroken, BackendError, Response
 from gateway.errors import (
     BackendUnavailable,
@@ -114,6 +114,9 @@ async def handle(call: Call) -> None:
         metrics.rejections.labels("queue_timeout").inc()
         raise BackendUnavailable("timed out waiting for a free backend slot", code="queue_timeout",
                                  retry_after=2) from None
+    except AdmissionClosed:
+        raise BackendUnavailable("the server is shutting down", code="shutting_down",
+                                 retry_after=5) from None
     finally:
         if counted:
             metrics.queue_depth.dec()

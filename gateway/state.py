@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.admission import Admission
+from gateway.admission import Slots
 from gateway.catalog import ModelCatalog
 from gateway.cors import Cors
 from gateway.exchange import Exchange
@@ -40,7 +40,7 @@ class Activity:
 class AppState:
     config: Config
     upstream: Upstream
-    admission: Admission
+    admission: Slots
     metrics: GatewayMetrics
     models: ModelCatalog
     exposed_registry: CollectorRegistry

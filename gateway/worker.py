@@ -35,7 +35,9 @@ def parse_wiring(raw: str) -> Wiring:
     return Wiring(backend_url=data["backend_url"], backend_key=key or data.get("backend_key"),
                   runtime_dir=Path(data["runtime_dir"]) if data.get("runtime_dir") else None,
                   models=tuple(data.get("models", ())),
-                  control_socket=Path(data["control_socket"]) if data.get("control_socket") else None)
+                  control_socket=Path(data["control_socket"]) if data.get("control_socket") else None,
+                  admission_socket=Path(data["admission_socket"])
+                  if data.get("admission_socket") else None)
 
 
 async def run(app: web.Application, host: str, port: int, reuse_port: bool) -> None:

@@ -35,6 +35,8 @@ from backend.models.registry import ModelRegistry
 from backend.restarts import RestartPolicy
 from backend.router import RouterClient, args_to_options
 from backend.supervisor import StartupError, Supervisor
+from gateway.admission import Admission
+from gateway.admission_hub import AdmissionHub
 from llamagate import runtime
 from llamagate.banner import banner, diagnostics
 from llamagate.children import Child
@@ -159,6 +161,13 @@ class Service:
             await control.cleanup()
             return 1
         wiring["control_socket"] = str(self.control_socket)
+        hub = None
+        if self.config.gateway_workers > 1:  # one admission queue for all of them
+            c = self.config
+            hub = AdmissionHub(Admission(c.concurrency_limit, c.max_queue_size, c.queue_timeout),
+                               self.runtime_dir / "admission.sock")
+            await hub.start()
+            wiring["admission_socket"] = str(hub.path)
         workers = [Child(f"gateway-{i}", [sys.executable, "-m", "gateway.worker", "--wiring",
                                           json.dumps(wiring)], env, restart=True)
                    for i in range(self.config.gateway_workers)]
@@ -176,6 +185,8 @@ class Service:
             tasks.append(asyncio.create_task(self._idle_watch(), name="idle-watch"))
         await self.stop_event.wait()
         await self._shutdown(workers, health, tasks)
+        if hub is not None:
+            await hub.close()
         await self.pulls.close()
         await control.cleanup()
         return self.exit_code

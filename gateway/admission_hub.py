@@ -1,0 +1,123 @@
+"""One admission queue for all gateway workers (GATEWAY_WORKERS > 1).
+
+Each worker runs its own event loop, so an `Admission` in each would let N workers
+put N × MAX_CONCURRENT_REQUESTS requests on the backend and queue N × MAX_QUEUE_SIZE.
+With more than one worker the serve process holds the only `Admission`, and workers
+ask it for places over a Unix socket (the worker's side: gateway/shared_admission.py).
+The price is one round trip per request, paid only with several workers.
+
+Messages are 9 bytes both ways: an op and a request number chosen by the worker.
+
+    worker → hub   ACQUIRE n    CANCEL n (its client left while queued)    RELEASE 0
+    hub → worker   GRANTED n    FULL n    TIMEOUT n
+
+A worker whose connection drops (it crashed) gives back every place it held and its
+waiters leave the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+from gateway.admission import Admission, QueueFull, QueueTimeout
+
+MESSAGE = struct.Struct("!cQ")
+ACQUIRE, CANCEL, RELEASE = b"a", b"c", b"r"
+GRANTED, FULL, TIMEOUT = b"g", b"f", b"t"
+
+
+class _Worker(asyncio.Protocol):
+    """One worker's connection: its queued requests and the places it holds."""
+
+    def __init__(self, admission: Admission, gone: Callable[[_Worker], None]) -> None:
+        self.admission = admission
+        self._gone = gone
+        self.transport: asyncio.Transport | None = None
+        self.waiting: dict[int, asyncio.Task[None]] = {}
+        self.held = 0
+        self.buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data
+        whole = len(buffer) - len(buffer) % MESSAGE.size
+        self.buffer = buffer[whole:]
+        for op, number in MESSAGE.iter_unpack(buffer[:whole]):
+            if op == ACQUIRE:
+                if self.admission.try_acquire():  # a free place: no task, no queue
+                    self.held += 1
+                    self._reply(GRANTED, number)
+                else:
+                    self.waiting[number] = asyncio.create_task(self._wait(number))
+            elif op == CANCEL:
+                task = self.waiting.get(number)
+                if task is not None:
+                    task.cancel()  # Admission gives on a place handed over meanwhile
+            elif op == RELEASE and self.held > 0:
+                self.held -= 1
+                self.admission.release()
+
+    async def _wait(self, number: int) -> None:
+        try:
+            await self.admission.acquire()
+        except QueueFull:
+            self._reply(FULL, number)
+            return
+        except QueueTimeout:
+            self._reply(TIMEOUT, number)
+            return
+        finally:
+            self.waiting.pop(number, None)
+        self.held += 1
+        self._reply(GRANTED, number)
+
+    def _reply(self, op: bytes, number: int) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(MESSAGE.pack(op, number))
+        elif op == GRANTED:  # nobody left to use it
+            self.held -= 1
+            self.admission.release()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone(self)
+        self.transport = None
+        for task in list(self.waiting.values()):
+            task.cancel()
+        for _ in range(self.held):
+            self.admission.release()
+        self.held = 0
+
+
+class AdmissionHub:
+    """The serve process's side: listens on ``path`` and admits for every worker."""
+
+    def __init__(self, admission: Admission, path: Path) -> None:
+        self.admission = admission
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+        self._workers: set[_Worker] = set()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(self._connected, str(self.path))
+
+    def _connected(self) -> _Worker:
+        worker = _Worker(self.admission, self._workers.discard)
+        self._workers.add(worker)
+        return worker
+
+    async def close(self) -> None:
+        """Stop listening and close every worker's connection (their waiters get 503)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for worker in list(self._workers):
+            if worker.transport is not None:
+                worker.transport.close()
+        await asyncio.sleep(0)  # connection_lost runs on the next loop pass
