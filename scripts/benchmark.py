@@ -2,15 +2,19 @@
 """Gateway overhead, measured against direct llama-server in the same run.
 
 Two upstreams: (a) llama-server with the tiny model; (b) a minimal static
-upstream (fixed JSON, and an SSE stream of 200 events sent as fast as it can),
-which isolates the gateway's own cost. Each is measured directly and through
-`llamagate serve` (BACKEND_URL mode, auth on), the gateway pinned to one CPU.
-Non-streaming load uses wrk when installed (apt-get install wrk), else a Python
-client; streams use an aiohttp client. Prints one table with ratios to direct.
+upstream, which isolates the gateway's own cost: a fixed JSON reply from nginx
+when it is installed (apt-get install nginx-light; else from the aiohttp server
+below), and an aiohttp SSE stream of 200 events sent as fast as it can. Each is
+measured directly and through `llamagate serve` (BACKEND_URL mode, auth on), the
+gateway pinned to one CPU, the upstreams and the load on another. Non-streaming
+load uses wrk when installed (apt-get install wrk), else a Python client; streams
+use an aiohttp client. Prints tables with ratios to direct.
 
-Wall-clock figures move with whatever else the machine runs; the gateway worker's
+Wall-clock figures move with whatever else the machine runs. The gateway worker's
 own CPU time per request (or per SSE event), read from /proc before and after each
-load, does not, so it is the figure to compare between builds.
+load, moves less, but still with the machine's speed (on a shared virtual machine,
+the same build measured 145 and 235 µs/request an hour apart): compare builds
+within one run, alternating them, never across runs.
 
     scripts/benchmark.py [--seconds 5] [--reps 1] [--conc 1,16,64] [--stream-conc 1,16]
                          [--gateway-cpu 1] [--load-cpu 0] [--only static|llama|cold]
@@ -152,13 +156,53 @@ def gateway(backend_url: str, tmp: Path, cpu: str | None, auth: bool,
     return proc, f"http://127.0.0.1:{port}", f"Bearer {key}" if key else "", worker_pid(proc.pid)
 
 
+NGINX_CONF = """daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/nginx-body;
+  keepalive_requests 10000000;
+  server {{
+    listen 127.0.0.1:{port};
+    default_type application/json;
+    location = /v1/chat/completions {{ return 200 '{reply}'; }}
+    location = /v1/models {{ return 200 '{models}'; }}
+    location = /health {{ return 200 '{{"status":"ok"}}'; }}
+  }}
+}}
+"""
+
+
+def nginx_upstream(tmp: Path, cpu: str | None) -> tuple[subprocess.Popen[bytes], str] | None:
+    """The fixed JSON reply from nginx (its cost next to the load generator is a fraction of
+    an aiohttp server's, so the load measures the gateway); None when nginx is not installed."""
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
+                                       else None)
+    if binary is None:
+        return None
+    from scripts.bench.fake_upstream import MODELS, REPLY
+    port = free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, reply=REPLY.decode(),
+                                      models=MODELS.decode()))
+    proc = start(pinned(cpu, [binary, "-p", str(tmp), "-c", str(conf)]), dict(os.environ),
+                 tmp / "nginx.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: up(f"{url}/health"), 30, "the nginx upstream")
+    return proc, url
+
+
 def measure(name: str, base: str, auth: str, model: str, args: argparse.Namespace, lua: Path,
-            stream_tokens: int, pid: int | None = None) -> list[dict[str, Any]]:
+            stream_tokens: int, pid: int | None = None,
+            kinds: tuple[str, ...] = ("json", "sse")) -> list[dict[str, Any]]:
     """Load `base`; with `pid`, also that process's CPU µs per request (per event for SSE)."""
     rows = []
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello."}],
                        "max_tokens": 8})
-    for conc in args.conc:
+    for conc in args.conc if "json" in kinds else ():
         cpu = cpu_seconds(pid)
         if shutil.which("wrk"):
             r = wrk(f"{base}/v1/chat/completions", body, auth, conc, args.seconds, args.load_cpu, lua)
@@ -168,7 +212,7 @@ def measure(name: str, base: str, auth: str, model: str, args: argparse.Namespac
             r["cpu_us"] = (cpu_seconds(pid) - cpu) * 1e6 / r["count"]
         rows.append({"target": name, "kind": "json", "conc": conc, **r})
     headers = {"Authorization": auth} if auth else {}
-    for conc in args.stream_conc:
+    for conc in args.stream_conc if "sse" in kinds else ():
         cpu = cpu_seconds(pid)
         s = asyncio.run(stream_run(f"{base}/v1/chat/completions", headers, model, conc,
                                    args.seconds, stream_tokens))
@@ -281,15 +325,19 @@ def main() -> int:
     lua.write_text(LUA)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        def pair(direct: str, model: str, stream_tokens: int, title: str) -> None:
+        def pair(direct: str, model: str, stream_tokens: int, title: str,
+                 kinds: tuple[str, ...] = ("json", "sse")) -> None:
             """The same load direct and through a gateway in front of `direct`."""
             gw, url, auth, pid = gateway(direct, tmp, args.gateway_cpu, not args.no_auth,
                                          args.log_level)
             procs.append(gw)
             runs: list[dict[str, Any]] = []
             for _ in range(args.reps):  # alternating, so a drifting backend hurts both alike
-                runs += measure("direct", direct, "", model, args, lua, stream_tokens)
-                runs += measure("llamagate", url, auth, model, args, lua, stream_tokens, pid)
+                runs += measure("direct", direct, "", model, args, lua, stream_tokens, kinds=kinds)
+                runs += measure("llamagate", url, auth, model, args, lua, stream_tokens, pid,
+                                kinds=kinds)
+            gw.terminate()
+            gw.wait(30)
             table(medians(runs), title + (f"; medians of {args.reps} alternating runs"
                                           if args.reps > 1 else ""))
 
@@ -300,7 +348,13 @@ def main() -> int:
                                tmp / "fake.log"))
             static = f"http://127.0.0.1:{port}"
             wait_for(lambda: up(f"{static}/health"), 30, "the static upstream")
-            pair(static, "fake", 200, "static (fixed JSON; SSE 200 events)")
+            nginx = nginx_upstream(tmp, args.load_cpu)
+            if nginx is not None:
+                procs.append(nginx[0])
+                pair(nginx[1], "fake", 200, "static (nginx, fixed JSON)", ("json",))
+                pair(static, "fake", 200, "static (aiohttp, SSE 200 events)", ("sse",))
+            else:
+                pair(static, "fake", 200, "static (aiohttp: fixed JSON; SSE 200 events)")
         if args.only in (None, "llama"):
             from llamagate.tiny_model import write_model
             model = write_model(tmp / "tiny.gguf")
