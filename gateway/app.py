@@ -20,6 +20,7 @@ from aiohttp import web
 from gateway import edge, keys_wiring, openapi, pipeline, proxy, routes
 from gateway.admission import Admission
 from gateway.catalog import ModelCatalog
+from gateway.client_address import ClientAddress
 from gateway.cors import Cors
 from gateway.http_server import EdgeServer
 from gateway.metrics import BackendCollector, GatewayMetrics, make_registries
@@ -63,6 +64,7 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     state.metrics.follow(state.admission)
     app[APP_STATE] = state
     state.cors = Cors(config.cors_origins)
+    state.clients = ClientAddress(config.trusted_proxies)
     pipeline.install(app, state.cors)
     app.router.add_get("/ping", routes.ping)
     app.router.add_get("/health", routes.health)

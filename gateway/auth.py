@@ -156,7 +156,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     scope = required_scope(request, state.config.metrics_public)
     if scope == "":
         return await handler(request)
-    key = authenticate(request.headers, request.remote, state)
+    remote = state.clients.of(request.remote, request.headers.getall("X-Forwarded-For", ()))
+    key = authenticate(request.headers, remote, state)
     exchange_of(request).key_id = key.id
     if scope is not None and not has_scope(key, scope):
         raise Forbidden(f"this API key lacks the '{scope}' scope", code="missing_scope")

@@ -87,7 +87,11 @@ async def _authorized(call: Call, state: AppState, ex: Exchange) -> None:
     if not state.config.auth_enabled:
         await proxy.handle(call)
         return
-    key = authenticate(call.headers, call.remote, state)
+    clients = state.clients
+    remote = call.remote if not clients.enabled else clients.of(
+        call.remote, [v.decode("latin-1") for k, v in call.raw_headers
+                      if k.lower() == b"x-forwarded-for"])
+    key = authenticate(call.headers, remote, state)
     ex.key_id = key.id
     if not has_scope(key, SCOPE_INFERENCE):
         raise Forbidden(f"this API key lacks the '{SCOPE_INFERENCE}' scope", code="missing_scope")

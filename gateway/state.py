@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.admission import Slots
 from gateway.catalog import ModelCatalog
+from gateway.client_address import ClientAddress
 from gateway.cors import Cors
 from gateway.exchange import Exchange
 from gateway.metrics import GatewayMetrics
@@ -57,6 +58,8 @@ class AppState:
     auth_failures: AddressThrottle | None = None
     clock: Callable[[], float] = time.time  # wall clock for key expiry and rotation grace
     cors: Cors = field(default_factory=lambda: Cors(()))
+    # who the client is behind TRUSTED_PROXIES (gateway/client_address.py)
+    clients: ClientAddress = field(default_factory=lambda: ClientAddress(()))
 
     def drain_deadline_now(self) -> None:
         self.drain_now.set()

@@ -9,6 +9,7 @@ so existing deployments switch unchanged.
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -84,6 +85,7 @@ class Config:
     max_queue_size: int = 64
     queue_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
     log_level: str = "INFO"
     log_format: str = "json"
     log_prompts: bool = False
@@ -191,6 +193,14 @@ def _origins(v: str) -> tuple[str, ...]:
     return items
 
 
+def _proxies(v: str) -> tuple[str, ...]:
+    items = tuple(p.strip() for p in v.split(",") if p.strip())
+    for item in items:
+        if item != "*":
+            ipaddress.ip_network(item, strict=False)  # ValueError names a bad one
+    return items
+
+
 _NO_WORDS: tuple[str, ...] = ()
 
 
@@ -252,6 +262,8 @@ def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
         max_queue_size=r.integer("MAX_QUEUE_SIZE", 64, 0, 1_000_000),
         queue_timeout=r.number("QUEUE_TIMEOUT", 30.0, 0.001, 86400),
         cors_origins=r.parse("CORS_ORIGINS", _origins, _NO_WORDS, "a comma list of http(s) origins"),
+        trusted_proxies=r.parse("TRUSTED_PROXIES", _proxies, _NO_WORDS,
+                                "a comma list of IP addresses or networks (CIDR), or *"),
         log_level=r.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),
         log_format=r.choice("LOG_FORMAT", "json", ("json", "text")),
         log_prompts=r.boolean("LOG_PROMPTS", False),

@@ -29,6 +29,14 @@ def test_every_problem_is_reported_at_once() -> None:
     assert len(info.value.problems) == 4
 
 
+def test_trusted_proxies_are_addresses_networks_or_star() -> None:
+    config = load_config({"TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1,::1"})
+    assert config.trusted_proxies == ("10.0.0.0/8", "127.0.0.1", "::1")
+    assert load_config({"TRUSTED_PROXIES": "*"}).trusted_proxies == ("*",)
+    with pytest.raises(ConfigError, match="TRUSTED_PROXIES='10.0.0.0/8, lb.internal'"):
+        load_config({"TRUSTED_PROXIES": "10.0.0.0/8, lb.internal"})
+
+
 def test_extra_args_are_shell_split() -> None:
     config = load_config({"EXTRA_ARGS": "--flash-attn on --chat-template 'chat ml'"})
     assert config.extra_args == ("--flash-attn", "on", "--chat-template", "chat ml")
