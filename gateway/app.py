@@ -26,6 +26,7 @@ from gateway.http_server import EdgeServer
 from gateway.metrics import BackendCollector, GatewayMetrics, make_registries
 from gateway.model_metrics import ModelStateCollector
 from gateway.shared_admission import SharedAdmission
+from gateway.shared_limits import SharedTable
 from gateway.state import APP_STATE, AppState
 from gateway.tunnel import Finished, Tunnel
 from gateway.upstream import Upstream
@@ -43,6 +44,8 @@ class Wiring:
     models: tuple[str, ...] = ()
     control_socket: Path | None = None  # the serve process's model-management API
     admission_socket: Path | None = None  # several workers: the serve process's single queue
+    limits_file: Path | None = None  # several workers: per-key rate limits they share
+    worker_index: int = 0  # which of GATEWAY_WORKERS this is
 
 
 def create_app(config: Config, wiring: Wiring) -> web.Application:
@@ -73,7 +76,9 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
         admin=config.auth_enabled, models_admin=wiring.control_socket is not None))
     # /v1/* is answered by gateway/edge.py, before aiohttp (see Served below)
     # keyring, limits, usage, audit, /admin routes (models, pulls and profiles via the socket)
-    keys_wiring.install(app, state, wiring.control_socket)
+    keys_wiring.install(app, state, wiring.control_socket,
+                        SharedTable(wiring.limits_file, config.gateway_workers, wiring.worker_index)
+                        if wiring.limits_file is not None and config.auth_enabled else None)
     app.cleanup_ctx.append(_upstream_ctx(state, wiring))
     if isinstance(state.admission, SharedAdmission):
         app.cleanup_ctx.append(_hub_ctx(state.admission))

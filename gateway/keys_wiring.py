@@ -21,7 +21,8 @@ from aiohttp import web
 
 from gateway import admin, control_client
 from gateway.auth import AddressThrottle
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import KeyLimiter, RateLimiter
+from gateway.shared_limits import SharedKeyLimiter, SharedTable
 from gateway.state import AppState
 from keys.model import Limits
 from keys.reloader import KeyReloader
@@ -31,18 +32,28 @@ log = logging.getLogger("llamagate.keys")
 CleanupCtx = Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]
 
 
-def install(app: web.Application, state: AppState, control_socket: Path | None = None) -> None:
+def install(app: web.Application, state: AppState, control_socket: Path | None = None,
+            shared: SharedTable | None = None) -> None:
     """Set up API keys on ``app`` when auth is on, with the admin routes (none without auth:
-    nothing could tell an admin from anyone else)."""
+    nothing could tell an admin from anyone else). ``shared``: several workers' common
+    rate-limit table."""
     config = state.config
     if not config.auth_enabled:
         return
     state.keys = KeyReloader(config.auth_keys_file)
     state.usage = UsageRecorder(config.usage_db, flush_interval=config.usage_flush_interval)
     # 0 in the settings means unlimited, which a key's Limits spells None
-    state.limiter = RateLimiter(Limits(config.max_requests_per_minute or None,
-                                       config.max_tokens_per_minute or None,
-                                       config.max_concurrent_per_key or None))
+    defaults = Limits(config.max_requests_per_minute or None, config.max_tokens_per_minute or None,
+                      config.max_concurrent_per_key or None)
+    if shared is None:
+        state.limiter = RateLimiter(defaults)
+    else:
+        def make(key_id: str, limits: Limits, now: float) -> KeyLimiter:
+            at = shared.record(key_id)
+            return KeyLimiter(limits, now) if at is None else SharedKeyLimiter(shared, at, limits, now)
+
+        state.limiter = RateLimiter(defaults, make=make)
+        app.on_cleanup.append(lambda app: _close(shared))
     state.auth_failures = AddressThrottle(config.auth_failures_per_minute)
     auditor = admin.Auditor(config.usage_db)
     app.add_routes(admin.routes(state.keys, state.usage, auditor))
@@ -52,6 +63,10 @@ def install(app: web.Application, state: AppState, control_socket: Path | None =
         app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(_keys_ctx(state.keys, config.keys_reload_interval))
     app.cleanup_ctx.append(_usage_ctx(state.usage, auditor))
+
+
+async def _close(table: SharedTable) -> None:
+    table.close()
 
 
 def _keys_ctx(reloader: KeyReloader, interval: float) -> CleanupCtx:

@@ -9,7 +9,8 @@ once the body says how many tokens may be generated) and ``on_prepare`` (the Ope
 
 Tokens are reserved from ``max_tokens`` at admission and settled from the backend's
 ``usage`` afterwards; a request that used more than it reserved leaves the bucket in
-debt, which later requests pay back. Limits are per gateway worker process.
+debt, which later requests pay back. With several gateway workers the numbers are
+shared through gateway/shared_limits.py.
 """
 
 from __future__ import annotations
@@ -73,19 +74,25 @@ class TokenBucket:
 
 
 class KeyLimiter:
-    """The limits of one key, as resolved against the service defaults."""
+    """The limits of one key, as resolved against the service defaults (in this process;
+    gateway/shared_limits.py keeps the numbers where every worker counts them)."""
+
+    in_flight: int = 0  # requests of the key holding a concurrency place
 
     def __init__(self, limits: Limits, now: float) -> None:
         self.limits = limits
         self.source: Limits | None = None  # the key's own limits these were resolved from
-        self.in_flight = 0
-        self.requests = _resized(None, limits.requests_per_minute, now)
-        self.tokens = _resized(None, limits.tokens_per_minute, now)
+        self.requests = self._bucket("requests", None, limits.requests_per_minute, now)
+        self.tokens = self._bucket("tokens", None, limits.tokens_per_minute, now)
+
+    def _bucket(self, kind: str, bucket: TokenBucket | None, per_minute: int | None,
+                now: float) -> TokenBucket | None:
+        return _resized(bucket, per_minute, now)
 
     def reconfigure(self, limits: Limits, now: float) -> None:
         """Apply limits changed by a keys reload, keeping how much of each bucket is used."""
-        self.requests = _resized(self.requests, limits.requests_per_minute, now)
-        self.tokens = _resized(self.tokens, limits.tokens_per_minute, now)
+        self.requests = self._bucket("requests", self.requests, limits.requests_per_minute, now)
+        self.tokens = self._bucket("tokens", self.tokens, limits.tokens_per_minute, now)
         self.limits = limits
 
     def admit(self, now: float) -> None:
@@ -149,12 +156,17 @@ def format_reset(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
+MakeLimiter = Callable[[str, Limits, float], KeyLimiter]
+
+
 class RateLimiter:
     """One ``KeyLimiter`` per key id; a key's own limits override the defaults."""
 
-    def __init__(self, defaults: Limits, clock: Clock = time.monotonic) -> None:
+    def __init__(self, defaults: Limits, clock: Clock = time.monotonic,
+                 make: MakeLimiter = lambda key_id, limits, now: KeyLimiter(limits, now)) -> None:
         self.defaults = defaults
         self.clock = clock
+        self._make = make
         self._keys: dict[str, KeyLimiter] = {}
 
     def for_key(self, key_id: str, limits: Limits) -> KeyLimiter:
@@ -163,7 +175,7 @@ class RateLimiter:
             return limiter  # the same key object as last time: nothing to re-resolve
         effective = limits.resolve(self.defaults)
         if limiter is None:
-            limiter = self._keys[key_id] = KeyLimiter(effective, self.clock())
+            limiter = self._keys[key_id] = self._make(key_id, effective, self.clock())
         elif limiter.limits != effective:
             limiter.reconfigure(effective, self.clock())
         limiter.source = limits

@@ -37,7 +37,9 @@ def parse_wiring(raw: str) -> Wiring:
                   models=tuple(data.get("models", ())),
                   control_socket=Path(data["control_socket"]) if data.get("control_socket") else None,
                   admission_socket=Path(data["admission_socket"])
-                  if data.get("admission_socket") else None)
+                  if data.get("admission_socket") else None,
+                  limits_file=Path(data["limits_file"]) if data.get("limits_file") else None,
+                  worker_index=int(data.get("worker_index", 0)))
 
 
 async def run(app: web.Application, host: str, port: int, reuse_port: bool) -> None:

@@ -35,6 +35,7 @@ from backend.models.registry import ModelRegistry
 from backend.restarts import RestartPolicy
 from backend.router import RouterClient, args_to_options
 from backend.supervisor import StartupError, Supervisor
+from gateway import shared_limits
 from gateway.admission import Admission
 from gateway.admission_hub import AdmissionHub
 from llamagate import runtime
@@ -168,8 +169,11 @@ class Service:
                                self.runtime_dir / "admission.sock")
             await hub.start()
             wiring["admission_socket"] = str(hub.path)
+            wiring["limits_file"] = str(self.runtime_dir / "limits.bin")  # per-key rate limits
+            shared_limits.create(self.runtime_dir / "limits.bin", self.config.gateway_workers)
         workers = [Child(f"gateway-{i}", [sys.executable, "-m", "gateway.worker", "--wiring",
-                                          json.dumps(wiring)], env, restart=True)
+                                          json.dumps({**wiring, "worker_index": i})],
+                         env, restart=True)
                    for i in range(self.config.gateway_workers)]
         for w in workers:
             await w.start()

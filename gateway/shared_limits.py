@@ -1,0 +1,184 @@
+"""Per-key rate limits shared by every gateway worker (GATEWAY_WORKERS > 1).
+
+Each worker has its own event loop, so a `RateLimiter` in each would grant a key N
+times its requests and tokens per minute. With several workers, each key's buckets
+live in one file that serve creates in its runtime directory and every worker maps
+into memory; an operation on a key (admit, reserve, release, headers) reads and
+writes them under an exclusive lock on that file. The bucket arithmetic is
+gateway/ratelimit.py's: only where the numbers live changes.
+
+A record per key: a hash of its id, the request bucket's level and time, the token
+bucket's, then one counter per worker of the key's requests in flight. Each worker
+writes only its own counter and zeroes it when it starts, so a worker that crashed
+gives its counts back when serve restarts it. A key that finds the table full is
+limited by its worker alone, with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from gateway.ratelimit import KeyLimiter, TokenBucket
+from keys.model import Limits
+
+log = logging.getLogger("llamagate.gateway.limits")
+
+SLOTS = 16_384
+_HEAD = struct.Struct("<16s4d")  # key hash; requests level, updated; tokens level, updated
+_COUNT = struct.Struct("<i")
+_REQUESTS, _TOKENS = 16, 32  # offsets of the two buckets in a record
+
+
+def record_size(workers: int) -> int:
+    return _HEAD.size + _COUNT.size * workers
+
+
+def create(path: Path, workers: int, slots: int = SLOTS) -> None:
+    """The serve process's part: an empty table (zero-filled, so sparse on disk)."""
+    with open(path, "wb") as f:
+        f.truncate(slots * record_size(workers))
+
+
+class SharedTable:
+    """One worker's view of the table."""
+
+    def __init__(self, path: Path, workers: int, index: int, slots: int = SLOTS) -> None:
+        self.workers, self.index, self.slots = workers, index, slots
+        self.size = record_size(workers)
+        self._fd = os.open(path, os.O_RDWR)
+        self.map = mmap.mmap(self._fd, slots * self.size)
+        self._found: dict[str, int] = {}
+        self._full_warned = False
+        with self.locked():  # a restarted worker: its old counts are void
+            for slot in range(slots):
+                _COUNT.pack_into(self.map, self._count_at(slot * self.size, index), 0)
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self._fd)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def record(self, key_id: str) -> int | None:
+        """Offset of the key's record (claimed on first use); None when the table is full."""
+        offset = self._found.get(key_id)
+        if offset is not None:
+            return offset
+        digest = hashlib.blake2b(key_id.encode(), digest_size=16).digest()
+        start = int.from_bytes(digest[:8], "little") % self.slots
+        with self.locked():
+            for probe in range(self.slots):
+                at = ((start + probe) % self.slots) * self.size
+                stored = bytes(self.map[at:at + 16])
+                if stored == digest or stored == bytes(16):
+                    if stored != digest:
+                        self.map[at:at + 16] = digest
+                    self._found[key_id] = at
+                    return at
+        if not self._full_warned:
+            self._full_warned = True
+            log.warning("the shared rate-limit table is full: keys beyond it are limited per worker")
+        return None
+
+    def _count_at(self, record: int, worker: int) -> int:
+        return record + _HEAD.size + _COUNT.size * worker
+
+    def in_flight(self, record: int) -> int:
+        return sum(_COUNT.unpack_from(self.map, self._count_at(record, w))[0]
+                   for w in range(self.workers))
+
+    def set_own(self, record: int, total: int) -> None:
+        """Make the key's total ``total`` by changing this worker's count."""
+        own = self._count_at(record, self.index)
+        mine = _COUNT.unpack_from(self.map, own)[0]
+        _COUNT.pack_into(self.map, own, mine + total - self.in_flight(record))
+
+
+class SharedBucket(TokenBucket):
+    """A token bucket whose level and time are in the table; ``capacity`` is this worker's
+    reading of the key's limit."""
+
+    __slots__ = ("_at", "_map")
+
+    def __init__(self, capacity: int, now: float, table: SharedTable, at: int) -> None:
+        self._map, self._at = table.map, at
+        self.capacity = float(capacity)
+        self.rate = capacity / 60.0
+        if self.updated == 0.0:  # never used by any worker
+            self.level, self.updated = self.capacity, now
+        else:  # a limit changed by a keys reload: keep what is used of it
+            self.level = min(self.capacity, self.refill(now))
+
+    @property
+    def level(self) -> float:
+        return float(struct.unpack_from("<d", self._map, self._at)[0])
+
+    @level.setter
+    def level(self, value: float) -> None:
+        struct.pack_into("<d", self._map, self._at, value)
+
+    @property
+    def updated(self) -> float:
+        return float(struct.unpack_from("<d", self._map, self._at + 8)[0])
+
+    @updated.setter
+    def updated(self, value: float) -> None:
+        struct.pack_into("<d", self._map, self._at + 8, value)
+
+
+class SharedKeyLimiter(KeyLimiter):
+    """A key's limits, counted across all workers."""
+
+    def __init__(self, table: SharedTable, at: int, limits: Limits, now: float) -> None:
+        self.table, self.at = table, at
+        with table.locked():
+            super().__init__(limits, now)
+
+    def _bucket(self, kind: str, bucket: TokenBucket | None, per_minute: int | None,
+                now: float) -> TokenBucket | None:
+        if per_minute is None:
+            return None
+        return SharedBucket(per_minute, now, self.table,
+                            self.at + (_REQUESTS if kind == "requests" else _TOKENS))
+
+    @property
+    def in_flight(self) -> int:
+        return self.table.in_flight(self.at)
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self.table.set_own(self.at, value)
+
+    def reconfigure(self, limits: Limits, now: float) -> None:
+        with self.table.locked():
+            super().reconfigure(limits, now)
+
+    def admit(self, now: float) -> None:
+        with self.table.locked():
+            super().admit(now)
+
+    def reserve(self, amount: int, now: float) -> int:
+        with self.table.locked():
+            return super().reserve(amount, now)
+
+    def release(self, reserved: int, used: int | None, now: float) -> None:
+        with self.table.locked():
+            super().release(reserved, used, now)
+
+    def headers(self, now: float) -> dict[str, str]:
+        with self.table.locked():
+            return super().headers(now)

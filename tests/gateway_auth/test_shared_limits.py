@@ -1,0 +1,132 @@
+"""GATEWAY_WORKERS > 1: a key's rate limits are counted across workers (gateway/shared_limits.py).
+
+First two workers' views of one table in this process, on a stopped clock; then the real
+service with two workers, where per-worker buckets would let a key through twice over."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway import shared_limits
+from gateway.ratelimit import KeyLimiter, LimitExceeded, RateLimiter
+from gateway.shared_limits import SharedKeyLimiter, SharedTable
+from keys.model import Limits
+from tests.gateway_auth.fakes import FakeBackend, KeyTool
+from tests.support.service import Service
+
+NOW = 1000.0
+
+
+def two_workers(tmp_path: Path, slots: int = 64) -> tuple[RateLimiter, RateLimiter]:
+    path = tmp_path / "limits.bin"
+    shared_limits.create(path, workers=2, slots=slots)
+    return limiter(SharedTable(path, 2, 0, slots)), limiter(SharedTable(path, 2, 1, slots))
+
+
+def limiter(table: SharedTable) -> RateLimiter:
+    def make(key_id: str, limits: Limits, now: float) -> KeyLimiter:
+        at = table.record(key_id)
+        return KeyLimiter(limits, now) if at is None else SharedKeyLimiter(table, at, limits, now)
+    return RateLimiter(Limits(), clock=lambda: NOW, make=make)
+
+
+def test_requests_per_minute_are_one_budget(tmp_path: Path) -> None:
+    a, b = two_workers(tmp_path)
+    limits = Limits(requests_per_minute=3)
+    ka, kb = a.for_key("k1", limits), b.for_key("k1", limits)
+    ka.admit(NOW)
+    kb.admit(NOW)
+    ka.admit(NOW)
+    with pytest.raises(LimitExceeded) as info:
+        kb.admit(NOW)
+    assert info.value.retry_after == pytest.approx(20.0)  # one request back every 20 s
+    assert ka.headers(NOW)["x-ratelimit-remaining-requests"] == "0"
+    # another key has its own budget
+    b.for_key("k2", limits).admit(NOW)
+    assert b.for_key("k2", limits).headers(NOW)["x-ratelimit-remaining-requests"] == "2"
+
+
+def test_concurrency_and_tokens_are_counted_over_workers(tmp_path: Path) -> None:
+    a, b = two_workers(tmp_path)
+    limits = Limits(tokens_per_minute=100, max_concurrent=2)
+    ka, kb = a.for_key("k", limits), b.for_key("k", limits)
+    ka.admit(NOW)
+    kb.admit(NOW)
+    with pytest.raises(LimitExceeded, match="2 concurrent"):
+        kb.admit(NOW)
+    assert ka.reserve(60, NOW) == 60
+    with pytest.raises(LimitExceeded, match="100 tokens per minute"):
+        kb.reserve(60, NOW)
+    ka.release(60, 10, NOW)  # used 10 of the 60 reserved: 50 come back
+    assert kb.reserve(60, NOW) == 60
+    kb.admit(NOW)  # a's release freed a place
+    assert kb.in_flight == 2 and ka.in_flight == 2
+
+
+def test_a_restarted_worker_gives_back_what_it_held(tmp_path: Path) -> None:
+    a, b = two_workers(tmp_path)
+    limits = Limits(max_concurrent=2)
+    a.for_key("k", limits).admit(NOW)
+    b.for_key("k", limits).admit(NOW)
+    with pytest.raises(LimitExceeded):
+        a.for_key("k", limits).admit(NOW)
+    # worker 1 crashed; serve starts it again with the same index
+    restarted = limiter(SharedTable(tmp_path / "limits.bin", 2, 1, 64))
+    assert a.for_key("k", limits).in_flight == 1
+    restarted.for_key("k", limits).admit(NOW)
+    assert a.for_key("k", limits).in_flight == 2
+
+
+def test_a_reload_that_changes_a_limit_keeps_what_is_left(tmp_path: Path) -> None:
+    a, b = two_workers(tmp_path)
+    ka = a.for_key("k", Limits(requests_per_minute=10))
+    for _ in range(6):
+        ka.admit(NOW)
+    kb = b.for_key("k", Limits(requests_per_minute=5))  # b has reloaded the keys file already
+    assert kb.headers(NOW)["x-ratelimit-remaining-requests"] == "4"  # 4 left, within 5
+    for _ in range(4):
+        kb.admit(NOW)
+    with pytest.raises(LimitExceeded):
+        kb.admit(NOW)
+    with pytest.raises(LimitExceeded):
+        ka.admit(NOW)  # the bucket is one, whichever limit a worker has read
+
+
+def test_a_full_table_falls_back_to_per_worker_limits(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    a, _ = two_workers(tmp_path, slots=2)
+    with caplog.at_level(logging.WARNING, "llamagate.gateway.limits"):
+        kinds = [type(a.for_key(f"k{i}", Limits(requests_per_minute=1))) for i in range(3)]
+    assert kinds == [SharedKeyLimiter, SharedKeyLimiter, KeyLimiter]
+    assert "table is full" in caplog.text
+
+
+async def test_two_workers_grant_a_key_its_limit_once(backend: FakeBackend, tmp_path: Path) -> None:
+    keys = KeyTool(tmp_path / "data" / "keys.json", tmp_path / "data" / "usage.db")
+    _, secret = keys.generate("limited", "--rpm", "4")
+    svc = Service(tmp_path, {"BACKEND_URL": backend.url, "AUTH_ENABLED": "true",
+                             "AUTH_KEYS_FILE": str(keys.keys_file), "USAGE_DB": str(keys.usage_db),
+                             "GATEWAY_WORKERS": "2", "LOG_LEVEL": "info"})
+    body = {"model": "tiny", "prompt": "a", "max_tokens": 2}
+    await asyncio.to_thread(svc.start)
+    try:
+        await asyncio.to_thread(svc.wait_ready)
+        statuses = []
+        for _ in range(16):  # a new connection each: the kernel spreads them over both workers
+            async with aiohttp.ClientSession() as fresh, fresh.post(
+                    svc.url + "/v1/completions", json=body,
+                    headers={"Authorization": f"Bearer {secret}"}) as r:
+                statuses.append(r.status)
+        assert statuses.count(200) == 4 and statuses.count(429) == 12
+        lines = [json.loads(line) for line in svc.log().splitlines()
+                 if '"logger":"llamagate.access"' in line]
+        # both workers answered, so each worker's own budget of 4 would have let more through
+        assert len({line["worker_pid"] for line in lines}) == 2
+    finally:
+        await asyncio.to_thread(svc.stop)
