@@ -27,7 +27,13 @@ from tests.gateway_auth.fakes import FakeBackend, KeyTool, base_config, gateway
     (("10.0.0.0/8",), "10.0.0.1", ["203.0.113.7, garbage"], "10.0.0.1"),  # no proxy wrote that
     (("10.0.0.0/8",), "10.0.0.1", ["garbage, 10.0.0.2"], "10.0.0.2"),
     (("::1",), "::1", ["2001:db8::5"], "2001:db8::5"),
-    (("*",), "192.0.2.1", ["198.51.100.9, 203.0.113.7"], "198.51.100.9"),  # all trusted
+    # "*": any peer is the proxy, but what the client wrote before its hop is not believed
+    (("*",), "192.0.2.1", ["198.51.100.9, 203.0.113.7"], "203.0.113.7"),
+    (("*",), "192.0.2.1", [], "192.0.2.1"),
+    # proxies that write ports; a dual-stack socket's IPv4 peer
+    (("10.0.0.0/8",), "10.0.0.1", ["203.0.113.7:41234"], "203.0.113.7"),
+    (("10.0.0.0/8",), "10.0.0.1", ["[2001:db8::5]:443"], "2001:db8::5"),
+    (("10.0.0.0/8",), "::ffff:10.0.0.1", ["203.0.113.7"], "203.0.113.7"),
     (("10.0.0.0/8",), None, ["203.0.113.7"], None),
 ])
 def test_client_address(trusted: tuple[str, ...], peer: str | None, forwarded: list[str],
