@@ -59,9 +59,11 @@ class Admission:
             return True
         return False
 
-    async def acquire(self) -> None:
+    def join(self) -> asyncio.Future[None] | None:
+        """None: a place is taken. Otherwise a place in the queue: a future resolved when a
+        place is handed over, or failed with QueueTimeout at the deadline. Raises QueueFull."""
         if self.try_acquire():
-            return
+            return None
         if len(self._waiters) >= self.max_queue:
             raise QueueFull
         loop = asyncio.get_running_loop()
@@ -70,20 +72,30 @@ class Admission:
         # one timer on the waiter itself: wait_for(shield(...)) would build two more
         # futures and a timeout per queued request, on the path every request takes under load
         timer = loop.call_later(self.timeout, _expire, fut)
+        fut.add_done_callback(lambda _: timer.cancel())
+        return fut
+
+    def leave(self, fut: asyncio.Future[None]) -> None:
+        """A waiter that gives up: out of the queue, or, handed a place meanwhile, it passes
+        the place on."""
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            self.release()
+        else:
+            fut.cancel()
+            self._discard(fut)
+
+    async def acquire(self) -> None:
+        fut = self.join()
+        if fut is None:
+            return
         try:
             await fut
         except QueueTimeout:
             self._discard(fut)
             raise
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.release()  # handed a slot while being cancelled: give it on
-            else:
-                fut.cancel()
-                self._discard(fut)
+            self.leave(fut)
             raise
-        finally:
-            timer.cancel()
 
     def _discard(self, fut: asyncio.Future[None]) -> None:
         with contextlib.suppress(ValueError):

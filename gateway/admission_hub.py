@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-from gateway.admission import Admission, QueueFull, QueueTimeout
+from gateway.admission import Admission, QueueFull
 
 MESSAGE = struct.Struct("!cQ")
 ACQUIRE, CANCEL, RELEASE = b"a", b"c", b"r"
@@ -31,13 +31,15 @@ GRANTED, FULL, TIMEOUT = b"g", b"f", b"t"
 
 
 class _Worker(asyncio.Protocol):
-    """One worker's connection: its queued requests and the places it holds."""
+    """One worker's connection: its queued requests and the places it holds. Requests join
+    the one queue as their messages are read, so the queue is first in, first out across
+    workers; no task per request."""
 
     def __init__(self, admission: Admission, gone: Callable[[_Worker], None]) -> None:
         self.admission = admission
         self._gone = gone
         self.transport: asyncio.Transport | None = None
-        self.waiting: dict[int, asyncio.Task[None]] = {}
+        self.waiting: dict[int, asyncio.Future[None]] = {}
         self.held = 0
         self.buffer = b""
 
@@ -50,30 +52,40 @@ class _Worker(asyncio.Protocol):
         self.buffer = buffer[whole:]
         for op, number in MESSAGE.iter_unpack(buffer[:whole]):
             if op == ACQUIRE:
-                if self.admission.try_acquire():  # a free place: no task, no queue
-                    self.held += 1
-                    self._reply(GRANTED, number)
-                else:
-                    self.waiting[number] = asyncio.create_task(self._wait(number))
+                self._acquire(number)
             elif op == CANCEL:
-                task = self.waiting.get(number)
-                if task is not None:
-                    task.cancel()  # Admission gives on a place handed over meanwhile
+                fut = self.waiting.pop(number, None)
+                if fut is not None:  # else answered already; a GRANTED comes back as RELEASE
+                    self.admission.leave(fut)
             elif op == RELEASE and self.held > 0:
                 self.held -= 1
                 self.admission.release()
 
-    async def _wait(self, number: int) -> None:
+    def _acquire(self, number: int) -> None:
         try:
-            await self.admission.acquire()
+            fut = self.admission.join()
         except QueueFull:
             self._reply(FULL, number)
             return
-        except QueueTimeout:
-            self._reply(TIMEOUT, number)
+        if fut is None:
+            self._granted(number)
+        else:
+            self.waiting[number] = fut
+            fut.add_done_callback(lambda f: self._settled(number, f))
+
+    def _settled(self, number: int, fut: asyncio.Future[None]) -> None:
+        if self.waiting.get(number) is not fut:
+            return  # cancelled or the connection lost before this ran: leave() saw to it
+        del self.waiting[number]
+        if fut.cancelled():
             return
-        finally:
-            self.waiting.pop(number, None)
+        if fut.exception() is None:
+            self._granted(number)
+        else:  # QueueTimeout
+            self.admission.leave(fut)
+            self._reply(TIMEOUT, number)
+
+    def _granted(self, number: int) -> None:
         self.held += 1
         self._reply(GRANTED, number)
 
@@ -87,8 +99,9 @@ class _Worker(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone(self)
         self.transport = None
-        for task in list(self.waiting.values()):
-            task.cancel()
+        waiting, self.waiting = self.waiting, {}
+        for fut in waiting.values():
+            self.admission.leave(fut)
         for _ in range(self.held):
             self.admission.release()
         self.held = 0

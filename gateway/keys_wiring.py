@@ -21,8 +21,8 @@ from aiohttp import web
 
 from gateway import admin, control_client
 from gateway.auth import AddressThrottle
-from gateway.ratelimit import KeyLimiter, RateLimiter
-from gateway.shared_limits import SharedKeyLimiter, SharedTable
+from gateway.ratelimit import RateLimiter
+from gateway.shared_limits import SharedTable, limiters
 from gateway.state import AppState
 from keys.model import Limits
 from keys.reloader import KeyReloader
@@ -48,11 +48,7 @@ def install(app: web.Application, state: AppState, control_socket: Path | None =
     if shared is None:
         state.limiter = RateLimiter(defaults)
     else:
-        def make(key_id: str, limits: Limits, now: float) -> KeyLimiter:
-            at = shared.record(key_id)
-            return KeyLimiter(limits, now) if at is None else SharedKeyLimiter(shared, at, limits, now)
-
-        state.limiter = RateLimiter(defaults, make=make)
+        state.limiter = RateLimiter(defaults, make=limiters(shared))
         app.on_cleanup.append(lambda app: _close(shared))
     state.auth_failures = AddressThrottle(config.auth_failures_per_minute)
     auditor = admin.Auditor(config.usage_db)

@@ -157,6 +157,7 @@ def format_reset(seconds: float) -> str:
 
 
 MakeLimiter = Callable[[str, Limits, float], KeyLimiter]
+_NONE = Limits()  # no limit of any kind
 
 
 class RateLimiter:
@@ -174,7 +175,8 @@ class RateLimiter:
         if limiter is not None and limiter.source is limits:
             return limiter  # the same key object as last time: nothing to re-resolve
         effective = limits.resolve(self.defaults)
-        if limiter is None:
+        if limiter is None or (limiter.limits == _NONE) != (effective == _NONE):
+            # new, or between unlimited and limited (the maker may count those differently)
             limiter = self._keys[key_id] = self._make(key_id, effective, self.clock())
         elif limiter.limits != effective:
             limiter.reconfigure(effective, self.clock())

@@ -4,14 +4,14 @@ Each worker has its own event loop, so a `RateLimiter` in each would grant a key
 times its requests and tokens per minute. With several workers, each key's buckets
 live in one file that serve creates in its runtime directory and every worker maps
 into memory; an operation on a key (admit, reserve, release, headers) reads and
-writes them under an exclusive lock on that file. The bucket arithmetic is
+writes them under an exclusive lock on that key's record. The bucket arithmetic is
 gateway/ratelimit.py's: only where the numbers live changes.
 
 A record per key: a hash of its id, the request bucket's level and time, the token
 bucket's, then one counter per worker of the key's requests in flight. Each worker
 writes only its own counter and zeroes it when it starts, so a worker that crashed
-gives its counts back when serve restarts it. A key that finds the table full is
-limited by its worker alone, with a warning.
+gives its counts back when serve restarts it. Only keys with a limit take a record;
+one that finds the table full is limited by its worker alone, with a warning.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from gateway.ratelimit import KeyLimiter, TokenBucket
+from gateway.ratelimit import KeyLimiter, MakeLimiter, TokenBucket
 from keys.model import Limits
 
 log = logging.getLogger("llamagate.gateway.limits")
@@ -66,12 +66,15 @@ class SharedTable:
         os.close(self._fd)
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+    def locked(self, record: int | None = None) -> Iterator[None]:
+        """Exclusive use of one record, or of the whole table (``None``). POSIX record locks:
+        held per process, released by the kernel if the process dies holding one."""
+        length, start = (0, 0) if record is None else (self.size, record)
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, length, start)
         try:
             yield
         finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, length, start)
 
     def record(self, key_id: str) -> int | None:
         """Offset of the key's record (claimed on first use); None when the table is full."""
@@ -145,7 +148,7 @@ class SharedKeyLimiter(KeyLimiter):
 
     def __init__(self, table: SharedTable, at: int, limits: Limits, now: float) -> None:
         self.table, self.at = table, at
-        with table.locked():
+        with table.locked(at):
             super().__init__(limits, now)
 
     def _bucket(self, kind: str, bucket: TokenBucket | None, per_minute: int | None,
@@ -164,21 +167,31 @@ class SharedKeyLimiter(KeyLimiter):
         self.table.set_own(self.at, value)
 
     def reconfigure(self, limits: Limits, now: float) -> None:
-        with self.table.locked():
+        with self.table.locked(self.at):
             super().reconfigure(limits, now)
 
     def admit(self, now: float) -> None:
-        with self.table.locked():
+        with self.table.locked(self.at):
             super().admit(now)
 
     def reserve(self, amount: int, now: float) -> int:
-        with self.table.locked():
+        with self.table.locked(self.at):
             return super().reserve(amount, now)
 
     def release(self, reserved: int, used: int | None, now: float) -> None:
-        with self.table.locked():
+        with self.table.locked(self.at):
             super().release(reserved, used, now)
 
     def headers(self, now: float) -> dict[str, str]:
-        with self.table.locked():
+        with self.table.locked(self.at):
             return super().headers(now)
+
+
+def limiters(table: SharedTable) -> MakeLimiter:
+    """What `RateLimiter` makes a key's limiter with: shared for a key with a limit."""
+    def make(key_id: str, limits: Limits, now: float) -> KeyLimiter:
+        if limits == Limits():  # unlimited: nothing to count, nothing to lock
+            return KeyLimiter(limits, now)
+        at = table.record(key_id)
+        return KeyLimiter(limits, now) if at is None else SharedKeyLimiter(table, at, limits, now)
+    return make

@@ -164,6 +164,10 @@ events {{ worker_connections 4096; }}
 http {{
   access_log off;
   client_body_temp_path {tmp}/nginx-body;
+  proxy_temp_path {tmp}/nginx-proxy;
+  fastcgi_temp_path {tmp}/nginx-fastcgi;
+  uwsgi_temp_path {tmp}/nginx-uwsgi;
+  scgi_temp_path {tmp}/nginx-scgi;
   keepalive_requests 10000000;
   server {{
     listen 127.0.0.1:{port};
@@ -197,7 +201,8 @@ def nginx_upstream(tmp: Path, cpu: str | None) -> tuple[subprocess.Popen[bytes],
 
 def measure(name: str, base: str, auth: str, model: str, args: argparse.Namespace, lua: Path,
             stream_tokens: int, pid: int | None = None,
-            kinds: tuple[str, ...] = ("json", "sse")) -> list[dict[str, Any]]:
+            kinds: tuple[str, ...] = ("json", "sse"), keep_alive: bool = False
+            ) -> list[dict[str, Any]]:
     """Load `base`; with `pid`, also that process's CPU µs per request (per event for SSE)."""
     rows = []
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello."}],
@@ -215,7 +220,7 @@ def measure(name: str, base: str, auth: str, model: str, args: argparse.Namespac
     for conc in args.stream_conc if "sse" in kinds else ():
         cpu = cpu_seconds(pid)
         s = asyncio.run(stream_run(f"{base}/v1/chat/completions", headers, model, conc,
-                                   args.seconds, stream_tokens))
+                                   args.seconds, stream_tokens, keep_alive))
         if pid is not None and s["events"]:
             s["cpu_us"] = (cpu_seconds(pid) - cpu) * 1e6 / s["events"]
         rows.append({"target": name, "kind": "sse", "conc": conc, **s})
@@ -326,16 +331,17 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         def pair(direct: str, model: str, stream_tokens: int, title: str,
-                 kinds: tuple[str, ...] = ("json", "sse")) -> None:
+                 kinds: tuple[str, ...] = ("json", "sse"), keep_alive: bool = False) -> None:
             """The same load direct and through a gateway in front of `direct`."""
             gw, url, auth, pid = gateway(direct, tmp, args.gateway_cpu, not args.no_auth,
                                          args.log_level)
             procs.append(gw)
             runs: list[dict[str, Any]] = []
             for _ in range(args.reps):  # alternating, so a drifting backend hurts both alike
-                runs += measure("direct", direct, "", model, args, lua, stream_tokens, kinds=kinds)
+                runs += measure("direct", direct, "", model, args, lua, stream_tokens,
+                                kinds=kinds, keep_alive=keep_alive)
                 runs += measure("llamagate", url, auth, model, args, lua, stream_tokens, pid,
-                                kinds=kinds)
+                                kinds=kinds, keep_alive=keep_alive)
             gw.terminate()
             gw.wait(30)
             table(medians(runs), title + (f"; medians of {args.reps} alternating runs"
@@ -352,9 +358,11 @@ def main() -> int:
             if nginx is not None:
                 procs.append(nginx[0])
                 pair(nginx[1], "fake", 200, "static (nginx, fixed JSON)", ("json",))
-                pair(static, "fake", 200, "static (aiohttp, SSE 200 events)", ("sse",))
+                # streams on kept-alive connections, as the OpenAI SDK's are
+                pair(static, "fake", 200, "static (aiohttp, SSE 200 events)", ("sse",), True)
             else:
-                pair(static, "fake", 200, "static (aiohttp: fixed JSON; SSE 200 events)")
+                pair(static, "fake", 200, "static (aiohttp: fixed JSON; SSE 200 events)",
+                     keep_alive=True)
         if args.only in (None, "llama"):
             from llamagate.tiny_model import write_model
             model = write_model(tmp / "tiny.gguf")

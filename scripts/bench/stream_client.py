@@ -11,7 +11,7 @@ import aiohttp
 
 
 async def run(url: str, headers: dict[str, str], model: str, conc: int, seconds: float,
-              max_tokens: int) -> dict[str, float]:
+              max_tokens: int, keep_alive: bool = False) -> dict[str, float]:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "go"}],
                        "stream": True, "max_tokens": max_tokens}).encode()
     ttfts: list[float] = []
@@ -39,8 +39,9 @@ async def run(url: str, headers: dict[str, str], model: str, conc: int, seconds:
             streams += 1
 
     started = time.perf_counter()
-    # a fresh connection per stream: llama-server may close idle keep-alive connections
-    conn = aiohttp.TCPConnector(limit=0, force_close=True)
+    # keep_alive False: a fresh connection per stream (llama-server may close idle
+    # keep-alive connections), so the time to first event includes connecting
+    conn = aiohttp.TCPConnector(limit=0, force_close=not keep_alive)
     async with aiohttp.ClientSession(connector=conn, headers={"Content-Type": "application/json"}) as s:
         await asyncio.gather(*(worker(s) for _ in range(conc)))
     wall = time.perf_counter() - started

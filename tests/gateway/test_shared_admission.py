@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from gateway.admission import Admission, AdmissionClosed, QueueFull, QueueTimeout
-from gateway.admission_hub import AdmissionHub
+from gateway.admission_hub import ACQUIRE, CANCEL, GRANTED, MESSAGE, RELEASE, AdmissionHub
 from gateway.shared_admission import SharedAdmission
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import RawRequest, assert_openai_error, wait_until
@@ -153,3 +154,80 @@ def _pids_of_429(svc: Service) -> set[int]:
 
 def _access_lines(svc: Service) -> list[str]:
     return [line for line in svc.log().splitlines() if '"logger":"llamagate.access"' in line]
+
+
+# -- messages that cross: a cancel and a grant in flight at the same time ----------------
+
+async def test_a_cancel_read_with_its_acquire_leaves_nothing_behind(tmp_path: Path) -> None:
+    async with hub_and_workers(tmp_path, workers=1) as (hub, (holder,)):
+        await holder.acquire()
+        reader, writer = await asyncio.open_unix_connection(str(hub.path))
+        writer.write(MESSAGE.pack(ACQUIRE, 7) + MESSAGE.pack(CANCEL, 7))  # one read at the hub
+        await writer.drain()
+        await wait_until(lambda: len(hub._workers) == 2, what="the raw client connected")
+        raw = _hub_worker(hub, lambda w: w.held == 0)  # the holder's end holds the place
+        await wait_until(lambda: raw.buffer == b"" and hub.admission.queued == 0
+                         and not raw.waiting, what="the cancelled request gone")
+        holder.release()
+        await wait_until(lambda: hub.admission.in_flight == 0, what="nothing held")
+        writer.close()
+
+
+async def test_a_grant_overtaken_by_a_cancel_is_passed_on_once(tmp_path: Path) -> None:
+    async with hub_and_workers(tmp_path) as (hub, (a, b)):
+        await a.acquire()
+        waiting = asyncio.create_task(b.acquire())
+        await wait_until(lambda: hub.admission.queued == 1, what="b queued at the hub")
+        hub_a, hub_b = _hub_worker(hub, lambda w: w.held), _hub_worker(hub, lambda w: w.waiting)
+        number = next(iter(hub_b.waiting))
+        # a's release hands b the place; b's cancel is read before the grant is answered
+        hub_a.data_received(MESSAGE.pack(RELEASE, 0))
+        hub_b.data_received(MESSAGE.pack(CANCEL, number))
+        assert hub.admission.in_flight == 0 and hub_b.held == 0
+        await asyncio.sleep(0)  # the grant's callback runs now, and must not answer
+        assert hub_b.held == 0 and not hub_b.waiting
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert hub.admission.in_flight == 0 and b.in_flight == 0
+
+
+@pytest.mark.parametrize("grant_first", [False, True])
+async def test_a_worker_cancelled_as_its_grant_arrives_gives_it_back(
+        tmp_path: Path, grant_first: bool) -> None:
+    heard: list[tuple[bytes, int]] = []
+    got = asyncio.Event()
+
+    class Hub(asyncio.Protocol):  # records, never answers: the test plays its answers
+        def data_received(self, data: bytes) -> None:
+            heard.extend(MESSAGE.iter_unpack(data))
+            got.set()
+
+    server = await asyncio.get_running_loop().create_unix_server(Hub, str(tmp_path / "hub.sock"))
+    worker = SharedAdmission(tmp_path / "hub.sock")
+    await worker.connect()
+    try:
+        task = asyncio.create_task(worker.acquire())
+        await wait_until(lambda: heard, what="the acquire at the hub")
+        (op, number), = heard
+        assert op == ACQUIRE
+        if grant_first:  # the grant is read, then the client leaves before the task resumes
+            worker.data_received(MESSAGE.pack(GRANTED, number))
+            task.cancel()
+        else:  # the client leaves, then the grant that crossed the cancel is read
+            task.cancel()
+            worker.data_received(MESSAGE.pack(GRANTED, number))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        expected = [(RELEASE, 0)] if grant_first else [(RELEASE, 0), (CANCEL, number)]
+        await wait_until(lambda: heard[1:] == expected, what=f"{expected} at the hub")
+        assert worker.in_flight == 0 and worker.queued == 0
+    finally:
+        worker.close()
+        server.close()
+
+
+def _hub_worker(hub: AdmissionHub, which: Callable[[Any], Any]) -> Any:
+    """The hub's end of the worker connection that ``which`` picks out by its state."""
+    return next(w for w in hub._workers if which(w))
+
