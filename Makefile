@@ -47,7 +47,7 @@ lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 
 typecheck: $(STAMP) ## mypy
-	$(VENV)/bin/mypy llamagate gateway health backend keys
+	$(VENV)/bin/mypy llamagate gateway health backend keys scripts tests
 
 docker: ## CUDA image
 	docker build -t llamagate:cuda -f Dockerfile .

@@ -48,7 +48,7 @@ def test_a_client_that_leaves_cancels_its_request(run: Run) -> None:
         await asyncio.wait_for(edge.hanging.wait(), 5)
         await client.close()
         await asyncio.wait_for(edge.cancelled.wait(), 5)
-        assert edge.server.connections == set() or all(c.closed for c in edge.server.connections)
+        assert all(c.closing for c in edge.server.connections)  # gone, or on its way out
     run(scenario)
 
 
