@@ -41,10 +41,8 @@ class ModelCatalog:
         if state is None or state.get("state") != "cooldown":
             self.used[name] = time.time()
             return name
-        fallback = state.get("fallback")
-        other = self.states.get(fallback) if isinstance(fallback, str) else None
-        if other is not None and other.get("state") != "cooldown" and allowed(str(fallback)):
-            assert isinstance(fallback, str)
+        fallback = self.fallback_of(name, allowed)
+        if fallback is not None:
             self.used[fallback] = time.time()
             return fallback
         # serve.json is rewritten on state changes only, so its retry_in is as old as the
@@ -57,6 +55,15 @@ class ModelCatalog:
             f"model '{name}' failed to load and is cooling down for {retry}s: "
             f"{state.get('reason') or 'see /admin/models'}",
             code="model_unavailable", retry_after=retry)
+
+    def fallback_of(self, name: str, allowed: Callable[[str], bool] = lambda m: True) -> str | None:
+        """The profile's fallback for ``name``, if there is one, out of cooldown and allowed."""
+        state = self.states.get(name) or {}
+        fallback = state.get("fallback")
+        other = self.states.get(fallback) if isinstance(fallback, str) else None
+        if other is None or other.get("state") == "cooldown" or not allowed(str(fallback)):
+            return None
+        return str(fallback)
 
     def update(self, serve_state: dict[str, Any]) -> None:
         names = serve_state.get("models")

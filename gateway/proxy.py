@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
+from collections.abc import Callable
 
 from gateway import auth, ratelimit, sse, unstream
 from gateway.admission import AdmissionClosed, QueueFull, QueueTimeout
@@ -30,6 +32,8 @@ from gateway.state import AppState
 from gateway.usage import tokens_from_body
 from gateway.validation import prompt_of, validate
 
+# the request's body for another model (a fallback after a failed load)
+Retarget = Callable[[str], bytes]
 INFERENCE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 # what the edge server answers here, as (path, method); "*": any method but OPTIONS
 ROUTES = frozenset({(p, "POST") for p in INFERENCE_ROUTES}
@@ -57,6 +61,7 @@ async def handle(call: Call) -> None:
     state: AppState = call.state
     ex: Exchange = call.ex
     raw = call.body
+    retarget: Retarget | None = None
     if call.method == "GET" and call.path == "/v1/models" and state.models.mode == "router":
         # several models: our own listing (the router's would show paths and argv)
         _respond(call, 200, json.dumps(state.models.listing()).encode(), "application/json")
@@ -87,6 +92,12 @@ async def handle(call: Call) -> None:
             ex.unstream = True
         elif ex.fallback is not None:
             raw = json.dumps({**(info.body or {}), "model": routed}).encode()
+        if state.models.mode == "router" and info.body is not None:
+            body = info.body
+
+            def retarget(model: str) -> bytes:
+                changed = {**body, "model": model}
+                return unstream.stream_body(changed) if ex.unstream else json.dumps(changed).encode()
         state.activity.touch()
     auth.check_model(call.key, ex, call.method, state)  # 403 for a model outside the allowlist
     ratelimit.reserve_tokens(state, call.ticket, ex)  # tokens/min; the edge settles it
@@ -131,7 +142,7 @@ async def handle(call: Call) -> None:
     state.active[ex] = task
     state.idle.clear()
     try:
-        await _exchange(call, state, ex, raw)
+        await _exchange(call, state, ex, raw, retarget)
     except asyncio.CancelledError:
         if not (ex.shutdown or ex.timed_out):
             raise  # the client went away
@@ -185,12 +196,50 @@ def _respond(call: Call, status: int, body: bytes, content_type: str | None = "a
     call.respond(status, body, content_type)
 
 
-async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes) -> None:
+async def _send(call: Call, state: AppState, ex: Exchange, raw: bytes) -> Response:
     try:
-        resp = await state.upstream.send(call.method, call.path_qs, raw,
+        return await state.upstream.send(call.method, call.path_qs, raw,
                                          call.headers.get("content-type"), ex.request_id)
     except BackendError as exc:  # its message says which: no connection, or one that broke
         raise BackendUnavailable(str(exc), retry_after=2) from None
+
+
+async def _after_failed_load(call: Call, state: AppState, ex: Exchange, resp: Response,
+                             retarget: Retarget) -> Response:
+    """llama-server's router answers the request that finds its model unloadable with a 500
+    ("failed to load"); the requests after it meet the cooldown (gateway/catalog.py). Serve
+    this one as those will be: by the model's fallback, or a 503 with Retry-After."""
+    key = call.key
+
+    def allowed(model: str) -> bool:
+        return auth.may_use(key, model)
+
+    tried = {ex.model}
+    while True:
+        try:
+            body = await resp.read()  # a short JSON error; read() returns it again later
+        except BackendBroken as exc:
+            raise BackendUnavailable(str(exc), retry_after=2) from None
+        if b"failed to load" not in body:
+            return resp
+        fallback = state.models.fallback_of(ex.model, allowed)
+        if fallback is None or fallback in tried:
+            raise BackendUnavailable(
+                f"model '{ex.model}' failed to load; it is refused for a while, see /admin/models",
+                code="model_unavailable",
+                retry_after=max(1, math.ceil(state.config.model_cooldown_seconds)))
+        tried.add(fallback)
+        ex.model = ex.fallback = fallback
+        resp = await _send(call, state, ex, retarget(fallback))
+        if resp.status != 500:
+            return resp
+
+
+async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,
+                    retarget: Retarget | None = None) -> None:
+    resp = await _send(call, state, ex, raw)
+    if resp.status == 500 and retarget is not None:
+        resp = await _after_failed_load(call, state, ex, resp, retarget)
     try:
         is_sse = resp.status == 200 and resp.content_type.startswith("text/event-stream")
         if ex.stream and is_sse:
