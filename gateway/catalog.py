@@ -39,11 +39,11 @@ class ModelCatalog:
         one the caller's key may not use: a fallback never widens what a key reaches)."""
         state = self.states.get(name)
         if state is None or state.get("state") != "cooldown":
-            self.used[name] = time.time()
+            self.touch(name)
             return name
         fallback = self.fallback_of(name, allowed)
         if fallback is not None:
-            self.used[fallback] = time.time()
+            self.touch(fallback)
             return fallback
         # serve.json is rewritten on state changes only, so its retry_in is as old as the
         # cooldown; the absolute end gives the time actually left
@@ -55,6 +55,11 @@ class ModelCatalog:
             f"model '{name}' failed to load and is cooling down for {retry}s: "
             f"{state.get('reason') or 'see /admin/models'}",
             code="model_unavailable", retry_after=retry)
+
+    def touch(self, name: str) -> None:
+        """A request goes to ``name`` (for its idle unload, and for the fleet to count a
+        failed load as new)."""
+        self.used[name] = time.time()
 
     def fallback_of(self, name: str, allowed: Callable[[str], bool] = lambda m: True) -> str | None:
         """The profile's fallback for ``name``, if there is one, out of cooldown and allowed."""

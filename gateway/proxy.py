@@ -214,25 +214,34 @@ async def _after_failed_load(call: Call, state: AppState, ex: Exchange, resp: Re
     def allowed(model: str) -> bool:
         return auth.may_use(key, model)
 
+    requested, fallback_before = ex.model, ex.fallback
     tried = {ex.model}
-    while True:
-        try:
+    try:
+        while True:
             body = await resp.read()  # a short JSON error; read() returns it again later
-        except BackendBroken as exc:
-            raise BackendUnavailable(str(exc), retry_after=2) from None
-        if b"failed to load" not in body:
-            return resp
-        fallback = state.models.fallback_of(ex.model, allowed)
-        if fallback is None or fallback in tried:
-            raise BackendUnavailable(
-                f"model '{ex.model}' failed to load; it is refused for a while, see /admin/models",
-                code="model_unavailable",
-                retry_after=max(1, math.ceil(state.config.model_cooldown_seconds)))
-        tried.add(fallback)
-        ex.model = ex.fallback = fallback
-        resp = await _send(call, state, ex, retarget(fallback))
-        if resp.status != 500:
-            return resp
+            if f"name={ex.model} failed to load".encode() not in body:
+                return resp
+            fallback = state.models.fallback_of(ex.model, allowed)
+            if fallback is None or fallback in tried:
+                # nothing answered: the error, the access line and the metrics name the
+                # model asked for, and no X-Model-Fallback claims otherwise
+                ex.model, ex.fallback = requested, fallback_before
+                raise BackendUnavailable(
+                    f"model '{requested}' failed to load; it is refused for a while, "
+                    "see /admin/models", code="model_unavailable",
+                    retry_after=max(1, math.ceil(state.config.model_cooldown_seconds)))
+            tried.add(fallback)
+            state.models.touch(fallback)  # the fleet counts a failure only after a use
+            ex.model = ex.fallback = fallback
+            resp = await _send(call, state, ex, retarget(fallback))
+            if resp.status != 500:
+                return resp
+    except BackendBroken as exc:
+        resp.close()
+        raise BackendUnavailable(str(exc), retry_after=2) from None
+    except BaseException:
+        resp.close()  # cancelled while reading: the connection cannot go back to the pool
+        raise
 
 
 async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,

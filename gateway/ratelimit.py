@@ -164,10 +164,13 @@ class RateLimiter:
     """One ``KeyLimiter`` per key id; a key's own limits override the defaults."""
 
     def __init__(self, defaults: Limits, clock: Clock = time.monotonic,
-                 make: MakeLimiter = lambda key_id, limits, now: KeyLimiter(limits, now)) -> None:
+                 make: MakeLimiter | None = None) -> None:
         self.defaults = defaults
         self.clock = clock
-        self._make = make
+        # gateway/shared_limits.py's maker keeps a limited key's numbers in a shared file and
+        # an unlimited one's here; without one, every key's numbers are here
+        self._make = make or (lambda key_id, limits, now: KeyLimiter(limits, now))
+        self._remake = make is not None
         self._keys: dict[str, KeyLimiter] = {}
 
     def for_key(self, key_id: str, limits: Limits) -> KeyLimiter:
@@ -175,8 +178,10 @@ class RateLimiter:
         if limiter is not None and limiter.source is limits:
             return limiter  # the same key object as last time: nothing to re-resolve
         effective = limits.resolve(self.defaults)
-        if limiter is None or (limiter.limits == _NONE) != (effective == _NONE):
-            # new, or between unlimited and limited (the maker may count those differently)
+        if limiter is None or (self._remake and (limiter.limits == _NONE) != (effective == _NONE)):
+            # new, or, with a maker, between unlimited and limited, which it keeps apart (the
+            # requests then in flight are not counted by the new limiter, and their end is
+            # counted by the old one: a reload's passing slack, not a drift)
             limiter = self._keys[key_id] = self._make(key_id, effective, self.clock())
         elif limiter.limits != effective:
             limiter.reconfigure(effective, self.clock())

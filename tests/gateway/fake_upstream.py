@@ -63,6 +63,7 @@ class Switches:
     truncate_reply: bool = False  # announce the JSON reply's length, send half of it, close
     drop_requests: int = 0  # close the connection of the next this many requests, unanswered
     prompt_tokens: int = 7
+    unloadable: frozenset[str] = frozenset()  # models answered as llama-server's router does
     cache_tokens: int = 4  # of the prompt tokens, reused from the KV cache (timings.cache_n)
 
 
@@ -191,6 +192,9 @@ class FakeUpstream:
         if sw.status != 200:
             return web.json_response(error_body(sw.status, sw.error_message), status=sw.status)
         body = seen.json()
+        if body.get("model") in sw.unloadable:
+            return web.json_response(error_body(500, f"model name={body['model']} failed to load"),
+                                     status=500)
         chat = request.path.endswith("/chat/completions")
         if body.get("stream"):
             # like llama-server: usage in a last chunk of its own when the request asks for

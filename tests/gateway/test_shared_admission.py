@@ -164,13 +164,16 @@ async def test_a_cancel_read_with_its_acquire_leaves_nothing_behind(tmp_path: Pa
         reader, writer = await asyncio.open_unix_connection(str(hub.path))
         writer.write(MESSAGE.pack(ACQUIRE, 7) + MESSAGE.pack(CANCEL, 7))  # one read at the hub
         await writer.drain()
-        await wait_until(lambda: len(hub._workers) == 2, what="the raw client connected")
-        raw = _hub_worker(hub, lambda w: w.held == 0)  # the holder's end holds the place
-        await wait_until(lambda: raw.buffer == b"" and hub.admission.queued == 0
-                         and not raw.waiting, what="the cancelled request gone")
+        writer.write(MESSAGE.pack(ACQUIRE, 8))  # read after them, on the same connection
+        await writer.drain()
+        await wait_until(lambda: hub.admission.queued == 1, what="8 queued")
+        raw = _hub_worker(hub, lambda w: w.waiting)
+        assert list(raw.waiting) == [8]  # 7 neither queued nor remembered
         holder.release()
-        await wait_until(lambda: hub.admission.in_flight == 0, what="nothing held")
+        assert MESSAGE.unpack(await asyncio.wait_for(reader.readexactly(MESSAGE.size), 5)) \
+            == (GRANTED, 8)  # the place went to 8, not to the cancelled 7
         writer.close()
+        await wait_until(lambda: hub.admission.in_flight == 0, what="8's place given back")
 
 
 async def test_a_grant_overtaken_by_a_cancel_is_passed_on_once(tmp_path: Path) -> None:

@@ -144,6 +144,18 @@ def test_limiter_resolves_defaults_and_follows_reloaded_limits() -> None:
     assert limiter.for_key("b", Limits(requests_per_minute=None)).requests is not None
 
 
+def test_a_key_given_a_limit_by_a_reload_counts_what_is_in_flight() -> None:
+    clock = Clock()
+    limiter = RateLimiter(Limits(), clock)
+    free = limiter.for_key("k", Limits())
+    for _ in range(3):
+        free.admit(clock())
+    capped = limiter.for_key("k", Limits(max_concurrent=2))
+    assert capped is free and capped.in_flight == 3
+    with pytest.raises(LimitExceeded, match="2 concurrent"):
+        capped.admit(clock())
+
+
 def test_failure_throttle_is_per_address() -> None:
     clock = Clock()
     throttle = AddressThrottle(3, clock=clock)
