@@ -39,6 +39,8 @@ class Slots(Protocol):
 
     def release(self) -> None: ...
 
+    def refuse_waiting(self) -> None: ...
+
 
 class Admission:
     def __init__(self, limit: int, max_queue: int, timeout: float) -> None:
@@ -96,6 +98,13 @@ class Admission:
         except asyncio.CancelledError:
             self.leave(fut)
             raise
+
+    def refuse_waiting(self) -> None:
+        """Draining: the requests still queued are refused now (503), not served late."""
+        waiters, self._waiters = self._waiters, collections.deque()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(AdmissionClosed("the server is shutting down"))
 
     def _discard(self, fut: asyncio.Future[None]) -> None:
         with contextlib.suppress(ValueError):

@@ -2,7 +2,8 @@
 what is left with a final error event.
 
 Under one deadline (SHUTDOWN_GRACE_SECONDS; a second SIGTERM/SIGINT cuts it
-short): new requests get 503 + Retry-After from the moment draining starts;
+short): new requests, and those still queued for a backend slot, get 503 +
+Retry-After from the moment draining starts;
 requests in flight may complete; streams still open at the deadline receive a
 final SSE error event and are closed.
 """
@@ -19,6 +20,7 @@ log = logging.getLogger("llamagate.gateway.drain")
 
 async def drain(state: AppState) -> None:
     state.draining = True
+    state.admission.refuse_waiting()  # queued, not started: better retried elsewhere now
     grace = state.config.shutdown_grace_seconds
     log.info("draining", extra={"in_flight": len(state.active), "grace_s": grace})
     if state.active:

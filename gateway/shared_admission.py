@@ -66,6 +66,14 @@ class SharedAdmission(asyncio.Protocol):
         self.in_flight -= 1
         self._give_back()
 
+    def refuse_waiting(self) -> None:
+        """Draining: this worker's queued requests are refused now and leave the hub's queue."""
+        for number, waiter in list(self._waiting.items()):
+            if not waiter.done():
+                waiter.set_exception(AdmissionClosed("the server is shutting down"))
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.write(MESSAGE.pack(CANCEL, number))
+
     def _give_back(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(_RELEASE)

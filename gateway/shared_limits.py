@@ -9,8 +9,8 @@ gateway/ratelimit.py's: only where the numbers live changes.
 
 A record per key: a hash of its id, the request bucket's level and time, the token
 bucket's, then one counter per worker of the key's requests in flight. Each worker
-writes only its own counter and zeroes it when it starts, so a worker that crashed
-gives its counts back when serve restarts it. Only keys with a limit take a record;
+writes only its own counter and zeroes it when it starts; serve zeroes a crashed
+worker's at once (release_worker), before restarting it. Only keys with a limit take a record;
 one that finds the table full is limited by its worker alone, with a warning.
 """
 
@@ -185,6 +185,12 @@ class SharedKeyLimiter(KeyLimiter):
     def headers(self, now: float) -> dict[str, str]:
         with self.table.locked(self.at):
             return super().headers(now)
+
+
+def release_worker(path: Path, workers: int, index: int, slots: int = SLOTS) -> None:
+    """serve's part when worker ``index`` dies: its requests in flight are void (opening the
+    table as that worker zeroes them)."""
+    SharedTable(path, workers, index, slots).close()
 
 
 def limiters(table: SharedTable) -> MakeLimiter:

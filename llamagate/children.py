@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 
 from backend.process import die_with_parent
 
@@ -14,11 +15,13 @@ log = logging.getLogger("llamagate.serve")
 
 
 class Child:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], restart: bool = False) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], restart: bool = False,
+                 on_crash: Callable[[], None] | None = None) -> None:
         self.name = name
         self.argv = argv
         self.env = env
         self.restart = restart
+        self.on_crash = on_crash  # what it held must be given back before its restart
         self.proc: asyncio.subprocess.Process | None = None
         self._stopping = False
 
@@ -38,6 +41,8 @@ class Child:
             if self._stopping or not self.restart:
                 return
             log.error("%s exited unexpectedly (code %s); restarting in %.1fs", self.name, code, delay)
+            if self.on_crash is not None:
+                self.on_crash()
             await asyncio.sleep(delay)  # backoff, not synchronisation
             delay = min(delay * 2, 15.0)
             if self._stopping:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -171,10 +172,15 @@ class Service:
             wiring["admission_socket"] = str(hub.path)
             wiring["limits_file"] = str(self.runtime_dir / "limits.bin")  # per-key rate limits
             shared_limits.create(self.runtime_dir / "limits.bin", self.config.gateway_workers)
+        n = self.config.gateway_workers
         workers = [Child(f"gateway-{i}", [sys.executable, "-m", "gateway.worker", "--wiring",
                                           json.dumps({**wiring, "worker_index": i})],
-                         env, restart=True)
-                   for i in range(self.config.gateway_workers)]
+                         env, restart=True,
+                         # a crashed worker's requests in flight stop counting against keys' limits
+                         on_crash=functools.partial(shared_limits.release_worker,
+                                                    self.runtime_dir / "limits.bin", n, i)
+                         if n > 1 else None)
+                   for i in range(n)]
         for w in workers:
             await w.start()
         self.children.extend(workers)

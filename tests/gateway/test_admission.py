@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from gateway.admission import Admission, QueueFull, QueueTimeout
+from gateway.drain import drain
 from tests.gateway.conftest import StartGateway
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import Gateway, RawRequest, assert_openai_error, wait_until
@@ -109,6 +110,24 @@ async def test_client_that_disconnects_while_queued_leaves_the_queue(
     # the departed waiter never took a slot nor reached the backend
     assert len(fake.requests(COMPLETIONS)) == 2
     assert gateway.state.admission.in_flight == 0
+
+
+async def test_draining_refuses_the_queued_requests_at_once(
+        start_gateway: StartGateway, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
+    gateway = await start_gateway(MAX_CONCURRENT_REQUESTS="1", QUEUE_TIMEOUT="60",
+                                  SHUTDOWN_GRACE_SECONDS="60")
+    holder = await _hold_the_slot(gateway, fake)
+    waiter = asyncio.create_task(_post(http, gateway))
+    await wait_until(lambda: gateway.state.admission.queued == 1, what="a queued request")
+    draining = asyncio.create_task(drain(gateway.state))  # waits for the holder, up to 60 s
+    status, headers, body = await asyncio.wait_for(waiter, 5)  # not served late: refused now
+    assert status == 503 and int(headers["Retry-After"]) >= 1
+    assert_openai_error(json.loads(body), "service_unavailable", "shutting_down")
+    assert not draining.done()  # the request in flight may still finish
+    fake.release.set()
+    await asyncio.wait_for(draining, 10)
+    await holder.drop()
+    assert len(fake.requests(COMPLETIONS)) == 1
 
 
 async def test_probes_and_metrics_never_queue(start_gateway: StartGateway, fake: FakeUpstream,

@@ -81,6 +81,19 @@ async def test_a_cancelled_waiter_leaves_the_hubs_queue(tmp_path: Path) -> None:
         assert b.in_flight == 0
 
 
+async def test_a_draining_worker_refuses_its_queued_requests(tmp_path: Path) -> None:
+    async with hub_and_workers(tmp_path) as (hub, (a, b)):
+        await a.acquire()
+        waiting = asyncio.create_task(b.acquire())
+        await wait_until(lambda: hub.admission.queued == 1, what="b queued at the hub")
+        b.refuse_waiting()
+        with pytest.raises(AdmissionClosed):
+            await waiting
+        await wait_until(lambda: hub.admission.queued == 0, what="b out of the hub's queue")
+        a.release()
+        await wait_until(lambda: hub.admission.in_flight == 0, what="nothing held")
+
+
 async def test_a_worker_that_dies_gives_back_its_places(tmp_path: Path) -> None:
     async with hub_and_workers(tmp_path, limit=2) as (hub, (a, b)):
         await a.acquire()

@@ -89,7 +89,9 @@ def test_a_restarted_worker_gives_back_what_it_held(two_workers: Views, tmp_path
     b.for_key("k", limits).admit(NOW)
     with pytest.raises(LimitExceeded):
         a.for_key("k", limits).admit(NOW)
-    # worker 1 crashed; serve starts it again with the same index
+    # worker 1 crashed: serve voids its counts at once, and starts it again with its index
+    shared_limits.release_worker(tmp_path / "limits.bin", 2, 1, 64)
+    assert a.for_key("k", limits).in_flight == 1
     restarted = two_workers.limiter(tmp_path / "limits.bin", 1, 64)  # type: ignore[attr-defined]
     assert a.for_key("k", limits).in_flight == 1
     restarted.for_key("k", limits).admit(NOW)
