@@ -16,6 +16,7 @@ key being looked at, while other addresses are unaffected. Logs carry key ids, n
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -54,7 +55,8 @@ class AddressThrottle:
 
     A GCRA (one float per address: when its failure budget is whole again). At most
     ``max_addresses`` are tracked, least recently failing dropped first, so a spray from
-    many addresses cannot grow memory without bound.
+    many addresses cannot grow memory without bound. An IPv6 client is counted by its /64,
+    which one host or subscriber usually has whole: per address, it could try 2^64 of them.
     """
 
     def __init__(self, per_minute: int, *, max_addresses: int = 10_000,
@@ -67,14 +69,28 @@ class AddressThrottle:
 
     def retry_after(self, address: str) -> float:
         """Seconds until ``address`` may try again; 0 when it may now."""
-        clear_at = self._clear_at.get(address)
+        clear_at = self._clear_at.get(_counted_as(address))
         return 0.0 if clear_at is None else max(0.0, clear_at - self.clock() - self.tolerance)
 
     def failure(self, address: str) -> None:
+        address = _counted_as(address)
         now = self.clock()
         self._clear_at[address] = max(self._clear_at.pop(address, now), now) + self.interval
         if len(self._clear_at) > self.max_addresses:
             self._clear_at.popitem(last=False)
+
+
+def _counted_as(address: str) -> str:
+    """The throttle's unit for ``address``: itself, or an IPv6 address's /64."""
+    if ":" not in address:
+        return address  # IPv4, or no address ("-")
+    try:
+        ip = ipaddress.IPv6Address(address)
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 # the paths nearly every request has, known canonical without a look at each character

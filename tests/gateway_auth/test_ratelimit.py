@@ -175,3 +175,15 @@ def test_failure_throttle_tracks_a_bounded_number_of_addresses() -> None:
         throttle.failure(address)
     assert throttle.retry_after("a") == 0  # the least recent was dropped
     assert throttle.retry_after("b") > 0 and throttle.retry_after("c") > 0
+
+
+def test_failure_throttle_counts_an_ipv6_client_by_its_64() -> None:
+    throttle = AddressThrottle(2, clock=Clock())
+    throttle.failure("2001:db8:1:2::1")
+    throttle.failure("2001:db8:1:2:ffff::9")  # another address of the same /64
+    assert throttle.retry_after("2001:db8:1:2::77") > 0
+    assert throttle.retry_after("2001:db8:1:3::1") == 0  # the next /64 is someone else
+    # a dual-stack socket's IPv4 peer is that IPv4 address
+    throttle.failure("::ffff:192.0.2.1")
+    throttle.failure("192.0.2.1")
+    assert throttle.retry_after("192.0.2.1") > 0 and throttle.retry_after("192.0.2.2") == 0
