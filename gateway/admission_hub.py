@@ -30,6 +30,13 @@ ACQUIRE, CANCEL, RELEASE = b"a", b"c", b"r"
 GRANTED, FULL, TIMEOUT = b"g", b"f", b"t"
 
 
+def messages(buffer: bytes, data: bytes) -> tuple[list[tuple[bytes, int]], bytes]:
+    """The whole messages in ``buffer + data``, and the start of one still to come."""
+    buffer += data
+    whole = len(buffer) - len(buffer) % MESSAGE.size
+    return list(MESSAGE.iter_unpack(buffer[:whole])), buffer[whole:]
+
+
 class _Worker(asyncio.Protocol):
     """One worker's connection: its queued requests and the places it holds. Requests join
     the one queue as their messages are read, so the queue is first in, first out across
@@ -47,10 +54,8 @@ class _Worker(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        buffer = self.buffer + data
-        whole = len(buffer) - len(buffer) % MESSAGE.size
-        self.buffer = buffer[whole:]
-        for op, number in MESSAGE.iter_unpack(buffer[:whole]):
+        received, self.buffer = messages(self.buffer, data)
+        for op, number in received:
             if op == ACQUIRE:
                 self._acquire(number)
             elif op == CANCEL:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import cast
 
 from gateway.admission import AdmissionClosed, QueueFull, QueueTimeout
-from gateway.admission_hub import ACQUIRE, CANCEL, FULL, GRANTED, MESSAGE, RELEASE
+from gateway.admission_hub import ACQUIRE, CANCEL, FULL, GRANTED, MESSAGE, RELEASE, messages
 
 _RELEASE = MESSAGE.pack(RELEASE, 0)
 
@@ -83,10 +83,8 @@ class SharedAdmission(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data
-        whole = len(buffer) - len(buffer) % MESSAGE.size
-        self._buffer = buffer[whole:]
-        for answer, number in MESSAGE.iter_unpack(buffer[:whole]):
+        received, self._buffer = messages(self._buffer, data)
+        for answer, number in received:
             waiter = self._waiting.get(number)
             if waiter is not None and not waiter.done():
                 waiter.set_result(answer)

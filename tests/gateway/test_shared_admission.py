@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from gateway.admission import Admission, AdmissionClosed, QueueFull, QueueTimeout
-from gateway.admission_hub import ACQUIRE, CANCEL, GRANTED, MESSAGE, RELEASE, AdmissionHub
+from gateway.admission_hub import ACQUIRE, CANCEL, GRANTED, MESSAGE, RELEASE, AdmissionHub, messages
 from gateway.shared_admission import SharedAdmission
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import RawRequest, assert_openai_error, wait_until
@@ -247,3 +247,11 @@ def _hub_worker(hub: AdmissionHub, which: Callable[[Any], Any]) -> Any:
     """The hub's end of the worker connection that ``which`` picks out by its state."""
     return next(w for w in hub._workers if which(w))
 
+
+
+def test_messages_split_over_reads_are_put_back_together() -> None:
+    data = MESSAGE.pack(ACQUIRE, 1) + MESSAGE.pack(CANCEL, 1) + MESSAGE.pack(RELEASE, 0)
+    received, rest = messages(b"", data[:13])  # one whole message and 4 bytes of the next
+    assert received == [(ACQUIRE, 1)] and rest == data[9:13]
+    received, rest = messages(rest, data[13:])
+    assert received == [(CANCEL, 1), (RELEASE, 0)] and rest == b""
