@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Protocol
 
 
@@ -54,17 +53,11 @@ class Admission:
     def queued(self) -> int:
         return len(self._waiters)
 
-    def try_acquire(self) -> bool:
-        """Take a place if one is free and nobody is queued for it."""
-        if self.in_flight < self.limit and not self._waiters:
-            self.in_flight += 1
-            return True
-        return False
-
     def join(self) -> asyncio.Future[None] | None:
         """None: a place is taken. Otherwise a place in the queue: a future resolved when a
         place is handed over, or failed with QueueTimeout at the deadline. Raises QueueFull."""
-        if self.try_acquire():
+        if self.in_flight < self.limit and not self._waiters:  # a free place, nobody before
+            self.in_flight += 1
             return None
         if len(self._waiters) >= self.max_queue:
             raise QueueFull
@@ -119,14 +112,6 @@ class Admission:
                 fut.set_result(None)
                 return
         self.in_flight -= 1
-
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        await self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
 
 
 def _expire(fut: asyncio.Future[None]) -> None:

@@ -172,7 +172,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     scope = required_scope(request, state.config.metrics_public)
     if scope == "":
         return await handler(request)
-    remote = state.clients.of(request.remote, request.headers.getall("X-Forwarded-For", ()))
+    clients = state.clients
+    remote = request.remote if not clients.enabled else clients.of(
+        request.remote, request.headers.getall("X-Forwarded-For", ()))
     key = authenticate(request.headers, remote, state)
     exchange_of(request).key_id = key.id
     if scope is not None and not has_scope(key, scope):

@@ -200,7 +200,9 @@ async def test_a_grant_overtaken_by_a_cancel_is_passed_on_once(tmp_path: Path) -
         hub_a.data_received(MESSAGE.pack(RELEASE, 0))
         hub_b.data_received(MESSAGE.pack(CANCEL, number))
         assert hub.admission.in_flight == 0 and hub_b.held == 0
-        await asyncio.sleep(0)  # the grant's callback runs now, and must not answer
+        ran = asyncio.Event()  # queued after the grant's callback, so that runs first
+        asyncio.get_running_loop().call_soon(ran.set)
+        await ran.wait()  # the grant's callback has run, and must not have answered
         assert hub_b.held == 0 and not hub_b.waiting
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
