@@ -9,24 +9,48 @@ together with Allow-Credentials.
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 _ALLOW_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
+# for a preflight that names no headers, or names them in a way we do not reflect
 _ALLOW_HEADERS = ("Authorization, Content-Type, X-API-Key, X-Request-ID, X-Request-Timeout, "
                   "OpenAI-Organization, OpenAI-Project")
-_EXPOSE = ("X-Request-ID, Retry-After, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
-           "x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, "
-           "x-ratelimit-reset-tokens")
+_EXPOSE = ("X-Request-ID, X-Model-Fallback, Retry-After, x-ratelimit-limit-requests, "
+           "x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
+           "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens")
+# Access-Control-Request-Headers as browsers write it: a comma list of HTTP token names
+# (RFC 9110 tchar; the two classes share no character, so matching is linear)
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_NAME_LIST = re.compile(rf"{_TOKEN}(?:[ \t]*,[ \t]*{_TOKEN})*").fullmatch
+# what a browser sends is far below these; past them the list is not reflected
+MAX_REQUESTED_LENGTH = 2048
+MAX_REQUESTED_NAMES = 64
+
+
+def allow_headers(requested: str | None) -> str:
+    """Access-Control-Allow-Headers for a preflight: the names it asks for, reflected.
+
+    A fixed list cannot keep up with the SDKs (the OpenAI JS SDK sends X-Stainless-*,
+    others send their own), and with credentials `*` is not a wildcard, so an allowed
+    origin may send any header it names, as long as the names are plain header names."""
+    if requested is None:
+        return _ALLOW_HEADERS
+    requested = requested.strip(" \t")
+    if not requested or len(requested) > MAX_REQUESTED_LENGTH or not _NAME_LIST(requested):
+        return _ALLOW_HEADERS
+    names = [n.strip(" \t") for n in requested.split(",")]
+    if len(names) > MAX_REQUESTED_NAMES:
+        return _ALLOW_HEADERS
+    return ", ".join(names)
 
 
 class Cors:
     def __init__(self, origins: tuple[str, ...]) -> None:
         self.allowed = frozenset(origins)
         self.wildcard = "*" in self.allowed
-        self._preflight = {"Access-Control-Allow-Methods": _ALLOW_METHODS,
-                           "Access-Control-Allow-Headers": _ALLOW_HEADERS,
-                           "Access-Control-Max-Age": "600"}
 
     def _origin_headers(self, origin: str) -> dict[str, str]:
         if self.wildcard:
@@ -40,10 +64,16 @@ class Cors:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             origin = request.headers.get("Origin")
-            headers = {"Vary": "Origin"}
-            if self._allowed(origin):
-                assert origin is not None
-                headers |= self._origin_headers(origin) | self._preflight
+            if not self._allowed(origin):
+                return web.Response(status=204, headers={"Vary": "Origin"})
+            assert origin is not None
+            # the allowed headers are the requested ones: a cache must key on them too
+            headers = {"Vary": "Origin, Access-Control-Request-Headers",
+                       **self._origin_headers(origin),
+                       "Access-Control-Allow-Methods": _ALLOW_METHODS,
+                       "Access-Control-Allow-Headers": allow_headers(
+                           request.headers.get("Access-Control-Request-Headers")),
+                       "Access-Control-Max-Age": "600"}
             return web.Response(status=204, headers=headers)
         return await handler(request)
 

@@ -1,4 +1,5 @@
-"""The token path: every `/v1/*` request, served by gateway/http_server.py.
+"""The token path: every `/v1/*` request (and its aliases without `/v1`), and every
+request the HTTP parser refused, served by gateway/http_server.py.
 
 The same stages as gateway/pipeline.py, in the same order, as plain calls instead of
 aiohttp middlewares (each middleware layer cost every request a few µs):
@@ -24,12 +25,11 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     NotFound,
-    PayloadTooLarge,
     error_body,
     error_parts,
 )
 from gateway.exchange import Exchange
-from gateway.http_call import Call
+from gateway.http_call import Call, refusal_error
 from gateway.observe import record
 from gateway.request_id import request_id_of, route_label
 from gateway.state import AppState
@@ -80,8 +80,8 @@ async def _answer(call: Call, state: AppState, ex: Exchange) -> None:
 
 
 async def _authorized(call: Call, state: AppState, ex: Exchange) -> None:
-    if call.too_large:  # any route: the body was never read, so nothing else can be said
-        raise PayloadTooLarge("request body is too large (MAX_BODY_BYTES)")
+    if call.refusal is not None:  # any route: unparsable, or its body never read (413)
+        raise refusal_error(call.refusal)
     if not is_canonical(call.path):
         raise NotFound("no such route", code="not_found")
     if not state.config.auth_enabled:

@@ -13,13 +13,18 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from gateway.errors import error_body
+from gateway.errors import BadRequest, GatewayError, error_body
 
 if TYPE_CHECKING:
     from gateway.http_server import HttpConnection
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
-_REFUSAL_CODES = {414: "uri_too_long", 431: "request_header_fields_too_large"}
+# paths without `/v1` that llama-server accepts too (clients whose base URL lacks it): the
+# edge server serves them as the `/v1` path, so auth, validation, limits and metrics agree
+ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions",
+           "/embeddings": "/v1/embeddings", "/models": "/v1/models"}
+_REFUSAL_CODES = {413: "payload_too_large", 414: "uri_too_long",
+                  431: "request_header_fields_too_large"}
 
 
 class Call:
@@ -50,7 +55,8 @@ class Call:
         self.ticket: Any = None
         self.state: Any = conn.server.state
         self.too_large = False  # the body was over MAX_BODY_BYTES and was not read
-        self.refusal: tuple[int, str] | None = None  # not a request we accept: status, why
+        # not a request we accept (a 413 too): status, why; the handler answers it
+        self.refusal: tuple[int, str] | None = None
         self._done = False
 
     @property
@@ -127,14 +133,6 @@ class Call:
                 f"Date: {server.date()}\r\nServer: llamagate\r\n{extra}{conn}"
                 f"{server.decorate(self)}\r\n").encode("latin-1")
 
-    def refuse(self) -> None:
-        """Answer a request the server would not take (``refusal``), closing after it."""
-        assert self.refusal is not None
-        status, message = self.refusal
-        self.keep_alive = False
-        self.respond(status, error_body(message, "invalid_request_error",
-                                        _REFUSAL_CODES.get(status, "invalid_request")))
-
     def settled(self) -> None:
         """Answered by someone else (the aiohttp app, through the tunnel)."""
         self._done = True
@@ -149,6 +147,14 @@ class Call:
             self.respond(500, error_body("internal gateway error", "server_error", "internal_error"))
             return
         self.conn.close()
+
+
+def refusal_error(refusal: tuple[int, str]) -> GatewayError:
+    """The error a refused request (``Call.refusal``) is answered with, by the handler."""
+    status, message = refusal
+    error = BadRequest(message, code=_REFUSAL_CODES.get(status, "invalid_request"))
+    error.status = status  # 400, 413, 414 or 431: all the client's fault, as BadRequest's
+    return error
 
 
 Handler = Callable[[Call], Awaitable[None]]

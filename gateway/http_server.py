@@ -2,9 +2,9 @@
 
 aiohttp's server cost ~75 µs of CPU per request on the machines we measure on, more
 than the rest of the proxy's hot path together (a bare httptools protocol proxying the
-same request: ~40 µs). So the requests that carry tokens (`/v1/*`, except CORS
-preflights) are served here directly, by the handler given to ``EdgeServer``; every
-other request (probes, /metrics, /admin, preflights) is handed to the aiohttp
+same request: ~40 µs). So the requests that carry tokens (`/v1/*` and ``ALIASES``, not
+CORS preflights) and refused ones are served here, by the handler given to ``EdgeServer``;
+every other request (probes, /metrics, /admin, preflights) is handed to the aiohttp
 application through ``gateway/tunnel.py``, with its middlewares and routes as they are.
 
 Per connection, requests are answered one at a time in order (pipelined ones wait
@@ -26,7 +26,7 @@ from typing import Any
 
 import httptools
 
-from gateway.http_call import Call, Handler
+from gateway.http_call import ALIASES, Call, Handler
 
 log = logging.getLogger("llamagate.gateway.http")
 
@@ -62,9 +62,13 @@ class EdgeServer:
 
     @staticmethod
     def fast(call: Call) -> bool:
+        if not call.path.startswith("/v1/"):
+            alias = ALIASES.get(call.path)  # off the `/v1/` path: its cost is not the hot path's
+            if alias is None:
+                return False
+            call.path = alias  # the tunnel forwards call.target, so a preflight keeps its path
         # CORS preflights go to the aiohttp side, where the CORS stage answers them
-        return call.path.startswith("/v1/") and (
-            call.method != "OPTIONS" or "access-control-request-method" not in call.headers)
+        return call.method != "OPTIONS" or "access-control-request-method" not in call.headers
 
     def date(self) -> str:
         now = int(time.time())
@@ -264,14 +268,14 @@ class HttpConnection(asyncio.Protocol):
         if self._refused:
             return
         if not self._host and self.parser.get_http_version() == "1.1":
-            self._refuse(400, "an HTTP/1.1 request needs a Host header")
+            self._refuse(400, "an HTTP/1.1 request needs a Host header", whole_head=True)
             return
         if self.parser.should_upgrade():
             # the parser stops at the head of an upgrade: a body would be lost, so such a
             # request is refused; one without is answered as a plain request, the last one
             if any(n.lower() in (b"content-length", b"transfer-encoding") and v.strip() != b"0"
                    for n, v in self._headers):
-                self._refuse(400, "protocol upgrades are not supported")
+                self._refuse(400, "protocol upgrades are not supported", whole_head=True)
                 return
             self._dispatch(self._call(b"", keep_alive=False))
             return
@@ -298,6 +302,7 @@ class HttpConnection(asyncio.Protocol):
         self._refused = True
         call = self._call(b"", keep_alive=False)
         call.too_large = True
+        call.refusal = (413, "request body is too large (MAX_BODY_BYTES)")
         self._dispatch(call)
 
     def _dispatch(self, call: Call) -> None:
@@ -352,10 +357,8 @@ class HttpConnection(asyncio.Protocol):
         asyncio.get_running_loop().call_later(LINGER, self.close)
 
     def _run(self, call: Call) -> None:
-        if call.refusal is not None:
-            call.refuse()  # its turn has come: answered, and the connection closed after it
-            return
-        answer = self.server.handler if call.too_large or self.server.fast(call) \
+        # a refusal is the handler's, whatever its path: logged and counted as every answer
+        answer = self.server.handler if self.server.fast(call) or call.refusal is not None \
             else self.server.tunnel
         self.current = call
         # a fresh context: nothing (a request id) carries over from the previous request
@@ -383,14 +386,15 @@ class HttpConnection(asyncio.Protocol):
             self._continue = False
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def _refuse(self, status: int, message: str) -> None:
-        """A request we cannot parse or accept: answered with ``status`` in its turn, after
-        any answers still owed on this connection, which is then closed (what follows it
-        cannot be trusted to be a request)."""
+    def _refuse(self, status: int, message: str, whole_head: bool = False) -> None:
+        """A request we cannot parse or accept: answered with ``status`` by the handler in
+        its turn, after any answers still owed on this connection, which is then closed
+        (what follows it cannot be trusted to be a request)."""
         if self._refused:
             return
         self._refused = True
-        call = Call(self, "GET", b"/", {}, [], b"", keep_alive=False)
+        # a head read whole gives its method, path and id; of a broken one nothing is trusted
+        call = self._call(b"", False) if whole_head else Call(self, "-", b"/", {}, [], b"", False)
         call.refusal = (status, message)
         self._dispatch(call)
 

@@ -38,7 +38,8 @@ async def test_preflight_is_204_without_auth(cors_gateway: Gateway, fake: FakeUp
         assert "POST" in r.headers["Access-Control-Allow-Methods"]
         allowed = r.headers["Access-Control-Allow-Headers"].lower()
         assert "authorization" in allowed and "content-type" in allowed
-        assert _vary(r.headers) == ["Origin"]  # once, not once per layer
+        # once each, not once per layer; the allowed headers are the requested ones
+        assert _vary(r.headers) == ["Origin", "Access-Control-Request-Headers"]
         assert r.headers["X-Request-ID"]
     assert fake.requests() == []
 

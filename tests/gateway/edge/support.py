@@ -39,6 +39,8 @@ async def _handler(edge: Edge, call: Call) -> None:
     edge.calls.append(call)
     if call.too_large:
         call.respond(413, b"too large")
+    elif call.refusal is not None:  # the handler answers what the parser refused
+        call.respond(call.refusal[0], call.refusal[1].encode())
     elif call.path == "/v1/length":
         call.respond(200, b"%d" % len(call.body), "text/plain")
     elif call.path == "/v1/echo":

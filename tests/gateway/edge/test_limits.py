@@ -45,7 +45,8 @@ def test_a_request_we_cannot_take_gets_400_and_the_connection_closes(
         assert answer.status == 400
         assert why in answer.body
         assert await client.closed()
-        assert edge.seen == []
+        # answered by the handler (so it is logged and counted), as a refusal, nothing else
+        assert [c.refusal and c.refusal[0] for c in edge.calls] == [400]
     run(scenario)
 
 
@@ -130,7 +131,7 @@ def test_oversized_heads_are_refused(run: Run, send: bytes, status: int) -> None
         assert answer.status == status
         assert not answer.keep_alive
         assert await client.closed()
-        assert edge.seen == []
+        assert [c.refusal and c.refusal[0] for c in edge.calls] == [status]
     run(scenario)
 
 
