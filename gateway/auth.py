@@ -191,12 +191,12 @@ def may_use(key: ApiKey | None, model: str) -> bool:
 def check_model(key: ApiKey | None, ex: Exchange, method: str, state: AppState) -> None:
     """403 unless the request's key may use the model; called by the proxy once it is known.
 
-    Requests the proxy does not parse run on the backend's default model, so a key with an
+    Requests that name no model run on the backend's default model, so a key with an
     allowlist may send them only when that model is on it; reads (GET, HEAD) are listings.
     """
     if key is None or key.models is None:
         return
-    if ex.inference:
+    if ex.inference or ex.model != "-":  # the model the body names
         model: str | None = ex.model
     elif method in ("GET", "HEAD"):
         return

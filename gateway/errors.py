@@ -62,6 +62,10 @@ class RateLimited(GatewayError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
 
+class BadGateway(GatewayError):
+    status, type, code = 502, "server_error", "bad_gateway"
+
+
 class BackendUnavailable(GatewayError):
     status, type, code = 503, "service_unavailable", "backend_unavailable"
 

@@ -57,7 +57,8 @@ class GatewayMetrics:
             ["route"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.ttft = Histogram(
             "llamagate_time_to_first_token_seconds",
-            "Time from request to the first byte of the response body from the backend",
+            "Time from request to the backend's first event: streamed answers, and "
+            "non-streaming ones the gateway fetches as streams",
             ["model"], buckets=_TTFT_BUCKETS, registry=registry)
         self.queue_wait = Histogram(
             "llamagate_queue_wait_seconds", "Time spent waiting for a backend slot",
@@ -80,6 +81,11 @@ class GatewayMetrics:
         self.rejections = Counter(
             "llamagate_rejections", "Requests refused by the gateway, by reason",
             ["reason"], registry=registry)
+        self.cut_short = Counter(
+            "llamagate_responses_cut_short",
+            "Answers that ended before the backend's end after their status was sent (a "
+            "stream's 200 counts in llamagate_requests_total), by reason",
+            ["route", "reason"], registry=registry)
         # the per-request paths take labelled children from here
         self.requests_for = Children(self.requests)
         self.duration_for = Children(self.duration)
@@ -87,6 +93,7 @@ class GatewayMetrics:
         self.prompt_tokens_for = Children(self.prompt_tokens)
         self.completion_tokens_for = Children(self.completion_tokens)
         self.rejections_for = Children(self.rejections)
+        self.cut_short_for = Children(self.cut_short)
 
     def follow(self, admission: _Counts) -> None:
         """Read in-flight and queue depth from `admission` at scrape time (one process only)."""
@@ -120,12 +127,15 @@ def make_registries() -> tuple[CollectorRegistry, CollectorRegistry]:
     return registry, registry
 
 
-def label_backend_metrics(text: str, model: str) -> str:
+def label_backend_metrics(text: str, model: str, keep_colons: bool = False) -> str:
     """Add a model label to each sample of llama-server's exposition.
 
-    Names stay llama-server's own (`llamacpp:*`, which dashboards query). A family
-    typed `counter` without the `_total` suffix (llamacpp:n_tokens_max, a running
-    maximum) is re-typed `gauge`: that is what it is, and promtool rejects the other.
+    llama-server names its families `llamacpp:*`; promtool (rightly: ':' is for
+    recording rules) rejects those names, so by default they are exposed as `llamacpp_*`.
+    ``keep_colons`` (BACKEND_METRICS_NAMES=llamacpp) keeps llama-server's names for
+    dashboards written against them. A family typed `counter` without the `_total`
+    suffix (llamacpp:n_tokens_max, a running maximum) is re-typed `gauge`: that is what
+    it is, and promtool rejects the other.
     """
     out = []
     escaped = model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -137,13 +147,22 @@ def label_backend_metrics(text: str, model: str) -> str:
             kind, _, rest = line.partition(" TYPE ")
             if kind == "#" and rest.endswith(" counter") and not rest[:-8].endswith("_total"):
                 line = f"# TYPE {rest[:-8]} gauge"
+            if not keep_colons:
+                words = line.split(" ", 3)
+                if len(words) > 2:  # "# HELP name ..." / "# TYPE name kind"
+                    words[2] = words[2].replace(":", "_")
+                    line = " ".join(words)
             out.append(line)
             continue
         name, sep, rest = line.partition("{")
         if sep:
+            if not keep_colons:
+                name = name.replace(":", "_")
             out.append(f"{name}{{{label}{'' if rest.startswith('}') else ','}{rest}")
         else:
             metric, _, value = line.partition(" ")
+            if not keep_colons:
+                metric = metric.replace(":", "_")
             out.append(f"{metric}{{{label}}} {value}")
     return "\n".join(out) + "\n"
 

@@ -55,6 +55,9 @@ def record(metrics: GatewayMetrics, ex: Exchange, status: int, method: str) -> N
     ttft = ex.ttft
     if ttft is not None and ex.inference:
         metrics.ttft_for(model).observe(ttft)
+    if status < 400 and not ex.completed and ex.error is not None:
+        # begun as a success, ended early: backend gone, timeout, drain, or the client left
+        metrics.cut_short_for(ex.route, ex.error).inc()
     if tokens is not None:
         metrics.prompt_tokens_for(model, key_id).inc(tokens[0])
         metrics.completion_tokens_for(model, key_id).inc(tokens[1])

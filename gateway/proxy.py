@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from gateway.admission import AdmissionClosed, QueueFull, QueueTimeout
 from gateway.backend_http import BackendBroken, BackendError, Response
 from gateway.errors import (
     BackendUnavailable,
+    BadGateway,
     BadRequest,
     NotFound,
     RateLimited,
@@ -30,13 +32,18 @@ from gateway.exchange import Exchange
 from gateway.http_call import Call
 from gateway.state import AppState
 from gateway.usage import tokens_from_body
-from gateway.validation import prompt_of, validate
+from gateway.validation import model_of, prompt_of, validate
+
+log = logging.getLogger("llamagate.gateway.proxy")
 
 # the request's body for another model (a fallback after a failed load)
 Retarget = Callable[[str], bytes]
-INFERENCE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+# validated, metered and limited as the OpenAI ones: llama-server's Anthropic Messages,
+# OpenAI Responses and rerank endpoints run the same models on the same slots
+INFERENCE_ROUTES = OPENAI_ROUTES | {"/v1/messages", "/v1/responses", "/v1/rerank"}
 # what the edge server answers here, as (path, method); "*": any method but OPTIONS
-ROUTES = frozenset({(p, "POST") for p in INFERENCE_ROUTES}
+ROUTES = frozenset({(p, "POST") for p in OPENAI_ROUTES}
                    | {("/v1/models", "GET"), ("/v1/{path}", "*")})
 # how often the sweeper looks for requests past their timeout: a per-request timer costs
 # every request ~10 µs (uvloop timer handles); this bounds how late a timeout fires
@@ -88,7 +95,7 @@ async def handle(call: Call) -> None:
                 or info.max_tokens >= state.config.stream_to_backend_min_tokens):
             # see gateway/unstream.py; short answers skip it: llama-server streams cost it
             # per token, and what a short one can run on for after a hang-up is bounded
-            raw = unstream.stream_body({**info.body, "model": routed})
+            raw = unstream.stream_body({**info.body, "model": routed}, call.path)
             ex.unstream = True
         elif ex.fallback is not None:
             raw = json.dumps({**(info.body or {}), "model": routed}).encode()
@@ -97,8 +104,20 @@ async def handle(call: Call) -> None:
 
             def retarget(model: str) -> bytes:
                 changed = {**body, "model": model}
-                return unstream.stream_body(changed) if ex.unstream else json.dumps(changed).encode()
+                return (unstream.stream_body(changed, call.path) if ex.unstream
+                        else json.dumps(changed).encode())
         state.activity.touch()
+    elif call.method == "POST" and raw:
+        # any other route whose body names a model (count_tokens, and whatever llama-server
+        # adds) runs that model: it must be one served, and one the key may use
+        named = model_of(raw)
+        if named is not None:
+            model = state.models.resolve(named)
+            if model is None:
+                raise NotFound(f"model '{named}' does not exist; available: "
+                               f"{', '.join(state.models.names)}", code="model_not_found",
+                               param="model")
+            ex.model = model
     auth.check_model(call.key, ex, call.method, state)  # 403 for a model outside the allowlist
     ratelimit.reserve_tokens(state, call.ticket, ex)  # tokens/min; the edge settles it
     timeout = request_timeout(call.headers.get("x-request-timeout"), state.config.request_timeout)
@@ -110,37 +129,20 @@ async def handle(call: Call) -> None:
     if not status.ready:
         raise BackendUnavailable(f"the backend is not ready ({status.state})", retry_after=5)
 
-    queued_at = time.monotonic()
-    metrics = state.metrics
-    counted = not metrics.live_gauges
-    if counted:
-        metrics.queue_depth.inc()
-    try:
-        await state.admission.acquire()
-    except QueueFull:
-        metrics.rejections.labels("queue_full").inc()
-        raise RateLimited("too many requests are queued; retry shortly", code="queue_full",
-                          retry_after=1) from None
-    except QueueTimeout:
-        metrics.rejections.labels("queue_timeout").inc()
-        raise BackendUnavailable("timed out waiting for a free backend slot", code="queue_timeout",
-                                 retry_after=2) from None
-    except AdmissionClosed:
-        raise BackendUnavailable("the server is shutting down", code="shutting_down",
-                                 retry_after=5) from None
-    finally:
-        if counted:
-            metrics.queue_depth.dec()
-    now = time.monotonic()
-    ex.queue_wait = now - queued_at
-    # REQUEST_TIMEOUT counts from admission; expire() below enforces it
-    ex.deadline = asyncio.get_running_loop().time() + timeout
-    if counted:
-        metrics.in_flight.inc()
+    loop = asyncio.get_running_loop()
+    # the timeout counts queueing too (expire() below enforces it): a client's deadline is
+    # end to end, and a request whose client has given up should not take a slot
+    ex.deadline = loop.time() + timeout
     task = asyncio.current_task()
     assert task is not None
     state.active[ex] = task
     state.idle.clear()
+    metrics = state.metrics
+    counted = not metrics.live_gauges
+    # reads (model listings, props) take no slot: llama-server answers them at once
+    reads = call.method in ("GET", "HEAD")
+    if not reads:
+        await _admit(state, ex, counted)
     try:
         await _exchange(call, state, ex, raw, retarget)
     except asyncio.CancelledError:
@@ -155,12 +157,54 @@ async def handle(call: Call) -> None:
         else:
             raise UpstreamTimeout(f"the backend did not answer within {timeout:g}s") from None
     finally:
-        state.admission.release()
+        if not reads:
+            state.admission.release()
+            if counted:
+                metrics.in_flight.dec()
+        _leave(state, ex)
+
+
+async def _admit(state: AppState, ex: Exchange, counted: bool) -> None:
+    """Wait for a backend slot; out of state.active again when none is given."""
+    metrics = state.metrics
+    queued_at = time.monotonic()
+    if counted:
+        metrics.queue_depth.inc()
+    try:
+        await state.admission.acquire()
+    except QueueFull:
+        metrics.rejections.labels("queue_full").inc()
+        _leave(state, ex)
+        raise RateLimited("too many requests are queued; retry shortly", code="queue_full",
+                          retry_after=1) from None
+    except QueueTimeout:
+        metrics.rejections.labels("queue_timeout").inc()
+        _leave(state, ex)
+        raise BackendUnavailable("timed out waiting for a free backend slot", code="queue_timeout",
+                                 retry_after=2) from None
+    except AdmissionClosed:
+        _leave(state, ex)
+        raise BackendUnavailable("the server is shutting down", code="shutting_down",
+                                 retry_after=5) from None
+    except asyncio.CancelledError:
+        _leave(state, ex)
+        if not ex.timed_out:
+            raise  # the client went away while queued
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        metrics.rejections.labels("queue_timeout").inc()
+        raise UpstreamTimeout("the request's timeout ran out while it waited for a backend "
+                              "slot") from None
+    finally:
         if counted:
-            metrics.in_flight.dec()
-        del state.active[ex]
-        if not state.active:
-            state.idle.set()
+            metrics.queue_depth.dec()
+    ex.queue_wait = time.monotonic() - queued_at
+    if counted:
+        metrics.in_flight.inc()
+
+
+def _leave(state: AppState, ex: Exchange) -> None:
+    if state.active.pop(ex, None) is not None and not state.active:
+        state.idle.set()
 
 
 async def expire(state: AppState) -> None:
@@ -247,6 +291,8 @@ async def _after_failed_load(call: Call, state: AppState, ex: Exchange, resp: Re
 async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,
                     retarget: Retarget | None = None) -> None:
     resp = await _send(call, state, ex, raw)
+    if resp.status == 401:
+        _backend_refused_key(resp)
     if resp.status == 500 and retarget is not None:
         resp = await _after_failed_load(call, state, ex, resp, retarget)
     try:
@@ -261,7 +307,8 @@ async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,
             body = await resp.read()
         except BackendBroken as exc:
             raise BackendUnavailable(str(exc), retry_after=2) from None
-        ex.first_byte_at = time.monotonic()
+        # no first_byte_at: llama-server sends a whole answer's head with its last token,
+        # so this request has no time to first token to observe
         ex.completed = True
         if ex.inference and resp.status == 200:
             ex.tokens = tokens_from_body(body)
@@ -271,11 +318,28 @@ async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,
             resp.close()  # unfinished: drop the connection so llama-server stops the work
 
 
+def _backend_refused_key(resp: Response) -> None:
+    """llama-server checks only the gateway's own key (BACKEND_API_KEY): its 401 is the
+    operator's to fix, and passed on it would tell the client its valid key was wrong."""
+    resp.close()
+    global _refused_key_logged
+    if not _refused_key_logged:
+        _refused_key_logged = True
+        log.error("the backend refused the gateway's key: check BACKEND_API_KEY")
+    raise BadGateway("the backend refused the gateway's credentials; the operator must check "
+                     "its backend key", code="backend_auth_failed")
+
+
+_refused_key_logged = False
+
+
 async def _collect(call: Call, resp: Response, ex: Exchange) -> None:
     """A non-streaming request's answer, read as a stream and sent as one body."""
-    collector = unstream.Collector(chat=call.path == "/v1/chat/completions")
+    collector = unstream.collector_for(call.path)
     try:
         while chunk := await resp.read_chunk():
+            if ex.first_byte_at is None:  # the backend's first event: its time to first token
+                ex.first_byte_at = time.monotonic()
             collector.feed(chunk)
     except BackendBroken as exc:
         raise BackendUnavailable(str(exc), retry_after=2) from None
@@ -286,7 +350,6 @@ async def _collect(call: Call, resp: Response, ex: Exchange) -> None:
         return
     except ValueError:
         raise BackendUnavailable("the backend sent an unreadable stream", retry_after=2) from None
-    ex.first_byte_at = time.monotonic()
     ex.completed = True
     body = collector.result()
     ex.tokens = tokens_from_body(body)

@@ -250,7 +250,7 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
 def _tokens_used(ex: Exchange) -> int | None:
     if ex.tokens is not None:
         return ex.tokens[0] + ex.tokens[1]
-    if ex.first_byte_at is None:
+    if ex.first_byte_at is None and not ex.completed:
         return 0  # the backend never answered: nothing was spent
     return None  # it answered without usage: keep the reservation as the charge
 

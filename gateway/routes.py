@@ -64,18 +64,20 @@ async def _scrape(state: AppState, model: str | None) -> str:
 
 
 async def _backend_metrics(state: AppState) -> str:
-    """llama-server's own llamacpp:* metrics, labelled with the model; '' if unavailable.
+    """llama-server's own metrics, labelled with the model; '' if unavailable.
 
     In multi-model mode each loaded model's child is scraped through the router (a
     scrape never loads a model)."""
     if not state.upstream.status.ready:
         return ""
     catalog = state.models
+    colons = state.config.backend_metrics_names == "llamacpp"
     if catalog.mode != "router":
-        return label_backend_metrics(await _scrape(state, None), catalog.default or "-")
+        return label_backend_metrics(await _scrape(state, None), catalog.default or "-", colons)
     loaded = [n for n in catalog.names if catalog.states.get(n, {}).get("state") == "loaded"]
     texts = await asyncio.gather(*(_scrape(state, n) for n in loaded))
-    return merge_expositions(label_backend_metrics(t, n) for t, n in zip(texts, loaded, strict=True) if t)
+    return merge_expositions(label_backend_metrics(t, n, colons)
+                             for t, n in zip(texts, loaded, strict=True) if t)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -17,7 +17,7 @@ from gateway.backend_http import BackendBroken, Response
 from gateway.errors import sse_error_event
 from gateway.exchange import Exchange
 from gateway.http_call import Call
-from gateway.usage import tokens_from_body
+from gateway.usage import tokens_from_stream
 
 log = logging.getLogger("llamagate.gateway.sse")
 
@@ -36,6 +36,7 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
     # the first event usually comes with the backend's head: one write, one wake-up
     first = await upstream.read_chunk() if upstream.has_data else b""
     call.start(upstream.status, SSE_HEADERS, first)
+    head = first  # an Anthropic stream's input tokens are in its first event
     if first:
         ex.first_byte_at = time.monotonic()
         tail.append(first)
@@ -55,8 +56,9 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
             break
         if ex.first_byte_at is None:
             ex.first_byte_at = time.monotonic()
+            head = chunk
         # a departed client raises ConnectionResetError here; the caller closes upstream
         await call.write(chunk)
         tail.append(chunk)
-    ex.tokens = tokens_from_body(b"".join(tail))
+    ex.tokens = tokens_from_stream(head, b"".join(tail))
     call.finish()

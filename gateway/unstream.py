@@ -16,13 +16,26 @@ from __future__ import annotations
 import json
 from typing import Any
 
-ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+# the OpenAI routes, then llama-server's Anthropic Messages and OpenAI Responses ones,
+# whose streams carry usage without being asked
+_OPENAI = frozenset({"/v1/chat/completions", "/v1/completions"})
+ROUTES = _OPENAI | {"/v1/messages", "/v1/responses"}
 
 
-def stream_body(body: dict[str, Any]) -> bytes:
-    """The request as a stream with usage in its final chunk."""
-    return json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}},
-                      separators=(",", ":")).encode()
+def stream_body(body: dict[str, Any], path: str = "/v1/chat/completions") -> bytes:
+    """The request as a stream (with usage in its final chunk)."""
+    streamed = {**body, "stream": True}
+    if path in _OPENAI:
+        streamed["stream_options"] = {"include_usage": True}
+    return json.dumps(streamed, separators=(",", ":")).encode()
+
+
+def collector_for(path: str) -> Collector | MessagesCollector | ResponsesCollector:
+    if path == "/v1/messages":
+        return MessagesCollector()
+    if path == "/v1/responses":
+        return ResponsesCollector()
+    return Collector(chat=path == "/v1/chat/completions")
 
 
 class UpstreamError(Exception):
@@ -127,3 +140,86 @@ def _merge_logprobs(acc: dict[str, Any], part: dict[str, Any]) -> None:
             merged[key] = merged.get(key, []) + value
         else:
             merged.setdefault(key, value)
+
+
+class _Events:
+    """Whole SSE events out of reads that may split them; each one's `data` as JSON."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        while True:
+            end = self._buffer.find(b"\n\n")
+            if end < 0:
+                return
+            event, self._buffer = self._buffer[:end], self._buffer[end + 2:]
+            data = b"".join(line[5:].lstrip(b" ") for line in event.split(b"\n")
+                            if line.startswith(b"data:"))
+            if data and data != b"[DONE]":
+                obj = json.loads(data)
+                if isinstance(obj, dict):
+                    self.event(obj)
+
+    def event(self, obj: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class MessagesCollector(_Events):
+    """An Anthropic Messages stream folded back into the `message` it describes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._message: dict[str, Any] = {}
+        self._blocks: dict[int, dict[str, Any]] = {}
+        self._json: dict[int, str] = {}  # a tool_use block's input, as its pieces arrive
+
+    def event(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("type")
+        if kind == "error":
+            raise UpstreamError(obj)
+        if kind == "message_start":
+            self._message = dict(obj.get("message") or {})
+        elif kind == "content_block_start":
+            self._blocks[int(obj.get("index", 0))] = dict(obj.get("content_block") or {})
+        elif kind == "content_block_delta":
+            index = int(obj.get("index", 0))
+            block = self._blocks.setdefault(index, {"type": "text", "text": ""})
+            delta = obj.get("delta") or {}
+            for key in ("text", "thinking", "signature"):
+                if isinstance(delta.get(key), str):
+                    block[key] = block.get(key, "") + delta[key]
+            if isinstance(delta.get("partial_json"), str):
+                self._json[index] = self._json.get(index, "") + delta["partial_json"]
+        elif kind == "message_delta":
+            self._message.update(obj.get("delta") or {})
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                self._message["usage"] = {**(self._message.get("usage") or {}), **usage}
+
+    def result(self) -> bytes:
+        for index, text in self._json.items():
+            self._blocks[index]["input"] = json.loads(text) if text else {}
+        message = {**self._message, "content": [self._blocks[i] for i in sorted(self._blocks)]}
+        return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class ResponsesCollector(_Events):
+    """An OpenAI Responses stream: its final event carries the whole response."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._response: dict[str, Any] | None = None
+
+    def event(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("type")
+        if kind in ("error", "response.failed"):
+            raise UpstreamError(obj)
+        if kind in ("response.completed", "response.incomplete"):
+            self._response = obj.get("response")
+
+    def result(self) -> bytes:
+        if not isinstance(self._response, dict):
+            raise ValueError("the stream ended without its response")
+        return json.dumps(self._response, ensure_ascii=False, separators=(",", ":")).encode()

@@ -15,12 +15,19 @@ from gateway.errors import BadRequest
 
 MAX_TOKENS_CAP = 1_000_000
 
-# path → (field that must be present, what it must be)
+# path → the field that must be present (its type is checked below). /v1/messages is
+# Anthropic's Messages API and /v1/responses OpenAI's Responses API, both of which
+# llama-server serves; /v1/rerank is its reranking endpoint.
 _REQUIRED = {
     "/v1/chat/completions": "messages",
     "/v1/completions": "prompt",
     "/v1/embeddings": "input",
+    "/v1/messages": "messages",
+    "/v1/responses": "input",
+    "/v1/rerank": "query",
 }
+# the names a cap on generated tokens goes by, across those APIs and llama-server's own
+_MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict")
 
 
 @dataclass(frozen=True)
@@ -36,9 +43,14 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _no_constant(name: str) -> None:
+    # Python's json takes NaN and Infinity; llama-server's parser refuses them with a 500
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -73,6 +85,19 @@ def prompt_of(path: str, body: dict[str, Any] | None) -> object:
     return None if field is None or body is None else body.get(field)
 
 
+def model_of(raw: bytes) -> str | None:
+    """The model a request the gateway does not validate names, if its body is a JSON
+    object with a string `model` (llama-server's router would load and run that one)."""
+    if raw.lstrip()[:1] != b"{":
+        return None
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError):
+        return None  # llama-server cannot read a model out of it either
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
+
+
 def validate(path: str, raw: bytes) -> RequestInfo:
     """Validate an inference body for `path`; raise BadRequest naming the field."""
     body = parse_json(raw)
@@ -81,16 +106,25 @@ def validate(path: str, raw: bytes) -> RequestInfo:
         raise BadRequest(f"missing required field '{required}'", param=required)
     if required == "messages":
         _check_messages(body["messages"])
+    elif required == "query":
+        if not isinstance(body["query"], str):  # the documents may come as `texts` (TEI's form)
+            raise BadRequest("'query' must be a string", param="query")
+    elif path == "/v1/responses":  # a string, or a list of input items (objects)
+        value = body["input"]
+        if not isinstance(value, str) and not (isinstance(value, list) and value):
+            raise BadRequest("'input' must be a string or a non-empty array", param="input")
     elif required is not None:
         _check_text_input(required, body[required])
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise BadRequest("'model' must be a string", param="model")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
+    stream = body.get("stream")
+    if stream is None:  # OpenAI takes null for "not streamed"
+        stream = False
+    elif not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", param="stream")
     max_tokens = None
-    for name in ("max_tokens", "max_completion_tokens", "n_predict"):
+    for name in _MAX_TOKEN_FIELDS:
         value = body.get(name)
         if value is None:
             continue

@@ -70,6 +70,7 @@ class Config:
     auth_enabled: bool = True
     auth_keys_file: Path = Path("data/keys.json")
     metrics_public: bool = False
+    backend_metrics_names: str = "prometheus"  # llama-server's families as llamacpp_* (or :*)
     max_requests_per_minute: int = 0
     max_tokens_per_minute: int = 0
     max_concurrent_per_key: int = 0
@@ -248,6 +249,8 @@ def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
         auth_enabled=r.boolean("AUTH_ENABLED", True),
         auth_keys_file=Path(r.raw("AUTH_KEYS_FILE") or data_dir / "keys.json"),
         metrics_public=r.boolean("METRICS_PUBLIC", False),
+        backend_metrics_names=r.choice("BACKEND_METRICS_NAMES", "prometheus",
+                                       ("prometheus", "llamacpp")),
         max_requests_per_minute=r.integer("MAX_REQUESTS_PER_MINUTE", 0, 0, 10_000_000),
         max_tokens_per_minute=r.integer("MAX_TOKENS_PER_MINUTE", 0, 0, 10**12),
         max_concurrent_per_key=r.integer("MAX_CONCURRENT_PER_KEY", 0, 0, 100_000),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 
 import aiohttp
 import openai
@@ -140,6 +141,39 @@ async def test_probes_and_metrics_never_queue(start_gateway: StartGateway, fake:
     status, _, _ = await _post(http, gateway)
     assert status == 429  # MAX_QUEUE_SIZE=0: no waiting at all
     await holder.drop()
+
+
+async def test_reads_take_no_backend_slot(start_gateway: StartGateway, fake: FakeUpstream,
+                                          http: aiohttp.ClientSession) -> None:
+    gateway = await start_gateway(MAX_CONCURRENT_REQUESTS="1", MAX_QUEUE_SIZE="0")
+    holder = await _hold_the_slot(gateway, fake)
+    async with http.get(gateway.url + "/v1/models") as r:  # the SDK's start-up check
+        assert r.status == 200
+        assert [m["id"] for m in (await r.json())["data"]] == ["tiny"]
+    assert (await _post(http, gateway))[0] == 429  # while generations still queue
+    assert gateway.state.admission.in_flight == 1
+    await holder.drop()
+
+
+async def test_the_request_timeout_counts_time_in_the_queue(
+        start_gateway: StartGateway, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
+    gateway = await start_gateway(MAX_CONCURRENT_REQUESTS="1", QUEUE_TIMEOUT="60")
+    holder = await _hold_the_slot(gateway, fake)
+    started = time.monotonic()
+    async with gateway.sdk(default_headers={"X-Request-Timeout": "1"}) as client:
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.completions.create(model="tiny", prompt="a", max_tokens=2)
+    waited = time.monotonic() - started
+    assert info.value.status_code == 504, info.value  # its own deadline, not QUEUE_TIMEOUT
+    assert_openai_error({"error": info.value.body}, "timeout", "upstream_timeout")
+    assert waited < 30, waited
+    assert gateway.state.admission.queued == 0 and len(gateway.state.active) == 1  # the holder
+    assert await _metric(http, gateway, "llamagate_queue_depth") == 0
+    assert len(fake.requests(COMPLETIONS)) == 1  # it never reached the backend
+    fake.switches.hang_before_headers = False
+    fake.release.set()
+    await holder.drop()
+    assert (await _post(http, gateway))[0] == 200  # and its place is not held
 
 
 # -- the pure core ---------------------------------------------------------------------

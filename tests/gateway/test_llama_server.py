@@ -4,6 +4,7 @@ a client that disconnects frees its slot; /metrics counts what clients saw."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -96,6 +97,8 @@ async def test_stream_disconnect_frees_the_slot_within_a_second(
 @pytest.mark.parametrize("path,body", [
     ("/v1/completions", {"prompt": "once upon a time"}),
     ("/v1/chat/completions", {"messages": MESSAGES}),
+    ("/v1/messages", {"messages": MESSAGES}),  # llama-server's Anthropic Messages API
+    ("/v1/responses", {"input": "once upon a time"}),  # and its OpenAI Responses API
 ])
 async def test_non_stream_disconnect_frees_the_slot_within_a_second(
         backend: Backend, gateway: Gateway, http: aiohttp.ClientSession,
@@ -103,7 +106,8 @@ async def test_non_stream_disconnect_frees_the_slot_within_a_second(
     # llama-server itself checks a non-streaming client only after a silent second on its
     # result queue; the gateway fetches these as streams (gateway/unstream.py), which
     # llama-server checks at every token
-    client = await RawRequest.send(gateway.url, path, {**body, "max_tokens": ENDLESS})
+    cap = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+    client = await RawRequest.send(gateway.url, path, {**body, cap: ENDLESS})
     await _hang_up_and_see_the_slot_freed(client, backend, gateway, http)
 
 
@@ -138,6 +142,37 @@ async def test_non_stream_answers_are_what_llama_server_sends(
     assert through["usage"]["completion_tokens"] == 100
 
 
+@pytest.mark.parametrize("path,body", [
+    ("/v1/messages", {"messages": MESSAGES, "max_tokens": 100}),
+    ("/v1/responses", {"input": "once upon a time", "max_output_tokens": 100}),
+])
+async def test_other_apis_non_stream_answers_are_what_llama_server_sends(
+        backend: Backend, gateway: Gateway, http: aiohttp.ClientSession,
+        path: str, body: dict[str, Any]) -> None:
+    """Anthropic Messages and OpenAI Responses answers, fetched as streams, are rebuilt as
+    llama-server answers them (but for ids, times, and how the prompt split over the cache)."""
+    request = {**body, "model": "tiny", "temperature": 0, "seed": 7}
+
+    def comparable(answer: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in answer.items() if k not in ("id", "created_at", "completed_at")}
+        usage = out.pop("usage")
+        prompt = usage["input_tokens"] + usage.get("cache_read_input_tokens", 0)
+        out["tokens"] = (prompt, usage["output_tokens"])
+        for item in out.get("output", []):
+            item.pop("id", None)
+        return out
+
+    async with http.post(f"{backend.url}{path}", json=request,
+                         headers={"Authorization": f"Bearer {backend.key}"}) as r:
+        assert r.status == 200
+        direct = await r.json()
+    async with http.post(f"{gateway.url}{path}", json=request) as r:
+        assert r.status == 200 and r.content_type == "application/json"
+        through = await r.json()
+    assert comparable(through) == comparable(direct)
+    assert comparable(through)["tokens"][1] == 100
+
+
 async def test_metrics_count_what_clients_saw(backend: Backend, gateway: Gateway,
                                               http: aiohttp.ClientSession) -> None:
     async with gateway.sdk() as client:
@@ -170,19 +205,60 @@ async def test_metrics_count_what_clients_saw(backend: Backend, gateway: Gateway
                              status="200", **key) == 3
     assert samples.get_value("llamagate_requests_total", route="/v1/completions",
                              status="200", **key) == 1
-    assert samples.get_value("llamagate_time_to_first_token_seconds_count", model="tiny") == 4
+    # the two streams; short non-streaming answers come whole, with no first token to time
+    assert samples.get_value("llamagate_time_to_first_token_seconds_count", model="tiny") == 2
     assert samples.get_value("llamagate_queue_wait_seconds_count") == 4
     assert samples.get_value("llamagate_in_flight_requests") == 0
     assert samples.get_value("llamagate_queue_depth") == 0
     assert samples.get_value("llamagate_backend_up") == 1
     # llama-server's own counters, labelled with the model, agree with the clients
-    assert samples.get_value("llamacpp:tokens_predicted_total", model="tiny") == seen_completion
-    assert samples.get_value("llamacpp:requests_processing", model="tiny") == 0
+    assert samples.get_value("llamacpp_tokens_predicted_total", model="tiny") == seen_completion
+    assert samples.get_value("llamacpp_requests_processing", model="tiny") == 0
     promtool_check(body)
 
     async with http.get(gateway.url + "/metrics", headers={"Accept": "application/json"}) as r:
         assert r.content_type == "application/json"
         families = await r.json()
-    assert families["llamacpp:tokens_predicted"]["samples"][0]["labels"] == {"model": "tiny"}
+    assert families["llamacpp_tokens_predicted"]["samples"][0]["labels"] == {"model": "tiny"}
     assert sum(s["value"] for s in families["llamagate_completion_tokens"]["samples"]
                if s["name"] == "llamagate_completion_tokens_total") == seen_completion
+
+
+async def test_other_apis_are_metered_as_the_openai_ones(backend: Backend, gateway: Gateway,
+                                                         http: aiohttp.ClientSession) -> None:
+    """llama-server's Anthropic Messages and OpenAI Responses endpoints run the same
+    models: their tokens are counted (from their own usage forms) like the others'."""
+    prompt = completion = 0
+    anthropic = {"model": "tiny", "messages": MESSAGES, "max_tokens": 5}
+    async with http.post(gateway.url + "/v1/messages", json=anthropic) as r:
+        assert r.status == 200
+        usage = (await r.json())["usage"]
+    prompt += usage["input_tokens"] + usage.get("cache_read_input_tokens", 0)
+    completion += usage["output_tokens"]
+    async with http.post(gateway.url + "/v1/messages", json={**anthropic, "stream": True}) as r:
+        assert r.status == 200 and r.content_type == "text/event-stream"
+        events = [json.loads(line[5:]) for line in (await r.text()).splitlines()
+                  if line.startswith("data:")]
+    start = next(e for e in events if e["type"] == "message_start")["message"]["usage"]
+    prompt += start["input_tokens"] + start.get("cache_read_input_tokens", 0)
+    completion += next(e for e in events if e["type"] == "message_delta")["usage"]["output_tokens"]
+    async with gateway.sdk() as client:
+        answer = await client.responses.create(model="tiny", input="hello", max_output_tokens=4)
+        assert answer.usage is not None
+        prompt += answer.usage.input_tokens
+        completion += answer.usage.output_tokens
+        stream = await client.responses.create(model="tiny", input="hello", max_output_tokens=3,
+                                               stream=True)
+        done = [e async for e in stream if e.type == "response.completed"]
+    [final] = done
+    assert final.response.usage is not None
+    prompt += final.response.usage.input_tokens
+    completion += final.response.usage.output_tokens
+    assert completion == 5 + 5 + 4 + 3  # the tiny model always runs to its cap
+
+    _, samples = await scrape(http, gateway.url)
+    key = {"model": "tiny", "key_id": "-"}
+    assert samples.get_value("llamagate_prompt_tokens_total", **key) == prompt
+    assert samples.get_value("llamagate_completion_tokens_total", **key) == completion
+    for route in ("/v1/messages", "/v1/responses"):
+        assert samples.get_value("llamagate_requests_total", route=route, status="200", **key) == 2

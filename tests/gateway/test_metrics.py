@@ -9,6 +9,7 @@ import aiohttp
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.metrics import label_backend_metrics
+from tests.gateway.conftest import StartGateway
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import Gateway, Samples, promtool_check, scrape
 
@@ -37,18 +38,29 @@ async def test_request_token_and_backend_metrics(gateway: Gateway, fake: FakeUps
     # 5 from the reply's usage; 3 from the stream's final `timings` event
     assert samples.get_value("llamagate_completion_tokens_total", model="tiny", key_id="-") == 8
     assert samples.get_value("llamagate_prompt_tokens_total", model="tiny", key_id="-") == 14
-    assert samples.get_value("llamagate_time_to_first_token_seconds_count", model="tiny") == 2
+    # the stream's; the short non-streaming answer came whole, with no first token to time
+    assert samples.get_value("llamagate_time_to_first_token_seconds_count", model="tiny") == 1
     assert samples.get_value("llamagate_queue_wait_seconds_count") == 2
     assert samples.get_value("llamagate_request_duration_seconds_count", route=CHAT) == 3
     assert samples.get_value("llamagate_in_flight_requests") == 0
     assert samples.get_value("llamagate_queue_depth") == 0
     assert samples.get_value("llamagate_backend_up") == 1
-    # llama-server's own families, with the model as a label; scrapes are not requests
-    assert samples.get_value("llamacpp:requests_processing", model="tiny") == 0
-    assert samples.get_value("llamacpp:prompt_tokens_total", model="tiny") == 14
-    assert "# TYPE llamacpp:n_tokens_max gauge" in text
+    # llama-server's own families, with the model as a label and promtool-clean names
+    # (llamacpp:* → llamacpp_*); scrapes are not requests
+    assert samples.get_value("llamacpp_requests_processing", model="tiny") == 0
+    assert samples.get_value("llamacpp_prompt_tokens_total", model="tiny") == 14
+    assert "# TYPE llamacpp_n_tokens_max gauge" in text and "llamacpp:" not in text
     assert samples.total("llamagate_requests_total", route="/metrics") == 0
     promtool_check(text)
+
+
+async def test_backend_metric_names_as_llama_server_writes_them(
+        start_gateway: StartGateway, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
+    # for dashboards written against llama-server's own names (promtool lints them)
+    gateway = await start_gateway(BACKEND_METRICS_NAMES="llamacpp")
+    text, samples = await scrape(http, gateway.url)
+    assert samples.get_value("llamacpp:prompt_tokens_total", model="tiny") == 14
+    assert "llamacpp_" not in text and "# TYPE llamacpp:n_tokens_max gauge" in text
 
 
 async def test_metrics_as_json(gateway: Gateway, fake: FakeUpstream,
@@ -63,8 +75,8 @@ async def test_metrics_as_json(gateway: Gateway, fake: FakeUpstream,
           if s["name"] == "llamagate_requests_total" and s["labels"]["status"] == "200"]
     assert [(s["labels"], s["value"]) for s in ok] == [
         ({"route": CHAT, "status": "200", "model": "tiny", "key_id": "-"}, 2.0)]
-    backend = families["llamacpp:requests_processing"]
-    assert backend["samples"] == [{"name": "llamacpp:requests_processing",
+    backend = families["llamacpp_requests_processing"]
+    assert backend["samples"] == [{"name": "llamacpp_requests_processing",
                                    "labels": {"model": "tiny"}, "value": 0.0}]
     assert families["llamagate_time_to_first_token_seconds"]["type"] == "histogram"
     json.dumps(families)  # plain JSON all the way down
@@ -83,10 +95,12 @@ def test_label_backend_metrics() -> None:
     text = ('# HELP a:x_total help\n# TYPE a:x_total counter\na:x_total 3\n'
             '# TYPE a:max counter\na:max 9\n'
             'a:g{slot="1"} 2\na:e{} 1\n\n')
-    out = label_backend_metrics(text, 'ti"ny')
-    assert out.splitlines() == [
+    kept = label_backend_metrics(text, 'ti"ny', keep_colons=True)
+    assert kept.splitlines() == [
         "# HELP a:x_total help", "# TYPE a:x_total counter", 'a:x_total{model="ti\\"ny"} 3',
         "# TYPE a:max gauge", 'a:max{model="ti\\"ny"} 9',
         'a:g{model="ti\\"ny",slot="1"} 2', 'a:e{model="ti\\"ny"} 1']
-    parsed = Samples.parse(out)
+    parsed = Samples.parse(kept)
     assert parsed.get_value("a:g", model='ti"ny', slot="1") == 2
+    # by default the names lose their colons, and nothing else changes
+    assert label_backend_metrics(text, 'ti"ny') == kept.replace("a:", "a_")

@@ -13,7 +13,14 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from tests.gateway.conftest import StartGateway
 from tests.gateway.fake_upstream import BACKEND_KEY, FakeUpstream, error_body
-from tests.gateway.support import Gateway, RawRequest, assert_openai_error, sse_data, wait_until
+from tests.gateway.support import (
+    Gateway,
+    RawRequest,
+    assert_openai_error,
+    scrape,
+    sse_data,
+    wait_until,
+)
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
@@ -154,6 +161,25 @@ async def test_backend_dying_mid_stream_ends_the_stream_with_an_error_event(
                 pass
     assert "backend" in str(info.value)
     assert gateway.state.admission.in_flight == 0
+    # both were answered 200; what alerting can see is that they ended early
+    _, samples = await scrape(http, gateway.url)
+    assert samples.get_value("llamagate_responses_cut_short_total", route=CHAT,
+                             reason="backend_stream_error") == 2
+    assert samples.get_value("llamagate_requests_total", route=CHAT, status="200",
+                             model="tiny", key_id="-") == 2
+
+
+async def test_a_backend_refusing_the_gateways_key_is_not_the_clients_fault(
+        gateway: Gateway, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
+    fake.switches.status = 401  # as llama-server answers a wrong BACKEND_API_KEY
+    async with http.post(gateway.url + CHAT, json={"messages": MESSAGES, "max_tokens": 3}) as r:
+        assert r.status == 502 and r.headers["X-Request-ID"]
+        error = assert_openai_error(await r.json(), "server_error", "backend_auth_failed")
+    assert "backend key" in error["message"]
+    async with gateway.sdk() as client:  # not AuthenticationError: the client's key is fine
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.completions.create(model="tiny", prompt="a", max_tokens=2)
+    assert info.value.status_code == 502
 
 
 async def test_backend_dying_before_the_first_event(gateway: Gateway, fake: FakeUpstream,

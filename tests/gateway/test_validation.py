@@ -18,6 +18,7 @@ from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import Gateway, assert_openai_error
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
+MESSAGES_API, RESPONSES, RERANK = "/v1/messages", "/v1/responses", "/v1/rerank"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
@@ -52,6 +53,18 @@ BAD_BODIES = [
     (CHAT, {"messages": MESSAGES, "stream": "yes"}, "invalid_request", "stream"),
     (CHAT, {"messages": MESSAGES, "model": 5}, "invalid_request", "model"),
     (CHAT, {"messages": MESSAGES, "n": 0}, "invalid_request", "n"),
+    # NaN and Infinity are not JSON (Python's parser takes them, llama-server's does not)
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+     "invalid_json", None),
+    (COMPLETIONS, b'{"prompt": "a", "max_tokens": Infinity}', "invalid_json", None),
+    # llama-server's Anthropic Messages, OpenAI Responses and rerank endpoints
+    (MESSAGES_API, {"max_tokens": 4}, "invalid_request", "messages"),
+    (MESSAGES_API, {"messages": MESSAGES, "max_tokens": MAX_TOKENS_CAP + 1}, "invalid_request",
+     "max_tokens"),
+    (RESPONSES, {"model": "tiny"}, "invalid_request", "input"),
+    (RESPONSES, {"input": []}, "invalid_request", "input"),
+    (RESPONSES, {"input": "hi", "max_output_tokens": 0}, "invalid_request", "max_output_tokens"),
+    (RERANK, {"query": 5, "documents": ["a"]}, "invalid_request", "query"),
 ]
 
 
@@ -78,6 +91,12 @@ def test_validate_accepts_what_it_should() -> None:
     assert validate(EMBEDDINGS, _raw({"input": ["a", "b"]})).stream is False
     with pytest.raises(BadRequest):
         validate(CHAT, _raw({"messages": [{"role": "user", "content": {"x": 1}}]}))
+    assert validate(CHAT, _raw({"messages": MESSAGES, "stream": None})).stream is False  # as OpenAI
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]
+    info = validate(RESPONSES, _raw({"input": items, "max_output_tokens": 9, "stream": True}))
+    assert (info.stream, info.max_tokens) == (True, 9)
+    assert validate(MESSAGES_API, _raw({"messages": MESSAGES, "max_tokens": 3})).max_tokens == 3
+    assert validate(RERANK, _raw({"query": "q", "texts": ["a"]})).model is None  # TEI's form
 
 
 async def test_sdk_raises_bad_request_error_for_bad_max_tokens(gateway: Gateway,

@@ -51,4 +51,4 @@ def test_two_workers_report_the_totals_of_both(two_workers: Service) -> None:
         assert samples.get_value("llamagate_completion_tokens_total", model="tiny",
                                  key_id="-") == completion_tokens
         assert samples.get_value("llamagate_in_flight_requests") == 0
-        assert samples.get_value("llamacpp:requests_processing", model="tiny") == 0
+        assert samples.get_value("llamacpp_requests_processing", model="tiny") == 0

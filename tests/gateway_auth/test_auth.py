@@ -152,9 +152,18 @@ async def test_model_allowlist(tmp_path: Path, backend: FakeBackend, keytool: Ke
             listing = await r.json()
         assert [m["id"] for m in listing["data"]] == ["tiny"]
         assert [m["name"] for m in listing["models"]] == ["tiny"]
-        # A body the gateway does not parse runs on the default model (tiny).
-        async with http.post(gw.url + "/v1/rerank", headers=bearer(other_only), json={}) as r:
+        # A body that names no model runs on the default model (tiny).
+        async with http.post(gw.url + "/v1/tokenize", headers=bearer(other_only), json={}) as r:
             assert r.status == 403
+        # llama-server's other APIs run the model their body names, checked the same way
+        anthropic = {"model": "other", "max_tokens": 4, "messages": CHAT["messages"]}
+        for path, body in (("/v1/messages", anthropic),
+                           ("/v1/responses", {"model": "other", "input": "hi"}),
+                           ("/v1/rerank", {"model": "other", "query": "q", "documents": ["d"]}),
+                           ("/v1/messages/count_tokens", anthropic)):
+            async with http.post(gw.url + path, headers=bearer(tiny_only), json=body) as r:
+                assert r.status == 403, path
+                assert (await error_of(r))["code"] == "model_not_allowed"
         async with http.post(gw.url + "/v1/chat/completions", headers=bearer(other_only),
                              json={**CHAT, "model": None}) as r:
             assert r.status == 403
