@@ -7,7 +7,7 @@ import re
 from prometheus_client.parser import text_string_to_metric_families
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"' r"|'(?:[^'\\]|\\.)*'")
-_NAME = re.compile(r"(?<![A-Za-z0-9_:])(llamagate_[a-z_]+|llamacpp:[a-z_]+)")
+_NAME = re.compile(r"(?<![A-Za-z0-9_:])(llamagate_[a-z_]+|llamacpp_[a-z_]+)")
 
 # the series names Prometheus stores for one family of each type
 _SERIES = {

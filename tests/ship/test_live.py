@@ -65,7 +65,7 @@ def test_the_dashboard_covers_the_gateway_metrics(scrape: str) -> None:
 
 
 def test_the_scrape_carries_llama_servers_own_metrics(scrape: str) -> None:
-    assert any(name.startswith("llamacpp:") for name in exposed_names(scrape))
+    assert any(name.startswith("llamacpp_") for name in exposed_names(scrape))
 
 
 class _Ping(http.server.BaseHTTPRequestHandler):
