@@ -188,9 +188,12 @@ async def _admit(state: AppState, ex: Exchange, counted: bool) -> None:
                                  retry_after=5) from None
     except asyncio.CancelledError:
         _leave(state, ex)
-        if not ex.timed_out:
+        if not (ex.timed_out or ex.shutdown):
             raise  # the client went away while queued
         asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        if ex.shutdown:
+            raise BackendUnavailable("the server is shutting down", code="shutting_down",
+                                     retry_after=5) from None
         metrics.rejections.labels("queue_timeout").inc()
         raise UpstreamTimeout("the request's timeout ran out while it waited for a backend "
                               "slot") from None
