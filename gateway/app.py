@@ -42,6 +42,7 @@ class Wiring:
     backend_key: str | None
     runtime_dir: Path | None  # None: no serve process; follow the backend's /health
     models: tuple[str, ...] = ()
+    models_known: bool = True  # False: BACKEND_URL's list is read once the backend is up
     control_socket: Path | None = None  # the serve process's model-management API
     admission_socket: Path | None = None  # several workers: the serve process's single queue
     limits_file: Path | None = None  # several workers: per-key rate limits they share
@@ -59,9 +60,11 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
         admission=SharedAdmission(wiring.admission_socket) if wiring.admission_socket else
         Admission(config.concurrency_limit, config.max_queue_size, config.queue_timeout),
         metrics=GatewayMetrics(made),
-        models=ModelCatalog(wiring.models, wiring.models[0] if wiring.models else None),
+        models=ModelCatalog(wiring.models, wiring.models[0] if wiring.models else None,
+                            known=wiring.models_known),
         exposed_registry=exposed,
     )
+    state.models.reread = upstream.refresh
     exposed.register(BackendCollector(lambda: (upstream.status.ready, upstream.status.restarts)))
     exposed.register(ModelStateCollector(state.models))
     state.metrics.follow(state.admission)

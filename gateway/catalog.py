@@ -24,14 +24,26 @@ class ModelCatalog:
     mode: str = "single"
     states: dict[str, dict[str, Any]] = field(default_factory=dict)
     used: dict[str, float] = field(default_factory=dict)  # last request per model, for TTL
+    known: bool = True  # False: BACKEND_URL's list has not been read yet
+    # re-reads serve's state file (the app sets it), so a request is never refused on an
+    # older state than the health port has just reported
+    reread: Callable[[], object] = field(default=lambda: None, repr=False, compare=False)
 
     def resolve(self, requested: str | None) -> str | None:
-        """Name to route to; None when the model is unknown. An empty catalog accepts all."""
+        """Name to route to; None when the model is unknown. An empty catalog accepts all;
+        one not known yet refuses all (503), as the backend is not ready for them anyway,
+        and a name it cannot check must not become a metric label value."""
+        if not self.known:
+            self.reread()
+        if not self.known:
+            raise BackendUnavailable("the backend is not ready (its models are not known yet)",
+                                     retry_after=5)
         if requested is None or requested == "":
             return self.default or (self.names[0] if self.names else "-")
         if not self.names or requested in self.names:
             return requested
-        return None
+        self.reread()  # a 404 must not come from an older list than the health port reports
+        return requested if self.known and (not self.names or requested in self.names) else None
 
     def route(self, name: str, allowed: Callable[[str], bool] = lambda m: True) -> str:
         """The model that serves a request for `name`: itself, or its fallback while it cools
@@ -76,6 +88,7 @@ class ModelCatalog:
             self.names = tuple(str(n) for n in names)
             if self.default not in self.names:
                 self.default = self.names[0] if self.names else None
+        self.known = serve_state.get("models_known") is not False
         self.mode = str(serve_state.get("mode", self.mode))
         states = serve_state.get("model_states")
         self.states = states if isinstance(states, dict) else {}

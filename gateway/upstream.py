@@ -42,6 +42,7 @@ class Upstream:
         self._session: aiohttp.ClientSession | None = None
         self._pool: BackendPool | None = None
         self._serve_file: Path | None = None
+        self._also: Callable[[dict[str, Any]], None] = lambda s: None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -89,7 +90,7 @@ class Upstream:
         return headers
 
     def refresh(self) -> BackendStatus:
-        """Re-read the serve file now (only on the not-ready path), so a request
+        """Re-read the serve file now (only on the not-ready paths), so a request
         never sees an older state than the health port has just reported."""
         if self._serve_file is not None:
             self._read_serve_file(self._serve_file)
@@ -99,6 +100,7 @@ class Upstream:
         state = runtime.read_state(path)
         if state is not None:
             self.apply(state)
+            self._also(state)
 
     def apply(self, state: dict[str, Any]) -> None:
         """Take the backend's state from the serve process's published state."""
@@ -114,6 +116,7 @@ class Upstream:
         """Track the supervised backend's state as published by the serve process (and hand
         each new state to `also`: one reader of the file per worker)."""
         path = self._serve_file = runtime_dir / runtime.SERVE_FILE
+        self._also = also
 
         def on_state(state: dict[str, Any]) -> None:
             self.apply(state)

@@ -32,9 +32,11 @@ def parse_wiring(raw: str) -> Wiring:
     key = None
     if data.get("backend_key_file"):
         key = Path(data["backend_key_file"]).read_text().strip()
-    return Wiring(backend_url=data["backend_url"], backend_key=key or data.get("backend_key"),
+    # the key only ever comes in a file: the wiring is on the command line
+    return Wiring(backend_url=data["backend_url"], backend_key=key or None,
                   runtime_dir=Path(data["runtime_dir"]) if data.get("runtime_dir") else None,
                   models=tuple(data.get("models", ())),
+                  models_known=data.get("models_known") is not False,
                   control_socket=Path(data["control_socket"]) if data.get("control_socket") else None,
                   admission_socket=Path(data["admission_socket"])
                   if data.get("admission_socket") else None,

@@ -2,7 +2,9 @@
 
 /ping follows RunPod's load-balancer contract: 200 ready, 204 initializing,
 503 unhealthy. A writer whose heartbeat is older than `stale_after` is treated
-as hung or dead, so a stopped gateway reads as unhealthy rather than a hang.
+as hung or dead, so a stopped gateway reads as unhealthy rather than a hang. A dead
+gateway worker's file is not read at all (llamagate/runtime.py): it counts as down
+until serve has restarted it, not as hung for good.
 """
 
 from __future__ import annotations

@@ -16,12 +16,13 @@ log = logging.getLogger("llamagate.serve")
 
 class Child:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], restart: bool = False,
-                 on_crash: Callable[[], None] | None = None) -> None:
+                 on_crash: Callable[[int], None] | None = None) -> None:
         self.name = name
         self.argv = argv
         self.env = env
         self.restart = restart
-        self.on_crash = on_crash  # what it held must be given back before its restart
+        # called with the dead child's pid: what it held must be given back before its restart
+        self.on_crash = on_crash
         self.proc: asyncio.subprocess.Process | None = None
         self._stopping = False
 
@@ -42,7 +43,10 @@ class Child:
                 return
             log.error("%s exited unexpectedly (code %s); restarting in %.1fs", self.name, code, delay)
             if self.on_crash is not None:
-                self.on_crash()
+                try:
+                    self.on_crash(self.proc.pid)
+                except Exception:  # the restart matters more than what was left behind
+                    log.exception("cleaning up after %s failed", self.name)
             await asyncio.sleep(delay)  # backoff, not synchronisation
             delay = min(delay * 2, 15.0)
             if self._stopping:

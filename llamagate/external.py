@@ -1,11 +1,25 @@
-"""An already running llama-server (BACKEND_URL) that we watch but do not own."""
+"""An already running llama-server (BACKEND_URL) that we watch but do not own.
+
+Its model list is read each time it becomes ready (at boot it may not be up yet; it
+may come back from a restart serving another model) and every `MODELS_REFRESH`
+seconds while it stays ready, for a restart quicker than the /health poll.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 
 import aiohttp
+
+log = logging.getLogger("llamagate.serve")
+
+MODELS_REFRESH = 30.0
+
+# (state, ready, models): models is the last list read, None until one has been
+Report = Callable[[str, bool, tuple[str, ...] | None], None]
 
 
 def health_state(status: int | None) -> tuple[str, bool]:
@@ -23,21 +37,32 @@ class ExternalBackend:
         self.url = url
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    async def model_names(self) -> tuple[str, ...]:
-        """Names the backend serves; empty (accept any) when it cannot be asked yet."""
+    async def model_names(self) -> tuple[str, ...] | None:
+        """Names the backend serves; None when it cannot be asked (not up yet)."""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            return await self._list(session)
+
+    async def _list(self, session: aiohttp.ClientSession) -> tuple[str, ...] | None:
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
-                    s.get(f"{self.url}/v1/models", headers=self.headers) as resp:
+            async with session.get(f"{self.url}/v1/models", headers=self.headers) as resp:
                 if resp.status != 200:
-                    return ()
+                    return None
                 data = await resp.json(content_type=None)
         except (TimeoutError, aiohttp.ClientError, ValueError):
-            return ()
-        items = data.get("data", []) if isinstance(data, dict) else []
+            return None
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            return None
         return tuple(str(m["id"]) for m in items if isinstance(m, dict) and "id" in m)
 
-    async def follow(self, report: Callable[[str, bool], None], interval: float = 1.0) -> None:
+    async def follow(self, report: Report, interval: float = 1.0,
+                     refresh: float = MODELS_REFRESH) -> None:
+        """Report every `interval`. Ready means /health says so and the model list has been
+        read since it did: the gateway must not route by a list from before a restart."""
         timeout = aiohttp.ClientTimeout(total=max(2.0, interval))
+        models: tuple[str, ...] | None = None
+        listed: float | None = None  # when the list was read in the current ready period
+        last, warned = "", False
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
                 try:
@@ -45,5 +70,22 @@ class ExternalBackend:
                         code: int | None = resp.status
                 except (TimeoutError, aiohttp.ClientError):
                     code = None
-                report(*health_state(code))
+                state, ready = health_state(code)
+                if not ready:
+                    listed, warned = None, False
+                elif listed is None or time.monotonic() - listed >= refresh:
+                    fresh = await self._list(session)
+                    if fresh is not None:
+                        models, listed = fresh, time.monotonic()
+                    elif listed is None:  # answers /health, not /v1/models (yet)
+                        state, ready = "starting", False
+                        if not warned:
+                            warned = True
+                            log.warning("backend answers /health but not /v1/models: not ready "
+                                        "until it lists its models (BACKEND_API_KEY?)",
+                                        extra={"backend_url": self.url})
+                if state != last:
+                    log.info("backend %s", state, extra={"backend_url": self.url})
+                    last = state
+                report(state, ready, models)
                 await asyncio.sleep(interval)  # poll period

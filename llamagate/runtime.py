@@ -46,12 +46,36 @@ def read_state(path: Path) -> dict[str, Any] | None:
 
 
 def read_workers(runtime_dir: Path) -> list[dict[str, Any]]:
+    """The gateway workers' states. A dead worker's file is skipped: serve removes it when
+    it sees the worker die, but one can outlive that (a worker killed while serve was
+    stopped, a removal that failed), and it would read as a hung worker for good."""
     states = []
     for path in runtime_dir.glob(f"{WORKER_PREFIX}*.json"):
         state = read_state(path)
-        if state is not None:
+        if state is not None and _alive(state.get("pid")):
             states.append(state)
     return states
+
+
+def forget_worker(runtime_dir: Path, pid: int) -> None:
+    """serve's part when a gateway worker dies: its heartbeat (and a temporary file it may
+    have been killed while writing) must not be read as a hung worker."""
+    for path in (runtime_dir / f"{WORKER_PREFIX}{pid}.json",
+                 runtime_dir / f".{WORKER_PREFIX}{pid}.json.{pid}.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # not ours to judge: the heartbeat's age still is
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, as another user
+        return True
+    return True
 
 
 async def follow(path: Path, on_change: Callable[[dict[str, Any]], None],

@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import multiprocess
 
 from backend.argv import ServerSpec, common_options
 from backend.binary import BinaryNotFound, find_llama_server
@@ -65,6 +66,7 @@ class Service:
         self.phase = "starting"
         self.backend_state: dict[str, Any] = {"state": "starting", "restarts": 0}
         self.models: tuple[str, ...] = ()
+        self.models_known = True  # False: BACKEND_URL's list not read yet
         self.supervisor: Supervisor | None = None
         self.external: ExternalBackend | None = None
         self.children: list[Child] = []
@@ -90,6 +92,7 @@ class Service:
             self.models = tuple(fleet.models)
         runtime.write_state(self.runtime_dir / runtime.SERVE_FILE, {
             "phase": self.phase, "backend": self.backend_state, "models": list(self.models),
+            "models_known": self.models_known,
             "mode": self.mode, "profile": fleet.profile.name if fleet and fleet.profile else None,
             "model_states": fleet.published() if fleet else {},
             "auth": self.config.auth_enabled, "platform": self.config.platform.value,
@@ -172,15 +175,10 @@ class Service:
             wiring["admission_socket"] = str(hub.path)
             wiring["limits_file"] = str(self.runtime_dir / "limits.bin")  # per-key rate limits
             shared_limits.create(self.runtime_dir / "limits.bin", self.config.gateway_workers)
-        n = self.config.gateway_workers
         workers = [Child(f"gateway-{i}", [sys.executable, "-m", "gateway.worker", "--wiring",
                                           json.dumps({**wiring, "worker_index": i})],
-                         env, restart=True,
-                         # a crashed worker's requests in flight stop counting against keys' limits
-                         on_crash=functools.partial(shared_limits.release_worker,
-                                                    self.runtime_dir / "limits.bin", n, i)
-                         if n > 1 else None)
-                   for i in range(n)]
+                         env, restart=True, on_crash=functools.partial(self._worker_died, i))
+                   for i in range(self.config.gateway_workers)]
         for w in workers:
             await w.start()
         self.children.extend(workers)
@@ -201,8 +199,19 @@ class Service:
         await control.cleanup()
         return self.exit_code
 
+    def _worker_died(self, index: int, pid: int) -> None:
+        """What a crashed gateway worker held, given back before its restart: its heartbeat
+        (it would read as a hung worker), its live gauges (several workers: its requests in
+        flight and queued would be counted for good) and its requests against keys' limits."""
+        runtime.forget_worker(self.runtime_dir, pid)
+        if self.config.gateway_workers > 1:
+            multiprocess.mark_process_dead(pid, str(self.runtime_dir / "metrics"))  # type: ignore[no-untyped-call]
+            shared_limits.release_worker(self.runtime_dir / "limits.bin",
+                                         self.config.gateway_workers, index)
+
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
+        env.pop("BACKEND_API_KEY", None)  # the workers read it from a 0600 file
         env["PYTHONUNBUFFERED"] = "1"
         if self.config.gateway_workers > 1:
             metrics_dir = self.runtime_dir / "metrics"
@@ -215,10 +224,17 @@ class Service:
         if config.backend_url is not None:
             self.mode = "external"
             self.external = ExternalBackend(config.backend_url, config.backend_api_key)
-            self.models = await self.external.model_names()
-            self._announce(", ".join(self.models) or "(any)", f"external {config.backend_url}", False)
-            return {"backend_url": config.backend_url, "backend_key": config.backend_api_key,
-                    "runtime_dir": str(self.runtime_dir), "models": list(self.models)}
+            # None: not up yet; read once it is, and until then the workers refuse inference
+            listed = await self.external.model_names()
+            self.models, self.models_known = listed or (), listed is not None
+            names = "(read once it is up)" if listed is None else ", ".join(listed) or "(none)"
+            self._announce(names, f"external {config.backend_url}", False)
+            key_file = self.runtime_dir / "backend.key"  # `ps` shows the workers' command lines
+            if config.backend_api_key:
+                runtime.write_secret(key_file, config.backend_api_key)
+            return {"backend_url": config.backend_url, "runtime_dir": str(self.runtime_dir),
+                    "backend_key_file": str(key_file) if config.backend_api_key else None,
+                    "models": list(self.models), "models_known": self.models_known}
         choice = self._single_model()
         binary = find_llama_server(config.llama_server_path)
         key_file = self.runtime_dir / "backend.key"
@@ -316,7 +332,10 @@ class Service:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watch
 
-    def _set_external(self, state: str, ready: bool) -> None:
+    def _set_external(self, state: str, ready: bool, models: tuple[str, ...] | None) -> None:
+        if models is not None and (models != self.models or not self.models_known):
+            log.info("backend models: %s", ", ".join(models) or "(none listed)")
+            self.models, self.models_known = models, True
         self.backend_state = {"state": state, "restarts": 0}
         if ready and self.phase == "starting":
             self.phase = "running"

@@ -155,9 +155,9 @@ def test_model_state_metrics(svc: Service, ops: str) -> None:
     assert samples.get_value("llamagate_model_state", model="broken", state="cooldown") == 1
     assert samples.get_value("llamagate_model_state", model="broken", state="loaded") == 0
     # llama-server's own metrics of each loaded model, one family declaration for both
-    labelled = {labels for name, labels in samples if name == "llamacpp:prompt_tokens_total"}
+    labelled = {labels for name, labels in samples if name == "llamacpp_prompt_tokens_total"}
     assert {dict(labels).get("model") for labels in labelled} >= {"alpha", "beta"}
-    assert text.count("# TYPE llamacpp:prompt_tokens_total ") == 1
+    assert text.count("# TYPE llamacpp_prompt_tokens_total ") == 1
     promtool_check(text)
 
 

@@ -227,7 +227,7 @@ def _processing(svc: Service, secret: str, model: str) -> float | None:
                         timeout=5).text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "llamacpp:requests_processing" and sample.labels.get("model") == model:
+            if sample.name == "llamacpp_requests_processing" and sample.labels.get("model") == model:
                 return float(sample.value)
     return None
 

@@ -323,19 +323,19 @@ def test_merge_expositions() -> None:
              label_backend_metrics(reordered(LLAMACPP.format(p=30)), "beta")]
     merged = merge_expositions(texts)
     lines = merged.splitlines()
-    for family in ("llamacpp:prompt_tokens_total", "llamacpp:n_tokens_max",
-                   "llamacpp:requests_processing"):
+    for family in ("llamacpp_prompt_tokens_total", "llamacpp_n_tokens_max",
+                   "llamacpp_requests_processing"):
         assert sum(line.startswith(f"# HELP {family} ") for line in lines) == 1
         assert sum(line.startswith(f"# TYPE {family} ") for line in lines) == 1
     # each family's comments come first, then all of its samples, before the next family
-    type_at = lines.index("# TYPE llamacpp:requests_processing gauge")
-    samples = [i for i, line in enumerate(lines) if line.startswith("llamacpp:requests_processing{")]
+    type_at = lines.index("# TYPE llamacpp_requests_processing gauge")
+    samples = [i for i, line in enumerate(lines) if line.startswith("llamacpp_requests_processing{")]
     assert len(samples) == 2 and all(i > type_at for i in samples)
     assert samples == list(range(type_at + 1, type_at + 3))
     parsed = {f.name: {s.labels["model"]: s.value for s in f.samples}
               for f in text_string_to_metric_families(merged)}
-    assert parsed["llamacpp:prompt_tokens"] == {"alpha": 12.0, "beta": 30.0}
-    assert parsed["llamacpp:requests_processing"] == {"alpha": 0.0, "beta": 0.0}
+    assert parsed["llamacpp_prompt_tokens"] == {"alpha": 12.0, "beta": 30.0}
+    assert parsed["llamacpp_requests_processing"] == {"alpha": 0.0, "beta": 0.0}
     assert merge_expositions([]) == ""
     assert merge_expositions(["", "\n"]) == ""
 
