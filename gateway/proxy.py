@@ -41,7 +41,8 @@ Retarget = Callable[[str], bytes]
 OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 # validated, metered and limited as the OpenAI ones: llama-server's Anthropic Messages,
 # OpenAI Responses and rerank endpoints run the same models on the same slots
-INFERENCE_ROUTES = OPENAI_ROUTES | {"/v1/messages", "/v1/responses", "/v1/rerank"}
+INFERENCE_ROUTES = OPENAI_ROUTES | {"/v1/messages", "/v1/responses", "/v1/rerank",
+                                    "/v1/reranking"}
 # what the edge server answers here, as (path, method); "*": any method but OPTIONS
 ROUTES = frozenset({(p, "POST") for p in OPENAI_ROUTES}
                    | {("/v1/models", "GET"), ("/v1/{path}", "*")})
@@ -344,6 +345,7 @@ async def _collect(call: Call, resp: Response, ex: Exchange) -> None:
             if ex.first_byte_at is None:  # the backend's first event: its time to first token
                 ex.first_byte_at = time.monotonic()
             collector.feed(chunk)
+        body = collector.result()
     except BackendBroken as exc:
         raise BackendUnavailable(str(exc), retry_after=2) from None
     except unstream.UpstreamError as exc:
@@ -354,6 +356,5 @@ async def _collect(call: Call, resp: Response, ex: Exchange) -> None:
     except ValueError:
         raise BackendUnavailable("the backend sent an unreadable stream", retry_after=2) from None
     ex.completed = True
-    body = collector.result()
     ex.tokens = tokens_from_body(body)
     _respond(call, 200, body)

@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# the OpenAI routes, then llama-server's Anthropic Messages and OpenAI Responses ones,
-# whose streams carry usage without being asked
+# the OpenAI routes, then llama-server's OpenAI Responses one, whose final event carries the
+# whole response. Not its Anthropic Messages one: that stream sometimes lacks its first
+# event (message_start: id, model, input tokens) when the first token is a partial UTF-8
+# character, so a body rebuilt from it would be incomplete.
 _OPENAI = frozenset({"/v1/chat/completions", "/v1/completions"})
-ROUTES = _OPENAI | {"/v1/messages", "/v1/responses"}
+ROUTES = _OPENAI | {"/v1/responses"}
 
 
 def stream_body(body: dict[str, Any], path: str = "/v1/chat/completions") -> bytes:
@@ -30,9 +32,7 @@ def stream_body(body: dict[str, Any], path: str = "/v1/chat/completions") -> byt
     return json.dumps(streamed, separators=(",", ":")).encode()
 
 
-def collector_for(path: str) -> Collector | MessagesCollector | ResponsesCollector:
-    if path == "/v1/messages":
-        return MessagesCollector()
+def collector_for(path: str) -> Collector | ResponsesCollector:
     if path == "/v1/responses":
         return ResponsesCollector()
     return Collector(chat=path == "/v1/chat/completions")
@@ -164,45 +164,6 @@ class _Events:
 
     def event(self, obj: dict[str, Any]) -> None:
         raise NotImplementedError
-
-
-class MessagesCollector(_Events):
-    """An Anthropic Messages stream folded back into the `message` it describes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._message: dict[str, Any] = {}
-        self._blocks: dict[int, dict[str, Any]] = {}
-        self._json: dict[int, str] = {}  # a tool_use block's input, as its pieces arrive
-
-    def event(self, obj: dict[str, Any]) -> None:
-        kind = obj.get("type")
-        if kind == "error":
-            raise UpstreamError(obj)
-        if kind == "message_start":
-            self._message = dict(obj.get("message") or {})
-        elif kind == "content_block_start":
-            self._blocks[int(obj.get("index", 0))] = dict(obj.get("content_block") or {})
-        elif kind == "content_block_delta":
-            index = int(obj.get("index", 0))
-            block = self._blocks.setdefault(index, {"type": "text", "text": ""})
-            delta = obj.get("delta") or {}
-            for key in ("text", "thinking", "signature"):
-                if isinstance(delta.get(key), str):
-                    block[key] = block.get(key, "") + delta[key]
-            if isinstance(delta.get("partial_json"), str):
-                self._json[index] = self._json.get(index, "") + delta["partial_json"]
-        elif kind == "message_delta":
-            self._message.update(obj.get("delta") or {})
-            usage = obj.get("usage")
-            if isinstance(usage, dict):
-                self._message["usage"] = {**(self._message.get("usage") or {}), **usage}
-
-    def result(self) -> bytes:
-        for index, text in self._json.items():
-            self._blocks[index]["input"] = json.loads(text) if text else {}
-        message = {**self._message, "content": [self._blocks[i] for i in sorted(self._blocks)]}
-        return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class ResponsesCollector(_Events):

@@ -8,6 +8,7 @@ byte for byte.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ _REQUIRED = {
     "/v1/messages": "messages",
     "/v1/responses": "input",
     "/v1/rerank": "query",
+    "/v1/reranking": "query",  # llama-server's alias of /v1/rerank
 }
 # the names a cap on generated tokens goes by, across those APIs and llama-server's own
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict")
@@ -48,9 +50,25 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999: Python reads infinity, llama-server a number overflow
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+# built once: json.loads with a hook builds a new decoder on every call
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+
+
+def _loads(raw: bytes) -> Any:
+    """json.loads, strict as llama-server's parser: no NaN, Infinity or overflowing numbers."""
+    return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw, parse_constant=_no_constant)
+        body = _loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -87,14 +105,14 @@ def prompt_of(path: str, body: dict[str, Any] | None) -> object:
 
 def model_of(raw: bytes) -> str | None:
     """The model a request the gateway does not validate names, if its body is a JSON
-    object with a string `model` (llama-server's router would load and run that one)."""
-    if raw.lstrip()[:1] != b"{":
-        return None
-    try:
-        body = json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError):
-        return None  # llama-server cannot read a model out of it either
-    model = body.get("model") if isinstance(body, dict) else None
+    object with a string `model` (llama-server's router would load and run that one).
+
+    A body that looks like JSON (an object, after any byte-order mark and blanks) but
+    does not parse is refused: what llama-server would read from it cannot be checked."""
+    if raw.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] != b"{":
+        return None  # not JSON (a multipart upload, say): llama-server reads no model from it
+    body = parse_json(raw)
+    model = body.get("model")
     return model if isinstance(model, str) else None
 
 

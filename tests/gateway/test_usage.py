@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
+from gateway.unstream import ResponsesCollector
 from gateway.usage import tokens_from_body, tokens_from_stream
 
 
@@ -44,3 +47,13 @@ def test_an_anthropic_stream_is_counted_from_its_first_and_last_events() -> None
     # an OpenAI stream's last event has it all; the first is not needed
     final = b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}\n\n'
     assert tokens_from_stream(b"", final + b"data: [DONE]\n\n") == (5, 2)
+
+
+def test_a_responses_stream_without_its_final_event_is_unreadable() -> None:
+    collector = ResponsesCollector()
+    collector.feed(b'data: {"type": "response.output_text.delta", "delta": "hi"}\n\n')
+    with pytest.raises(ValueError):  # the proxy answers 503, not a partial body
+        collector.result()
+    collector.feed(b'data: {"type": "response.completed", "response": {"id": "r", '
+                   b'"usage": {"input_tokens": 3, "output_tokens": 1}}}\n\n')
+    assert tokens_from_body(collector.result()) == (3, 1)

@@ -57,6 +57,7 @@ BAD_BODIES = [
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
      "invalid_json", None),
     (COMPLETIONS, b'{"prompt": "a", "max_tokens": Infinity}', "invalid_json", None),
+    (COMPLETIONS, b'{"prompt": "a", "temperature": -1e999}', "invalid_json", None),
     # llama-server's Anthropic Messages, OpenAI Responses and rerank endpoints
     (MESSAGES_API, {"max_tokens": 4}, "invalid_request", "messages"),
     (MESSAGES_API, {"messages": MESSAGES, "max_tokens": MAX_TOKENS_CAP + 1}, "invalid_request",
@@ -65,6 +66,7 @@ BAD_BODIES = [
     (RESPONSES, {"input": []}, "invalid_request", "input"),
     (RESPONSES, {"input": "hi", "max_output_tokens": 0}, "invalid_request", "max_output_tokens"),
     (RERANK, {"query": 5, "documents": ["a"]}, "invalid_request", "query"),
+    ("/v1/reranking", {"documents": ["a"]}, "invalid_request", "query"),
 ]
 
 

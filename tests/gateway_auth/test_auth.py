@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,18 @@ async def test_model_allowlist(tmp_path: Path, backend: FakeBackend, keytool: Ke
             async with http.post(gw.url + path, headers=bearer(tiny_only), json=body) as r:
                 assert r.status == 403, path
                 assert (await error_of(r))["code"] == "model_not_allowed"
+        # a byte-order mark is still JSON to llama-server, so it hides nothing here
+        raw = b"\xef\xbb\xbf" + json.dumps(anthropic).encode()
+        headers = {**bearer(tiny_only), "Content-Type": "application/json"}
+        async with http.post(gw.url + "/v1/messages/count_tokens", headers=headers,
+                             data=raw) as r:
+            assert r.status == 403
+            assert (await error_of(r))["code"] == "model_not_allowed"
+        # what looks like JSON but does not parse cannot be checked: refused
+        async with http.post(gw.url + "/v1/messages/count_tokens", headers=headers,
+                             data=b'{"model": "other", }') as r:
+            assert r.status == 400
+            assert (await error_of(r))["code"] == "invalid_json"
         async with http.post(gw.url + "/v1/chat/completions", headers=bearer(other_only),
                              json={**CHAT, "model": None}) as r:
             assert r.status == 403
