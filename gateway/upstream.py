@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ class Upstream:
         self._pool: BackendPool | None = None
         self._serve_file: Path | None = None
         self._also: Callable[[dict[str, Any]], None] = lambda s: None
+        self._serve_file_seen: tuple[int, int] = (0, 0)  # inode and mtime last read
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -97,8 +99,17 @@ class Upstream:
         return self.status
 
     def _read_serve_file(self, path: Path) -> None:
+        # a stat first: requests for unknown models re-read on every one, and serve rewrites
+        # the file (atomically: a new inode) only every half second or on a change
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        if (st.st_ino, st.st_mtime_ns) == self._serve_file_seen:
+            return
         state = runtime.read_state(path)
         if state is not None:
+            self._serve_file_seen = (st.st_ino, st.st_mtime_ns)
             self.apply(state)
             self._also(state)
 
