@@ -46,13 +46,11 @@ class UpstreamError(Exception):
         self.body = body
 
 
-class Collector:
-    def __init__(self, chat: bool) -> None:
-        self.chat = chat
+class _Events:
+    """Whole SSE events out of reads that may split them; each one's `data` as JSON."""
+
+    def __init__(self) -> None:
         self._buffer = b""
-        self._head: dict[str, Any] = {}
-        self._choices: dict[int, dict[str, Any]] = {}
-        self._extra: dict[str, Any] = {}  # usage, timings: the last value wins
 
     def feed(self, chunk: bytes) -> None:
         """Take bytes as they arrive; events may be split across reads."""
@@ -62,16 +60,28 @@ class Collector:
             if end < 0:
                 return
             event, self._buffer = self._buffer[:end], self._buffer[end + 2:]
-            self._event(event)
+            data = b"".join(line[5:].lstrip(b" ") for line in event.split(b"\n")
+                            if line.startswith(b"data:"))
+            if data and data != b"[DONE]":
+                obj = json.loads(data)
+                if isinstance(obj, dict):
+                    self.event(obj)
 
-    def _event(self, event: bytes) -> None:
-        data = b"".join(line[5:].lstrip(b" ") for line in event.split(b"\n")
-                        if line.startswith(b"data:"))
-        if not data or data == b"[DONE]":
-            return
-        obj = json.loads(data)
-        if not isinstance(obj, dict):
-            return
+    def event(self, obj: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class Collector(_Events):
+    """A chat or text completion stream folded back into the body it describes."""
+
+    def __init__(self, chat: bool) -> None:
+        super().__init__()
+        self.chat = chat
+        self._head: dict[str, Any] = {}
+        self._choices: dict[int, dict[str, Any]] = {}
+        self._extra: dict[str, Any] = {}  # usage, timings: the last value wins
+
+    def event(self, obj: dict[str, Any]) -> None:
         if "error" in obj and "choices" not in obj:
             raise UpstreamError(obj)
         for key in ("id", "created", "model", "system_fingerprint"):
@@ -140,30 +150,6 @@ def _merge_logprobs(acc: dict[str, Any], part: dict[str, Any]) -> None:
             merged[key] = merged.get(key, []) + value
         else:
             merged.setdefault(key, value)
-
-
-class _Events:
-    """Whole SSE events out of reads that may split them; each one's `data` as JSON."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-
-    def feed(self, chunk: bytes) -> None:
-        self._buffer += chunk
-        while True:
-            end = self._buffer.find(b"\n\n")
-            if end < 0:
-                return
-            event, self._buffer = self._buffer[:end], self._buffer[end + 2:]
-            data = b"".join(line[5:].lstrip(b" ") for line in event.split(b"\n")
-                            if line.startswith(b"data:"))
-            if data and data != b"[DONE]":
-                obj = json.loads(data)
-                if isinstance(obj, dict):
-                    self.event(obj)
-
-    def event(self, obj: dict[str, Any]) -> None:
-        raise NotImplementedError
 
 
 class ResponsesCollector(_Events):

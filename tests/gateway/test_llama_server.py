@@ -110,6 +110,19 @@ async def test_non_stream_disconnect_frees_the_slot_within_a_second(
     await _hang_up_and_see_the_slot_freed(client, backend, gateway, http)
 
 
+async def _direct_and_through(backend: Backend, gateway: Gateway, http: aiohttp.ClientSession,
+                              path: str, request: dict[str, Any]) -> tuple[Any, Any]:
+    """The same request's answer from llama-server itself, then through the gateway."""
+    async with http.post(f"{backend.url}{path}", json=request,
+                         headers={"Authorization": f"Bearer {backend.key}"}) as r:
+        assert r.status == 200
+        direct = await r.json()
+    async with http.post(f"{gateway.url}{path}", json=request) as r:
+        assert r.status == 200 and r.content_type == "application/json"
+        through = await r.json()
+    return direct, through
+
+
 @pytest.mark.parametrize("path,body", [
     ("/v1/chat/completions", {"messages": MESSAGES}),
     ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 2}),
@@ -129,13 +142,7 @@ async def test_non_stream_answers_are_what_llama_server_sends(
         out["usage"] = {k: v for k, v in answer["usage"].items() if k != "prompt_tokens_details"}
         return out
 
-    async with http.post(f"{backend.url}{path}", json=request,
-                         headers={"Authorization": f"Bearer {backend.key}"}) as r:
-        assert r.status == 200
-        direct = await r.json()
-    async with http.post(f"{gateway.url}{path}", json=request) as r:
-        assert r.status == 200 and r.content_type == "application/json"
-        through = await r.json()
+    direct, through = await _direct_and_through(backend, gateway, http, path, request)
     assert comparable(through) == comparable(direct)
     assert set(through) == set(direct)
     assert through["usage"]["completion_tokens"] == 100
@@ -162,13 +169,7 @@ async def test_other_apis_non_stream_answers_are_what_llama_server_sends(
             item.pop("id", None)
         return out
 
-    async with http.post(f"{backend.url}{path}", json=request,
-                         headers={"Authorization": f"Bearer {backend.key}"}) as r:
-        assert r.status == 200
-        direct = await r.json()
-    async with http.post(f"{gateway.url}{path}", json=request) as r:
-        assert r.status == 200 and r.content_type == "application/json"
-        through = await r.json()
+    direct, through = await _direct_and_through(backend, gateway, http, path, request)
     assert comparable(through) == comparable(direct)
     assert comparable(through)["tokens"][1] == 100
 
@@ -262,3 +263,29 @@ async def test_other_apis_are_metered_as_the_openai_ones(backend: Backend, gatew
     assert samples.get_value("llamagate_completion_tokens_total", **key) == completion
     for route in ("/v1/messages", "/v1/responses"):
         assert samples.get_value("llamagate_requests_total", route=route, status="200", **key) == 2
+
+
+async def test_aliases_answer_as_the_v1_routes(backend: Backend, gateway: Gateway,
+                                               http: aiohttp.ClientSession) -> None:
+    """The `/v1`-less paths answer as the `/v1` routes, OpenAI-shaped, whatever llama-server's
+    own path of that name answers (its /completions is its native /completion format)."""
+    url = gateway.url
+    async with http.get(url + "/models") as r:
+        assert r.status == 200
+        assert r.headers["X-Request-ID"]
+        listing = await r.json()
+    async with http.get(url + "/v1/models") as r:
+        assert listing == await r.json()
+    async with http.post(url + "/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}) as r:
+        assert r.status == 200
+        chat = await r.json()
+    assert chat["object"] == "chat.completion" and chat["usage"]["completion_tokens"] == 3
+    async with http.post(url + "/completions", json={"prompt": "once", "max_tokens": 3}) as r:
+        assert r.status == 200
+        completion = await r.json()
+    assert completion["object"] == "text_completion" and "choices" in completion
+    _, samples = await scrape(http, url)
+    assert samples.total("llamagate_requests_total", route="/v1/chat/completions",
+                         status="200") == 1
+    assert samples.total("llamagate_prompt_tokens_total") > 0  # usage was read: OpenAI-shaped
