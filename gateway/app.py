@@ -79,9 +79,13 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
         admin=config.auth_enabled, models_admin=wiring.control_socket is not None))
     # /v1/* is answered by gateway/edge.py, before aiohttp (see Served below)
     # keyring, limits, usage, audit, /admin routes (models, pulls and profiles via the socket)
-    keys_wiring.install(app, state, wiring.control_socket,
-                        SharedTable(wiring.limits_file, config.gateway_workers, wiring.worker_index)
-                        if wiring.limits_file is not None and config.auth_enabled else None)
+    shared = wiring.limits_file is not None and config.auth_enabled
+    keys_wiring.install(
+        app, state, wiring.control_socket,
+        SharedTable(wiring.limits_file, config.gateway_workers, wiring.worker_index)
+        if shared and wiring.limits_file is not None else None,
+        wiring.limits_file.parent / "auth_failures.bin"  # each worker creates it if need be
+        if shared and wiring.limits_file is not None else None)
     app.cleanup_ctx.append(_upstream_ctx(state, wiring))
     if isinstance(state.admission, SharedAdmission):
         app.cleanup_ctx.append(_hub_ctx(state.admission))

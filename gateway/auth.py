@@ -69,18 +69,18 @@ class AddressThrottle:
 
     def retry_after(self, address: str) -> float:
         """Seconds until ``address`` may try again; 0 when it may now."""
-        clear_at = self._clear_at.get(_counted_as(address))
+        clear_at = self._clear_at.get(counted_as(address))
         return 0.0 if clear_at is None else max(0.0, clear_at - self.clock() - self.tolerance)
 
     def failure(self, address: str) -> None:
-        address = _counted_as(address)
+        address = counted_as(address)
         now = self.clock()
         self._clear_at[address] = max(self._clear_at.pop(address, now), now) + self.interval
         if len(self._clear_at) > self.max_addresses:
             self._clear_at.popitem(last=False)
 
 
-def _counted_as(address: str) -> str:
+def counted_as(address: str) -> str:
     """The throttle's unit for ``address``: itself, or an IPv6 address's /64."""
     if ":" not in address:
         return address  # IPv4, or no address ("-")

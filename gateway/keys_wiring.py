@@ -23,6 +23,7 @@ from gateway import admin, control_client
 from gateway.auth import AddressThrottle
 from gateway.ratelimit import RateLimiter
 from gateway.shared_limits import SharedTable, limiters
+from gateway.shared_throttle import SharedAddressThrottle
 from gateway.state import AppState
 from keys.model import Limits
 from keys.reloader import KeyReloader
@@ -33,10 +34,10 @@ CleanupCtx = Callable[[web.Application], contextlib.AbstractAsyncContextManager[
 
 
 def install(app: web.Application, state: AppState, control_socket: Path | None = None,
-            shared: SharedTable | None = None) -> None:
+            shared: SharedTable | None = None, failures_file: Path | None = None) -> None:
     """Set up API keys on ``app`` when auth is on, with the admin routes (none without auth:
     nothing could tell an admin from anyone else). ``shared``: several workers' common
-    rate-limit table."""
+    rate-limit table; ``failures_file``: their common failed-authentication counts."""
     config = state.config
     if not config.auth_enabled:
         return
@@ -50,7 +51,12 @@ def install(app: web.Application, state: AppState, control_socket: Path | None =
     else:
         state.limiter = RateLimiter(defaults, make=limiters(shared))
         app.on_cleanup.append(lambda app: _close(shared))
-    state.auth_failures = AddressThrottle(config.auth_failures_per_minute)
+    if failures_file is None:
+        state.auth_failures = AddressThrottle(config.auth_failures_per_minute)
+    else:
+        throttle = SharedAddressThrottle(failures_file, config.auth_failures_per_minute)
+        state.auth_failures = throttle
+        app.on_cleanup.append(lambda app: _close(throttle))
     auditor = admin.Auditor(config.usage_db)
     app.add_routes(admin.routes(state.keys, state.usage, auditor))
     if control_socket is not None:
@@ -61,8 +67,8 @@ def install(app: web.Application, state: AppState, control_socket: Path | None =
     app.cleanup_ctx.append(_usage_ctx(state.usage, auditor))
 
 
-async def _close(table: SharedTable) -> None:
-    table.close()
+async def _close(shared: SharedTable | SharedAddressThrottle) -> None:
+    shared.close()
 
 
 def _keys_ctx(reloader: KeyReloader, interval: float) -> CleanupCtx:
