@@ -43,6 +43,8 @@ OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embed
 # OpenAI Responses and rerank endpoints run the same models on the same slots
 INFERENCE_ROUTES = OPENAI_ROUTES | {"/v1/messages", "/v1/responses", "/v1/rerank",
                                     "/v1/reranking"}
+# generation routes whose bodies are forms (an audio file): metered, not validated
+METERED_FORMS = frozenset({"/v1/audio/transcriptions"})
 # what the edge server answers here, as (path, method); "*": any method but OPTIONS
 ROUTES = frozenset({(p, "POST") for p in OPENAI_ROUTES}
                    | {("/v1/models", "GET"), ("/v1/{path}", "*")})
@@ -111,14 +113,17 @@ async def handle(call: Call) -> None:
     elif call.method == "POST" and raw:
         # any other route whose body names a model (count_tokens, and whatever llama-server
         # adds) runs that model: it must be one served, and one the key may use
-        named = model_of(raw)
-        if named is not None:
+        named = model_of(raw, call.headers.get("content-type"))
+        if named is not None or call.path in METERED_FORMS:
             model = state.models.resolve(named)
             if model is None:
                 raise NotFound(f"model '{named}' does not exist; available: "
                                f"{', '.join(state.models.names)}", code="model_not_found",
                                param="model")
             ex.model = model
+        if call.path in METERED_FORMS:
+            ex.inference = True  # it generates, and its answer carries usage
+            state.activity.touch()
     auth.check_model(call.key, ex, call.method, state)  # 403 for a model outside the allowlist
     ratelimit.reserve_tokens(state, call.ticket, ex)  # tokens/min; the edge settles it
     timeout = request_timeout(call.headers.get("x-request-timeout"), state.config.request_timeout)

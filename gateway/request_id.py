@@ -18,8 +18,8 @@ from gateway.exchange import EXCHANGE, Exchange
 _SAFE = re.compile(r"[A-Za-z0-9._:\-]{1,128}").fullmatch
 
 _KNOWN = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
-                    "/v1/messages", "/v1/responses", "/v1/rerank", "/v1/reranking", "/health",
-                    "/ping", "/metrics"})
+                    "/v1/messages", "/v1/responses", "/v1/rerank", "/v1/reranking",
+                    "/v1/audio/transcriptions", "/health", "/ping", "/metrics"})
 
 
 def route_label(path: str) -> str:

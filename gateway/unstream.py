@@ -14,6 +14,7 @@ at the next token. The client still gets the body llama-server would have sent:
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 # the OpenAI routes, then llama-server's OpenAI Responses one, whose final event carries the
@@ -169,4 +170,11 @@ class ResponsesCollector(_Events):
     def result(self) -> bytes:
         if not isinstance(self._response, dict):
             raise ValueError("the stream ended without its response")
-        return json.dumps(self._response, ensure_ascii=False, separators=(",", ":")).encode()
+        # what llama-server's non-streamed response has and its final event lacks
+        response = dict(self._response)
+        if response.get("status") == "completed":
+            response.setdefault("completed_at", int(time.time()))
+        for item in response.get("output") or ():
+            if isinstance(item, dict) and item.get("type") == "reasoning":
+                item.setdefault("status", "completed")
+        return json.dumps(response, ensure_ascii=False, separators=(",", ":")).encode()

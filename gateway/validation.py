@@ -7,9 +7,11 @@ byte for byte.
 
 from __future__ import annotations
 
+import email.policy
 import json
 import math
 from dataclasses import dataclass
+from email.parser import BytesParser
 from typing import Any
 
 from gateway.errors import BadRequest
@@ -69,6 +71,8 @@ def _loads(raw: bytes) -> Any:
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
         body = _loads(raw)
+    except RecursionError:  # nesting deeper than the decoder's stack: no body we need
+        raise BadRequest("request body is nested too deeply", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -103,17 +107,39 @@ def prompt_of(path: str, body: dict[str, Any] | None) -> object:
     return None if field is None or body is None else body.get(field)
 
 
-def model_of(raw: bytes) -> str | None:
-    """The model a request the gateway does not validate names, if its body is a JSON
-    object with a string `model` (llama-server's router would load and run that one).
+def model_of(raw: bytes, content_type: str | None) -> str | None:
+    """The model a request the gateway does not validate names: a JSON object's string
+    `model`, or a multipart form's `model` field (llama-server turns a form's text fields
+    into its JSON body, and its router loads and runs the model named there).
 
     A body that looks like JSON (an object, after any byte-order mark and blanks) but
-    does not parse is refused: what llama-server would read from it cannot be checked."""
+    does not parse, or a form that does not, is refused: what llama-server would read
+    from it cannot be checked."""
+    if content_type is not None and content_type.lower().startswith("multipart/form-data"):
+        return _form_model(raw, content_type)
     if raw.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] != b"{":
-        return None  # not JSON (a multipart upload, say): llama-server reads no model from it
+        return None  # neither JSON nor a form: llama-server reads no model from it
     body = parse_json(raw)
     model = body.get("model")
     return model if isinstance(model, str) else None
+
+
+def _form_model(raw: bytes, content_type: str) -> str | None:
+    form = BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw)
+    if not form.is_multipart() or form.defects:
+        raise BadRequest("request body is not a readable multipart form", code="invalid_request")
+    values = [part.get_payload(decode=True) for part in form.iter_parts()
+              if part.get_param("name", header="content-disposition") == "model"
+              and part.get_filename() is None]
+    if len(values) > 1:  # llama-server would make them an array
+        raise BadRequest("'model' is given more than once", param="model")
+    if not values:
+        return None
+    try:
+        return bytes(values[0] or b"").decode()
+    except UnicodeDecodeError:
+        raise BadRequest("'model' must be UTF-8 text", param="model") from None
 
 
 def validate(path: str, raw: bytes) -> RequestInfo:

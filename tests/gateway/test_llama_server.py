@@ -171,6 +171,7 @@ async def test_other_apis_non_stream_answers_are_what_llama_server_sends(
 
     direct, through = await _direct_and_through(backend, gateway, http, path, request)
     assert comparable(through) == comparable(direct)
+    assert set(through) == set(direct)
     assert comparable(through)["tokens"][1] == 100
 
 

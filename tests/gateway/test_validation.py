@@ -58,6 +58,7 @@ BAD_BODIES = [
      "invalid_json", None),
     (COMPLETIONS, b'{"prompt": "a", "max_tokens": Infinity}', "invalid_json", None),
     (COMPLETIONS, b'{"prompt": "a", "temperature": -1e999}', "invalid_json", None),
+    (CHAT, b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json", None),
     # llama-server's Anthropic Messages, OpenAI Responses and rerank endpoints
     (MESSAGES_API, {"max_tokens": 4}, "invalid_request", "messages"),
     (MESSAGES_API, {"messages": MESSAGES, "max_tokens": MAX_TOKENS_CAP + 1}, "invalid_request",

@@ -172,6 +172,21 @@ async def test_model_allowlist(tmp_path: Path, backend: FakeBackend, keytool: Ke
                              data=raw) as r:
             assert r.status == 403
             assert (await error_of(r))["code"] == "model_not_allowed"
+        # a form's text fields are JSON to llama-server: its `model` is checked too
+        form = aiohttp.FormData()
+        form.add_field("model", "other")
+        form.add_field("file", b"RIFF", filename="a.wav", content_type="audio/wav")
+        for path in ("/v1/messages/count_tokens", "/v1/audio/transcriptions"):
+            async with http.post(gw.url + path, headers=bearer(tiny_only), data=form) as r:
+                assert r.status == 403, path
+                assert (await error_of(r))["code"] == "model_not_allowed"
+        twice = aiohttp.FormData()
+        twice.add_field("model", "tiny")
+        twice.add_field("model", "other")  # llama-server would make it an array
+        twice.add_field("file", b"RIFF", filename="a.wav", content_type="audio/wav")
+        async with http.post(gw.url + "/v1/audio/transcriptions", headers=bearer(tiny_only),
+                             data=twice) as r:
+            assert r.status == 400
         # what looks like JSON but does not parse cannot be checked: refused
         async with http.post(gw.url + "/v1/messages/count_tokens", headers=headers,
                              data=b'{"model": "other", }') as r:

@@ -61,7 +61,7 @@ def test_an_ipv6_client_is_counted_by_its_64_across_workers(two_workers: Views) 
     assert b.retry_after("2001:db8:1:3::1") == 0
 
 
-def test_a_full_bucket_gives_up_the_address_that_failed_longest_ago(two_workers: Views) -> None:
+def test_a_full_bucket_gives_up_the_address_whose_budget_returns_first(two_workers: Views) -> None:
     a, b = two_workers(1, buckets=1)  # one bucket of 8: every address shares it
     clock = two_workers.clock  # type: ignore[attr-defined]
     addresses = [f"10.0.1.{i}" for i in range(9)]
