@@ -94,7 +94,12 @@ def create_app(config: Config, runtime_dir: Path) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/ready", ready)
+    app.on_response_prepare.append(_server_header)
     return app
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "llamagate"  # not aiohttp's, which names its version
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,8 @@ def test_health_port_reports_ready(service: Service) -> None:
     assert body["backend"]["state"] == "ready"
     assert body["models"] == ["tiny"]
     assert body["auth"] is False
+    for path in ("/ping", "/health"):  # no server software and version for a scanner
+        assert requests.get(service.health_url + path, timeout=2).headers["Server"] == "llamagate"
 
 
 def test_backend_key_is_never_on_the_command_line(service: Service) -> None:
