@@ -17,6 +17,9 @@ import aiohttp
 log = logging.getLogger("llamagate.serve")
 
 MODELS_REFRESH = 30.0
+# polls in a row that may go unanswered (timed out, connection dropped) before a ready
+# backend counts as unreachable: under load, one slow /health made every request a 503
+MISSES = 2
 
 # (state, ready, models): models is the last list read, None until one has been
 Report = Callable[[str, bool, tuple[str, ...] | None], None]
@@ -55,6 +58,16 @@ class ExternalBackend:
             return None
         return tuple(str(m["id"]) for m in items if isinstance(m, dict) and "id" in m)
 
+    async def _health(self, session: aiohttp.ClientSession) -> tuple[int | None, bool]:
+        """/health's status, or None and whether nothing listens at all (refused)."""
+        try:
+            async with session.get(f"{self.url}/health", headers=self.headers) as resp:
+                return resp.status, False
+        except aiohttp.ClientConnectorError:
+            return None, True
+        except (TimeoutError, aiohttp.ClientError):
+            return None, False
+
     async def follow(self, report: Report, interval: float = 1.0,
                      refresh: float = MODELS_REFRESH) -> None:
         """Report every `interval`. Ready means /health says so and the model list has been
@@ -63,13 +76,18 @@ class ExternalBackend:
         models: tuple[str, ...] | None = None
         listed: float | None = None  # when the list was read in the current ready period
         last, warned = "", False
+        misses = 0  # polls in a row without an answer while ready
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
-                try:
-                    async with session.get(f"{self.url}/health", headers=self.headers) as resp:
-                        code: int | None = resp.status
-                except (TimeoutError, aiohttp.ClientError):
-                    code = None
+                code, refused = await self._health(session)
+                if code is None and not refused and last == "ready" and misses < MISSES:
+                    # a busy server's slow or dropped answer: not yet a reason to refuse
+                    # every request (a backend that is really gone refuses connections)
+                    misses += 1
+                    report("ready", True, models)
+                    await asyncio.sleep(interval)  # poll period
+                    continue
+                misses = 0
                 state, ready = health_state(code)
                 if not ready:
                     listed, warned = None, False

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from llamagate.external import ExternalBackend
+from llamagate.external import MISSES, ExternalBackend
 from tests.support.service import free_port
 
 Report = tuple[str, bool, tuple[str, ...] | None]
@@ -92,3 +92,45 @@ async def test_the_list_is_read_again_while_ready() -> None:
         fake.models = None  # a failed re-read keeps the list it had
         for _ in range(20):
             assert await next_where(reports, True) == ("ready", True, ("b",))
+
+
+async def test_an_unanswered_health_poll_is_not_yet_an_outage() -> None:
+    """Under load llama-server may drop or be slow to answer a /health poll; one such poll
+    must not make every request a 503. One that keeps failing, or says so, still does."""
+    answered, drops, state = 0, 0, {"health": b"200 OK"}
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered, drops
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /health") and answered >= 3 and drops < 2 * MISSES:
+            drops += 1  # no answer (aiohttp tries a dropped request twice: one poll, two drops)
+            writer.close()
+            return
+        if head.startswith(b"GET /health"):
+            answered += 1
+            answer = b"HTTP/1.1 " + state["health"] + b"\r\nContent-Length: 0\r\n\r\n"
+        else:
+            body = b'{"data": [{"id": "a"}]}'
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reports: asyncio.Queue[Report] = asyncio.Queue()
+    backend = ExternalBackend(f"http://127.0.0.1:{port}", None)
+    task = asyncio.create_task(backend.follow(lambda *r: reports.put_nowait(r), interval=0.01))
+    try:
+        assert await next_where(reports, True) == ("ready", True, ("a",))
+        while drops < 2 * MISSES or answered < 6:  # the misses, then answers again
+            report = await asyncio.wait_for(reports.get(), 10)
+            assert report == ("ready", True, ("a",)), report
+        state["health"] = b"503 Service Unavailable"  # an answer that says so counts at once
+        assert (await next_where(reports, False))[:2] == ("starting", False)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        server.close()
+        await server.wait_closed()
