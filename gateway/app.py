@@ -79,13 +79,11 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
         admin=config.auth_enabled, models_admin=wiring.control_socket is not None))
     # /v1/* is answered by gateway/edge.py, before aiohttp (see Served below)
     # keyring, limits, usage, audit, /admin routes (models, pulls and profiles via the socket)
-    shared = wiring.limits_file is not None and config.auth_enabled
+    shared = wiring.limits_file if config.auth_enabled else None  # several workers
     keys_wiring.install(
         app, state, wiring.control_socket,
-        SharedTable(wiring.limits_file, config.gateway_workers, wiring.worker_index)
-        if shared and wiring.limits_file is not None else None,
-        wiring.limits_file.parent / "auth_failures.bin"  # each worker creates it if need be
-        if shared and wiring.limits_file is not None else None)
+        SharedTable(shared, config.gateway_workers, wiring.worker_index) if shared else None,
+        shared.parent / "auth_failures.bin" if shared else None)  # each worker creates it
     app.cleanup_ctx.append(_upstream_ctx(state, wiring))
     if isinstance(state.admission, SharedAdmission):
         app.cleanup_ctx.append(_hub_ctx(state.admission))

@@ -137,6 +137,9 @@ def label_backend_metrics(text: str, model: str, keep_colons: bool = False) -> s
     suffix (llamacpp:n_tokens_max, a running maximum) is re-typed `gauge`: that is what
     it is, and promtool rejects the other.
     """
+    def rename(name: str) -> str:
+        return name if keep_colons else name.replace(":", "_")
+
     out = []
     escaped = model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     label = f'model="{escaped}"'
@@ -147,23 +150,18 @@ def label_backend_metrics(text: str, model: str, keep_colons: bool = False) -> s
             kind, _, rest = line.partition(" TYPE ")
             if kind == "#" and rest.endswith(" counter") and not rest[:-8].endswith("_total"):
                 line = f"# TYPE {rest[:-8]} gauge"
-            if not keep_colons:
-                words = line.split(" ", 3)
-                if len(words) > 2:  # "# HELP name ..." / "# TYPE name kind"
-                    words[2] = words[2].replace(":", "_")
-                    line = " ".join(words)
+            words = line.split(" ", 3)
+            if len(words) > 2:  # "# HELP name ..." / "# TYPE name kind"
+                words[2] = rename(words[2])
+                line = " ".join(words)
             out.append(line)
             continue
         name, sep, rest = line.partition("{")
         if sep:
-            if not keep_colons:
-                name = name.replace(":", "_")
-            out.append(f"{name}{{{label}{'' if rest.startswith('}') else ','}{rest}")
+            out.append(f"{rename(name)}{{{label}{'' if rest.startswith('}') else ','}{rest}")
         else:
             metric, _, value = line.partition(" ")
-            if not keep_colons:
-                metric = metric.replace(":", "_")
-            out.append(f"{metric}{{{label}}} {value}")
+            out.append(f"{rename(metric)}{{{label}}} {value}")
     return "\n".join(out) + "\n"
 
 

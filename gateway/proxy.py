@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable
 
-from gateway import auth, ratelimit, sse, unstream
+from gateway import auth, ratelimit, sse, unstream, validation
 from gateway.admission import AdmissionClosed, QueueFull, QueueTimeout
 from gateway.backend_http import BackendBroken, BackendError, Response
 from gateway.errors import (
@@ -39,10 +39,9 @@ log = logging.getLogger("llamagate.gateway.proxy")
 # the request's body for another model (a fallback after a failed load)
 Retarget = Callable[[str], bytes]
 OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
-# validated, metered and limited as the OpenAI ones: llama-server's Anthropic Messages,
-# OpenAI Responses and rerank endpoints run the same models on the same slots
-INFERENCE_ROUTES = OPENAI_ROUTES | {"/v1/messages", "/v1/responses", "/v1/rerank",
-                                    "/v1/reranking"}
+# validated, metered and limited: the OpenAI ones, and llama-server's Anthropic Messages,
+# OpenAI Responses and rerank endpoints, which run the same models on the same slots
+INFERENCE_ROUTES = validation.ROUTES
 # generation routes whose bodies are forms (an audio file): metered, not validated
 METERED_FORMS = frozenset({"/v1/audio/transcriptions"})
 # what the edge server answers here, as (path, method); "*": any method but OPTIONS
@@ -148,7 +147,11 @@ async def handle(call: Call) -> None:
     # reads (model listings, props) take no slot: llama-server answers them at once
     reads = call.method in ("GET", "HEAD")
     if not reads:
-        await _admit(state, ex, counted)
+        try:
+            await _admit(state, ex, counted)
+        except BaseException:  # refused, timed out or left while queued: no longer active
+            _leave(state, ex)
+            raise
     try:
         await _exchange(call, state, ex, raw, retarget)
     except asyncio.CancelledError:
@@ -171,7 +174,8 @@ async def handle(call: Call) -> None:
 
 
 async def _admit(state: AppState, ex: Exchange, counted: bool) -> None:
-    """Wait for a backend slot; out of state.active again when none is given."""
+    """Wait for a backend slot; the caller takes the request out of state.active when
+    none is given."""
     metrics = state.metrics
     queued_at = time.monotonic()
     if counted:
@@ -180,20 +184,16 @@ async def _admit(state: AppState, ex: Exchange, counted: bool) -> None:
         await state.admission.acquire()
     except QueueFull:
         metrics.rejections.labels("queue_full").inc()
-        _leave(state, ex)
         raise RateLimited("too many requests are queued; retry shortly", code="queue_full",
                           retry_after=1) from None
     except QueueTimeout:
         metrics.rejections.labels("queue_timeout").inc()
-        _leave(state, ex)
         raise BackendUnavailable("timed out waiting for a free backend slot", code="queue_timeout",
                                  retry_after=2) from None
     except AdmissionClosed:
-        _leave(state, ex)
         raise BackendUnavailable("the server is shutting down", code="shutting_down",
                                  retry_after=5) from None
     except asyncio.CancelledError:
-        _leave(state, ex)
         if not (ex.timed_out or ex.shutdown):
             raise  # the client went away while queued
         asyncio.current_task().uncancel()  # type: ignore[union-attr]

@@ -13,13 +13,13 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
+from gateway import validation
 from gateway.exchange import EXCHANGE, Exchange
 
 _SAFE = re.compile(r"[A-Za-z0-9._:\-]{1,128}").fullmatch
 
-_KNOWN = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
-                    "/v1/messages", "/v1/responses", "/v1/rerank", "/v1/reranking",
-                    "/v1/audio/transcriptions", "/health", "/ping", "/metrics"})
+_KNOWN = validation.ROUTES | {"/v1/models", "/v1/audio/transcriptions", "/health", "/ping",
+                              "/metrics"}
 
 
 def route_label(path: str) -> str:

@@ -30,6 +30,8 @@ _REQUIRED = {
     "/v1/rerank": "query",
     "/v1/reranking": "query",  # llama-server's alias of /v1/rerank
 }
+# the routes validated here: the gateway meters and limits them as inference
+ROUTES = frozenset(_REQUIRED)
 # the names a cap on generated tokens goes by, across those APIs and llama-server's own
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict")
 

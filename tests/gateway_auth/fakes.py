@@ -19,6 +19,7 @@ from gateway.app import Wiring, create_app, serve
 from gateway.state import APP_STATE, AppState
 from keys.cli import main as keys_main
 from llamagate.config import Config
+from tests.support.service import Service
 
 MODELS = ("tiny", "other")
 PROMPT_TOKENS = 5
@@ -179,3 +180,25 @@ class KeyTool:
         rotated = json.loads(self.ok("rotate", key_id, "--grace", grace, "--json"))
         self.secrets.append(rotated["secret"])
         return str(rotated["secret"])
+
+
+@contextlib.asynccontextmanager
+async def two_worker_service(tmp_path: Path, backend: FakeBackend, keys: KeyTool,
+                             **env: str) -> AsyncIterator[Service]:
+    """The real service with GATEWAY_WORKERS=2 before ``backend``, auth on with ``keys``,
+    the access log on (``worker_pids`` reads it); stopped after the block."""
+    svc = Service(tmp_path, {"BACKEND_URL": backend.url, "AUTH_ENABLED": "true",
+                             "AUTH_KEYS_FILE": str(keys.keys_file), "USAGE_DB": str(keys.usage_db),
+                             "GATEWAY_WORKERS": "2", "LOG_LEVEL": "info", **env})
+    await asyncio.to_thread(svc.start)
+    try:
+        await asyncio.to_thread(svc.wait_ready)
+        yield svc
+    finally:
+        await asyncio.to_thread(svc.stop)
+
+
+def worker_pids(svc: Service) -> set[int]:
+    """The gateway workers that answered requests, from the service's access log."""
+    return {json.loads(line)["worker_pid"] for line in svc.log().splitlines()
+            if '"logger":"llamagate.access"' in line}

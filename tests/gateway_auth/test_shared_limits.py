@@ -5,8 +5,6 @@ service with two workers, where per-worker buckets would let a key through twice
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import multiprocessing
 from collections.abc import Callable, Iterator
@@ -20,8 +18,7 @@ from gateway import shared_limits
 from gateway.ratelimit import KeyLimiter, LimitExceeded, RateLimiter
 from gateway.shared_limits import SharedKeyLimiter, SharedTable, limiters
 from keys.model import Limits
-from tests.gateway_auth.fakes import FakeBackend, KeyTool
-from tests.support.service import Service
+from tests.gateway_auth.fakes import FakeBackend, KeyTool, two_worker_service, worker_pids
 
 NOW = 1000.0
 
@@ -170,13 +167,8 @@ def test_two_processes_never_overdraw_a_bucket(tmp_path: Path) -> None:
 async def test_two_workers_grant_a_key_its_limit_once(backend: FakeBackend, tmp_path: Path) -> None:
     keys = KeyTool(tmp_path / "data" / "keys.json", tmp_path / "data" / "usage.db")
     _, secret = keys.generate("limited", "--rpm", "4")
-    svc = Service(tmp_path, {"BACKEND_URL": backend.url, "AUTH_ENABLED": "true",
-                             "AUTH_KEYS_FILE": str(keys.keys_file), "USAGE_DB": str(keys.usage_db),
-                             "GATEWAY_WORKERS": "2", "LOG_LEVEL": "info"})
     body = {"model": "tiny", "prompt": "a", "max_tokens": 2}
-    await asyncio.to_thread(svc.start)
-    try:
-        await asyncio.to_thread(svc.wait_ready)
+    async with two_worker_service(tmp_path, backend, keys) as svc:
         statuses = []
         for _ in range(16):  # a new connection each: the kernel spreads them over both workers
             async with aiohttp.ClientSession() as fresh, fresh.post(
@@ -184,9 +176,5 @@ async def test_two_workers_grant_a_key_its_limit_once(backend: FakeBackend, tmp_
                     headers={"Authorization": f"Bearer {secret}"}) as r:
                 statuses.append(r.status)
         assert statuses.count(200) == 4 and statuses.count(429) == 12
-        lines = [json.loads(line) for line in svc.log().splitlines()
-                 if '"logger":"llamagate.access"' in line]
         # both workers answered, so each worker's own budget of 4 would have let more through
-        assert len({line["worker_pid"] for line in lines}) == 2
-    finally:
-        await asyncio.to_thread(svc.stop)
+        assert len(worker_pids(svc)) == 2

@@ -4,8 +4,6 @@ stopped clock; then the real service with two workers."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,9 +11,8 @@ import aiohttp
 import pytest
 
 from gateway.shared_throttle import SharedAddressThrottle
-from tests.gateway_auth.fakes import FakeBackend, KeyTool
+from tests.gateway_auth.fakes import FakeBackend, KeyTool, two_worker_service, worker_pids
 from tests.gateway_auth.test_ratelimit import Clock
-from tests.support.service import Service
 
 Views = Callable[..., tuple[SharedAddressThrottle, SharedAddressThrottle]]
 
@@ -75,13 +72,7 @@ def test_a_full_bucket_gives_up_the_address_whose_budget_returns_first(two_worke
 async def test_two_workers_throttle_an_address_once(backend: FakeBackend, tmp_path: Path) -> None:
     keys = KeyTool(tmp_path / "data" / "keys.json", tmp_path / "data" / "usage.db")
     keys.generate("someone")
-    svc = Service(tmp_path, {"BACKEND_URL": backend.url, "AUTH_ENABLED": "true",
-                             "AUTH_KEYS_FILE": str(keys.keys_file), "USAGE_DB": str(keys.usage_db),
-                             "GATEWAY_WORKERS": "2", "AUTH_FAILURES_PER_MINUTE": "4",
-                             "LOG_LEVEL": "info"})
-    await asyncio.to_thread(svc.start)
-    try:
-        await asyncio.to_thread(svc.wait_ready)
+    async with two_worker_service(tmp_path, backend, keys, AUTH_FAILURES_PER_MINUTE="4") as svc:
         statuses = []
         for _ in range(12):  # a new connection each: the kernel spreads them over both workers
             async with aiohttp.ClientSession() as fresh, fresh.get(
@@ -89,8 +80,4 @@ async def test_two_workers_throttle_an_address_once(backend: FakeBackend, tmp_pa
                 statuses.append(r.status)
         # a budget per worker would have let up to 8 guesses be looked at
         assert statuses == [401] * 4 + [429] * 8
-        lines = [json.loads(line) for line in svc.log().splitlines()
-                 if '"logger":"llamagate.access"' in line]
-        assert len({line["worker_pid"] for line in lines}) == 2
-    finally:
-        await asyncio.to_thread(svc.stop)
+        assert len(worker_pids(svc)) == 2
