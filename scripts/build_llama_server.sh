@@ -62,8 +62,12 @@ fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/llamagate-build.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 echo ">> downloading llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist" >&2
-"$PYTHON" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation \
-  "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$work" >&2 \
+# pip reads an sdist's metadata through its build backend. Its own isolated build
+# environment would build that backend and its dependencies from source (--no-binary
+# applies to them too), so put the backend's wheel on the path and skip isolation.
+"$PYTHON" -m pip install --quiet --target "$work/backend" "scikit-build-core[pyproject]>=0.9.2" >&2 \
+  && PYTHONPATH="$work/backend" "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: \
+       --no-build-isolation "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$work" >&2 \
   || "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: \
        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$work" >&2
 tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
