@@ -16,6 +16,8 @@ from typing import Any, TextIO
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
+# json.dumps with options builds an encoder per call (4 µs of the access line's 10)
+_encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -39,7 +41,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(fields)
         if exc is not None:
             entry["exc"] = exc
-        return json.dumps(entry, default=str, separators=(",", ":"))
+        return _encode(entry)
 
 
 def info_fields(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
