@@ -57,6 +57,7 @@ class Switches:
     step: bool = False  # send each event after the first only once `proceed` is set
     hang_after: int | None = None  # stop after this many events and wait for `release`
     die_after: int | None = None  # close the transport after this many events
+    torn: bool = False  # before that hang or death, write the first half of the next event
     final_pieces: int = 1  # write the final event in this many pieces (gated by `step`)
     health_status: int = 200
     chunked_reply: bool = False  # send the JSON reply with chunked encoding, in pieces
@@ -250,6 +251,9 @@ class FakeUpstream:
                 assert request.transport is not None
                 request.transport.close()  # the backend dies with part of the answer sent
                 return response
+            if sw.torn and i in (sw.hang_after, sw.die_after):
+                half = _event(_chunk(chat, {"content": f"t{i}"}, None))
+                await response.write(half[:len(half) // 2])
             if i == sw.hang_after:
                 await self.release.wait()
             if i == sw.die_after:

@@ -101,6 +101,27 @@ async def test_backend_errors_map_to_sdk_exceptions(gateway: Gateway, fake: Fake
     assert broken.value.status_code == 500
 
 
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+async def test_the_wrong_method_on_an_inference_route_is_405(
+        gateway: Gateway, fake: FakeUpstream, http: aiohttp.ClientSession, method: str) -> None:
+    for path in (CHAT, COMPLETIONS, "/v1/embeddings", "/chat/completions"):
+        async with http.request(method, gateway.url + path) as r:
+            assert r.status == 405 and r.headers["Allow"] == "POST", path
+            assert r.headers["X-Request-ID"]
+            assert_openai_error(await r.json(), "invalid_request_error", "method_not_allowed")
+    assert fake.seen == []
+
+
+async def test_a_served_model_can_be_retrieved(gateway: Gateway, fake: FakeUpstream) -> None:
+    async with gateway.sdk() as client:
+        model = await client.models.retrieve("tiny")
+        assert (model.id, model.object) == ("tiny", "model")
+        with pytest.raises(openai.NotFoundError) as info:
+            await client.models.retrieve("nope")
+    assert info.value.code == "model_not_found"
+    assert fake.requests("/v1/models/tiny") == []  # answered by the gateway
+
+
 async def test_timeout_is_504_and_cancels_backend_work(gateway: Gateway, fake: FakeUpstream,
                                                        http: aiohttp.ClientSession) -> None:
     fake.switches.hang_before_headers = True
@@ -141,6 +162,28 @@ async def test_stream_timeout_ends_with_an_error_event(gateway: Gateway, fake: F
     [seen] = fake.requests(CHAT)
     await wait_until(seen.finished.is_set, 2, "the backend stream to end")
     assert seen.client_closed
+
+
+@pytest.mark.parametrize("cut", ["timeout", "backend_death"])
+async def test_a_stream_cut_in_the_middle_of_an_event_ends_with_a_whole_error_event(
+        gateway: Gateway, fake: FakeUpstream, cut: str) -> None:
+    """Half an event was relayed when the stream was cut: the error event must not be
+    glued to it (the SDK failed to parse such a stream: JSONDecodeError, not APIError)."""
+    fake.switches.torn = True
+    if cut == "timeout":
+        fake.switches.hang_after = 2
+    else:
+        fake.switches.die_after = 2
+    async with gateway.sdk(timeout=10) as client:
+        stream = await client.chat.completions.create(
+            model="tiny", messages=MESSAGES, stream=True,
+            extra_headers={"X-Request-Timeout": "1"})
+        contents = []
+        with pytest.raises(openai.APIError) as info:
+            async for chunk in stream:
+                contents.append(chunk.choices[0].delta.content)
+    assert contents == ["t0", "t1"]  # the whole events; the torn one never reached the client
+    assert ("timeout" if cut == "timeout" else "backend") in str(info.value)
 
 
 async def test_backend_dying_mid_stream_ends_the_stream_with_an_error_event(
