@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 
 from gateway import proxy, ratelimit
@@ -38,6 +39,9 @@ from keys.model import SCOPE_INFERENCE
 from llamagate.logs import request_id_var
 
 log = logging.getLogger("llamagate.gateway")
+# a percent-encoded `/`, `\`, `?`, `#` or `%` in the path: once decoded (as the proxy
+# forwards it) it names another path than the client wrote, so it is no route at all
+_ENCODED_DELIMITER = re.compile(rb"^[^?]*%(2[fF]|5[cC]|3[fF]|23|25)").match
 
 
 async def handle(call: Call) -> None:
@@ -82,7 +86,7 @@ async def _answer(call: Call, state: AppState, ex: Exchange) -> None:
 async def _authorized(call: Call, state: AppState, ex: Exchange) -> None:
     if call.refusal is not None:  # any route: unparsable, or its body never read (413)
         raise refusal_error(call.refusal)
-    if not is_canonical(call.path):
+    if not is_canonical(call.path) or (b"%" in call.target and _ENCODED_DELIMITER(call.target)):
         raise NotFound("no such route", code="not_found")
     if not state.config.auth_enabled:
         await proxy.handle(call)

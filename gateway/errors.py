@@ -6,6 +6,7 @@
      ├── Unauthorized                 401     authentication_error
      ├── Forbidden                    403     permission_error
      ├── NotFound                     404     not_found_error / invalid_request_error
+     ├── MethodNotAllowed             405     invalid_request_error   (Allow)
      ├── RateLimited                  429     rate_limit_error        (Retry-After)
      ├── BackendUnavailable           503     service_unavailable     (Retry-After)
      └── UpstreamTimeout              504     timeout
@@ -56,6 +57,10 @@ class Forbidden(GatewayError):
 
 class NotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
 
 
 class RateLimited(GatewayError):

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ from gateway.errors import (
     BackendUnavailable,
     BadGateway,
     BadRequest,
+    MethodNotAllowed,
     NotFound,
     RateLimited,
     UpstreamTimeout,
@@ -52,14 +54,15 @@ ROUTES = frozenset({(p, "POST") for p in OPENAI_ROUTES}
 SWEEP_INTERVAL = 0.05
 
 
+_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?").fullmatch
+
+
 def request_timeout(raw: str | None, default: float) -> float:
     """The X-Request-Timeout header's seconds (1-600), or the default."""
     if raw is None:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
+    # a plain decimal: float() would also take "1_0", "inf" and " 5 "
+    value = float(raw) if _SECONDS(raw) else -1.0
     if not 1 <= value <= 600:
         raise BadRequest("X-Request-Timeout must be a number of seconds from 1 to 600",
                          code="invalid_timeout")
@@ -75,6 +78,13 @@ async def handle(call: Call) -> None:
         # several models: our own listing (the router's would show paths and argv)
         _respond(call, 200, json.dumps(state.models.listing()).encode(), "application/json")
         return
+    if call.method == "GET" and call.path.startswith("/v1/models/"):
+        _retrieve_model(call, state, call.path.removeprefix("/v1/models/"))
+        return
+    if call.path in INFERENCE_ROUTES and call.method != "POST":
+        # llama-server would answer its own 404 (with a numeric code): the route exists
+        raise MethodNotAllowed(f"{call.path} takes POST, not {call.method}",
+                               headers={"Allow": "POST"})
     if call.method == "POST" and call.path in INFERENCE_ROUTES:
         info = validate(call.path, raw)
         ex.inference, ex.stream, ex.max_tokens = True, info.stream, info.max_tokens
@@ -173,6 +183,14 @@ async def handle(call: Call) -> None:
         _leave(state, ex)
 
 
+def _retrieve_model(call: Call, state: AppState, name: str) -> None:
+    """GET /v1/models/{model} (the SDK's models.retrieve), which llama-server lacks."""
+    if not name or state.models.resolve(name) != name or not auth.may_use(call.key, name):
+        raise NotFound(f"model '{name}' does not exist", code="model_not_found", param="model")
+    _respond(call, 200, json.dumps({"id": name, "object": "model", "created": 0,
+                                    "owned_by": "llamagate"}).encode())
+
+
 async def _admit(state: AppState, ex: Exchange, counted: bool) -> None:
     """Wait for a backend slot; the caller takes the request out of state.active when
     none is given."""
@@ -180,9 +198,13 @@ async def _admit(state: AppState, ex: Exchange, counted: bool) -> None:
     queued_at = time.monotonic()
     if counted:
         metrics.queue_depth.inc()
+    # a refusal for a full queue never waited; every other outcome did, and the waits that
+    # ended in a timeout or a departed client are the ones most worth observing
+    waited = True
     try:
         await state.admission.acquire()
     except QueueFull:
+        waited = False
         metrics.rejections.labels("queue_full").inc()
         raise RateLimited("too many requests are queued; retry shortly", code="queue_full",
                           retry_after=1) from None
@@ -206,7 +228,8 @@ async def _admit(state: AppState, ex: Exchange, counted: bool) -> None:
     finally:
         if counted:
             metrics.queue_depth.dec()
-    ex.queue_wait = time.monotonic() - queued_at
+        if waited:
+            ex.queue_wait = time.monotonic() - queued_at
     if counted:
         metrics.in_flight.inc()
 
@@ -321,6 +344,8 @@ async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,
         ex.completed = True
         if ex.inference and resp.status == 200:
             ex.tokens = tokens_from_body(body)
+        elif ex.inference and 400 <= resp.status < 500:
+            ex.tokens = (0, 0)  # refused before any work: its reservation is not a charge
         _respond(call, resp.status, body, resp.content_type or None)
     finally:
         if not ex.completed:

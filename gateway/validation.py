@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.policy
 import json
 import math
+import re
 from dataclasses import dataclass
 from email.parser import BytesParser
 from typing import Any
@@ -65,9 +66,23 @@ def _finite(text: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]").search
+
+
 def _loads(raw: bytes) -> Any:
-    """json.loads, strict as llama-server's parser: no NaN, Infinity or overflowing numbers."""
-    return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+    """json.loads, strict as llama-server's parser: no NaN, Infinity or overflowing numbers,
+    no unpaired UTF-16 surrogate (llama-server answers one with a 500 and logs the text
+    around it, prompt and all)."""
+    text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    body = _DECODER.decode(text)
+    # a pair (an emoji, as ASCII-only encoders write it) decodes to one character; only a
+    # lone half is left a surrogate, and then the text cannot be UTF-8
+    if "\\ud" in text or "\\uD" in text or (not text.isascii() and _SURROGATE(text)):
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ValueError("it has an unpaired UTF-16 surrogate") from None
+    return body
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:

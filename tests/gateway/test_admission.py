@@ -69,6 +69,9 @@ async def test_queue_full_is_429_with_retry_after(start_gateway: StartGateway, f
     assert (await waiter)[0] == 200
     await holder.drop()
     assert len(fake.requests(COMPLETIONS)) == 2  # the refused ones never reached the backend
+    # the refused ones never queued: only the holder's and the waiter's waits are observed
+    await wait_until(lambda: not gateway.state.active, what="the holder to finish")
+    assert await _metric(http, gateway, "llamagate_queue_wait_seconds_count") == 2
 
 
 async def test_queue_wait_expired_is_503_with_retry_after(start_gateway: StartGateway,
@@ -86,6 +89,9 @@ async def test_queue_wait_expired_is_503_with_retry_after(start_gateway: StartGa
     assert_openai_error({"error": info.value.body}, "service_unavailable", "queue_timeout")
     assert gateway.state.admission.queued == 0
     assert await _metric(http, gateway, 'llamagate_rejections_total{reason="queue_timeout"}') == 1
+    # its wait is observed (the holder's, which never queued, is not over yet)
+    assert await _metric(http, gateway, "llamagate_queue_wait_seconds_count") == 1
+    assert await _metric(http, gateway, "llamagate_queue_wait_seconds_sum") >= 0.2
     assert len(fake.requests(COMPLETIONS)) == 1
     await holder.drop()
 

@@ -59,6 +59,11 @@ BAD_BODIES = [
     (COMPLETIONS, b'{"prompt": "a", "max_tokens": Infinity}', "invalid_json", None),
     (COMPLETIONS, b'{"prompt": "a", "temperature": -1e999}', "invalid_json", None),
     (CHAT, b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json", None),
+    # half a UTF-16 pair, escaped or as raw bytes: llama-server answers a 500 and logs the
+    # text around it (the prompt)
+    (CHAT, b'{"messages": [{"role": "user", "content": "secret \\ud800"}]}', "invalid_json", None),
+    (CHAT, b'{"messages": [{"role": "user", "content": "\\udc00 x"}]}', "invalid_json", None),
+    (COMPLETIONS, b'{"prompt": "a \xed\xa0\x80"}', "invalid_json", None),
     # llama-server's Anthropic Messages, OpenAI Responses and rerank endpoints
     (MESSAGES_API, {"max_tokens": 4}, "invalid_request", "messages"),
     (MESSAGES_API, {"messages": MESSAGES, "max_tokens": MAX_TOKENS_CAP + 1}, "invalid_request",
@@ -95,6 +100,9 @@ def test_validate_accepts_what_it_should() -> None:
     with pytest.raises(BadRequest):
         validate(CHAT, _raw({"messages": [{"role": "user", "content": {"x": 1}}]}))
     assert validate(CHAT, _raw({"messages": MESSAGES, "stream": None})).stream is False  # as OpenAI
+    # a whole pair, as an ASCII-only encoder escapes an emoji, is one character
+    emoji = b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}'
+    assert validate(CHAT, emoji).body == {"messages": [{"role": "user", "content": "\U0001f600"}]}
     items = [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]
     info = validate(RESPONSES, _raw({"input": items, "max_output_tokens": 9, "stream": True}))
     assert (info.stream, info.max_tokens) == (True, 9)
@@ -146,7 +154,7 @@ async def test_body_over_max_body_bytes_is_413_json(start_gateway: StartGateway,
     assert len(fake.requests(COMPLETIONS)) == 1
 
 
-@pytest.mark.parametrize("value", ["0", "0.5", "601", "-1", "ten", "nan", "inf"])
+@pytest.mark.parametrize("value", ["0", "0.5", "601", "-1", "ten", "nan", "inf", "1_0", "1e1"])
 async def test_request_timeout_header_out_of_range_is_400(gateway: Gateway, fake: FakeUpstream,
                                                           http: aiohttp.ClientSession,
                                                           value: str) -> None:

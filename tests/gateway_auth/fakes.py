@@ -35,6 +35,7 @@ class FakeBackend:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     hold_streams: bool = False
     report_usage: bool = True
+    refuse: bool = False  # answer inference requests 400, as llama-server does a bad one
     url: str = ""
 
     def app(self) -> web.Application:
@@ -52,6 +53,9 @@ class FakeBackend:
                 "models": [{"name": m, "model": m} for m in MODELS]})
         if request.path not in ("/v1/chat/completions", "/v1/completions"):
             return web.json_response({"error": {"message": "not found", "code": 404}}, status=404)
+        if self.refuse:
+            return web.json_response({"error": {"code": 400, "message": "bad request",
+                                                "type": "invalid_request_error"}}, status=400)
         body = await request.json()
         completion = int(body.get("max_tokens") or 16)
         usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion,

@@ -153,6 +153,9 @@ async def test_model_allowlist(tmp_path: Path, backend: FakeBackend, keytool: Ke
             listing = await r.json()
         assert [m["id"] for m in listing["data"]] == ["tiny"]
         assert [m["name"] for m in listing["models"]] == ["tiny"]
+        for model, status in (("tiny", 200), ("other", 404)):  # retrieve shows no more either
+            async with http.get(gw.url + f"/v1/models/{model}", headers=bearer(tiny_only)) as r:
+                assert r.status == status, model
         # A body that names no model runs on the default model (tiny).
         async with http.post(gw.url + "/v1/tokenize", headers=bearer(other_only), json={}) as r:
             assert r.status == 403

@@ -99,6 +99,24 @@ async def test_tokens_are_reserved_and_settled_from_usage(
     assert len(backend.inference_seen) == 2
 
 
+@pytest.mark.parametrize("max_tokens", [10, 80])  # under and over STREAM_TO_BACKEND_MIN_TOKENS
+async def test_a_request_the_backend_refuses_is_not_charged_its_reservation(
+        tmp_path: Path, backend: FakeBackend, keytool: KeyTool, http: aiohttp.ClientSession,
+        max_tokens: int) -> None:
+    _, secret = keytool.generate("tokens", "--tpm", "100")
+    backend.refuse = True  # llama-server's 400: it generated nothing
+    async with gateway(base_config(tmp_path), backend.url) as gw:
+        async with http.post(gw.url + "/v1/chat/completions", headers=bearer(secret),
+                             json={**CHAT, "max_tokens": max_tokens}) as r:
+            assert r.status == 400
+        backend.refuse = False
+        async with http.post(gw.url + "/v1/chat/completions", headers=bearer(secret),
+                             json={**CHAT, "max_tokens": 10}) as r:
+            assert r.status == 200
+            # only this one's 5 + 10 are charged: the refused one's reservation came back
+            assert 85 <= int(r.headers["x-ratelimit-remaining-tokens"]) <= 87
+
+
 async def test_streams_get_headers_and_hold_a_concurrency_slot(
         tmp_path: Path, backend: FakeBackend, keytool: KeyTool, http: aiohttp.ClientSession) -> None:
     _, secret = keytool.generate("streamer", "--max-concurrent", "1", "--tpm", "1000", "--rpm", "10")
