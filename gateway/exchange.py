@@ -30,6 +30,8 @@ class Exchange:
     deadline: float = 0.0  # loop time after which the timeout sweeper cancels the request
     timed_out: bool = False
     unstream: bool = False  # a non-streaming completion fetched as a stream (gateway/unstream.py)
+    n: int = 1  # choices per prompt
+    tasks: int = 1  # final events the backend ends with: n per prompt (gateway/usage.py)
 
     @property
     def ttft(self) -> float | None:

@@ -88,6 +88,7 @@ async def handle(call: Call) -> None:
     if call.method == "POST" and call.path in INFERENCE_ROUTES:
         info = validate(call.path, raw)
         ex.inference, ex.stream, ex.max_tokens = True, info.stream, info.max_tokens
+        ex.n, ex.tasks = info.n, info.tasks
         if state.config.log_prompts:
             ex.prompt = prompt_of(call.path, info.body)
         model = state.models.resolve(info.model)
@@ -103,10 +104,11 @@ async def handle(call: Call) -> None:
         if routed != model:
             ex.fallback = routed
         if not info.stream and call.path in unstream.ROUTES and info.body is not None and (
-                info.max_tokens is None
+                info.max_tokens is None or info.tasks > 1
                 or info.max_tokens >= state.config.stream_to_backend_min_tokens):
             # see gateway/unstream.py; short answers skip it: llama-server streams cost it
-            # per token, and what a short one can run on for after a hang-up is bounded
+            # per token, and what a short one can run on for after a hang-up is bounded.
+            # Several tasks never do: llama-server's own body counts one task's tokens
             raw = unstream.stream_body({**info.body, "model": routed}, call.path)
             ex.unstream = True
         elif ex.fallback is not None:
@@ -369,7 +371,7 @@ _refused_key_logged = False
 
 async def _collect(call: Call, resp: Response, ex: Exchange) -> None:
     """A non-streaming request's answer, read as a stream and sent as one body."""
-    collector = unstream.collector_for(call.path)
+    collector = unstream.collector_for(call.path, ex.n)
     try:
         while chunk := await resp.read_chunk():
             if ex.first_byte_at is None:  # the backend's first event: its time to first token

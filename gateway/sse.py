@@ -19,7 +19,7 @@ from gateway.backend_http import BackendBroken, Response
 from gateway.errors import sse_error_event
 from gateway.exchange import Exchange
 from gateway.http_call import Call
-from gateway.usage import tokens_from_stream
+from gateway.usage import ChoiceTally, tokens_from_stream
 
 log = logging.getLogger("llamagate.gateway.sse")
 
@@ -47,6 +47,8 @@ def split(data: bytes) -> tuple[bytes, bytes]:
 
 async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
     tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
+    # several tasks (n > 1, several prompts) end with a final event each, not all in the tail
+    tally = ChoiceTally(ex.n) if ex.tasks > 1 else None
     # the first event usually comes with the backend's head: one write, one wake-up
     first = await upstream.read_chunk() if upstream.has_data else b""
     head = first  # an Anthropic stream's input tokens are in its first event
@@ -55,6 +57,8 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
     if head:
         ex.first_byte_at = time.monotonic()
         tail.append(first)
+        if tally is not None:
+            tally.feed(first)
     while True:
         try:
             # everything that arrived since the last read, as one write
@@ -71,6 +75,8 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
             if held:  # the stream ended without a blank line after its last event
                 await call.write(held)
                 tail.append(held)
+                if tally is not None:
+                    tally.feed(held + b"\n")
             break
         if ex.first_byte_at is None:
             ex.first_byte_at = time.monotonic()
@@ -82,5 +88,8 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
         # a departed client raises ConnectionResetError here; the caller closes upstream
         await call.write(chunk)
         tail.append(chunk)
-    ex.tokens = tokens_from_stream(head, b"".join(tail))
+        if tally is not None:
+            tally.feed(chunk)
+    ex.tokens = (tally.result() if tally is not None else None) or tokens_from_stream(
+        head, b"".join(tail))
     call.finish()

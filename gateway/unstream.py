@@ -8,7 +8,9 @@ is checked at every token. So the gateway asks for a stream (with usage in the f
 chunk), and when its own client disconnects it closes that stream and the slot is free
 at the next token. The client still gets the body llama-server would have sent:
 `Collector` folds the chunks back into a `chat.completion` / `text_completion`
-(content, reasoning, tool calls, logprobs, finish reason, usage, timings).
+(content, reasoning, tool calls, logprobs, finish reason, usage, timings). With `n` > 1
+or several prompts its `usage` counts every choice (gateway/usage.py), as OpenAI's does,
+where llama-server's own body counts one; such requests are always fetched this way.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
+
+from gateway.usage import merged_usage
 
 # the OpenAI routes, then llama-server's OpenAI Responses one, whose final event carries the
 # whole response. Not its Anthropic Messages one: that stream sometimes lacks its first
@@ -33,10 +37,11 @@ def stream_body(body: dict[str, Any], path: str = "/v1/chat/completions") -> byt
     return json.dumps(streamed, separators=(",", ":")).encode()
 
 
-def collector_for(path: str) -> Collector | ResponsesCollector:
+def collector_for(path: str, n: int = 1) -> Collector | ResponsesCollector:
+    """``n``: the request's choices per prompt."""
     if path == "/v1/responses":
         return ResponsesCollector()
-    return Collector(chat=path == "/v1/chat/completions")
+    return Collector(chat=path == "/v1/chat/completions", n=n)
 
 
 class UpstreamError(Exception):
@@ -75,12 +80,16 @@ class _Events:
 class Collector(_Events):
     """A chat or text completion stream folded back into the body it describes."""
 
-    def __init__(self, chat: bool) -> None:
+    def __init__(self, chat: bool, n: int = 1) -> None:
         super().__init__()
         self.chat = chat
         self._head: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
-        self._extra: dict[str, Any] = {}  # usage, timings: the last value wins
+        self.n = n
+        # usage, timings: the last value wins, but for usage with several tasks, which counts
+        # each one's (a final event each); timings stay one's, as llama-server has them
+        self._extra: dict[str, Any] = {}
+        self._usages: list[dict[str, Any]] = []
 
     def event(self, obj: dict[str, Any]) -> None:
         if "error" in obj and "choices" not in obj:
@@ -91,6 +100,8 @@ class Collector(_Events):
         for key in ("usage", "timings"):
             if obj.get(key) is not None:
                 self._extra[key] = obj[key]
+        if isinstance(obj.get("usage"), dict):
+            self._usages.append(obj["usage"])
         for choice in obj.get("choices") or ():
             self._choice(choice)
 
@@ -123,6 +134,8 @@ class Collector(_Events):
                 choice.setdefault("text", "")
                 choice.setdefault("logprobs", None)
             choices.append(choice)
+        if len(self._usages) > 1:
+            self._extra["usage"] = merged_usage(self._usages, self.n)
         body = {"choices": choices, **self._head,
                 "object": "chat.completion" if self.chat else "text_completion", **self._extra}
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

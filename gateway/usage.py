@@ -7,6 +7,15 @@ ask for `stream_options.include_usage`, so streams are counted without changing
 what the client receives. `prompt_n` counts only the prompt tokens evaluated
 this time; those reused from the KV cache are `cache_n`, and `usage.prompt_tokens`
 is their sum, so that is what we count too.
+
+With `n` > 1 llama-server runs each choice in a slot of its own and ends each with a
+final event of its own: a `usage` chunk per choice (chat, with include_usage), `usage`
+and `timings` in each choice's finish chunk (text), or `timings` alone there (chat
+without include_usage); and its own non-streamed body carries one choice's usage only.
+Each choice reports the whole prompt, but the prompt is evaluated once, by one slot, whose
+state and prompt counts are then copied to the others (server_slot::copy_state_to;
+llamacpp:prompt_tokens_total rises once): so the completions are summed, the prompt is
+counted once.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ import json
 from typing import Any
 
 _decoder = json.JSONDecoder()
+# the OpenAI stream chunks whose final events carry one choice's counts each
+_CHUNKS = frozenset({"chat.completion.chunk", "text_completion"})
 
 
 def _object_after(data: str, key: str, last: bool = True) -> dict[str, Any] | None:
@@ -42,11 +53,63 @@ def tokens_from_text(data: str) -> tuple[int, int] | None:
         if counted is not None:
             return counted
     timings = _object_after(data, "timings")
-    if timings is not None:
-        prompt, completion = timings.get("prompt_n"), timings.get("predicted_n")
-        cached = timings.get("cache_n", 0)
-        if isinstance(prompt, int) and isinstance(completion, int) and isinstance(cached, int):
-            return prompt + cached, completion
+    return None if timings is None else _from_timings(timings)
+
+
+def _from_timings(timings: dict[str, Any]) -> tuple[int, int] | None:
+    prompt, completion = timings.get("prompt_n"), timings.get("predicted_n")
+    cached = timings.get("cache_n", 0)
+    if isinstance(prompt, int) and isinstance(completion, int) and isinstance(cached, int):
+        return prompt + cached, completion
+    return None
+
+
+def combined(counts: list[tuple[int, int]], n: int) -> tuple[int, int]:
+    """The counts of a request's tasks (``n`` choices of each of its prompts) as one: each
+    prompt once (see above), every completion token."""
+    return (round(sum(prompt for prompt, _ in counts) / n),
+            sum(completion for _, completion in counts))
+
+
+def merged_usage(usages: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """The OpenAI `usage` objects of a request's tasks as one (`combined`)."""
+    counts = [_from_usage(usage) for usage in usages]
+    if len(usages) < 2 or None in counts:
+        return usages[-1]
+    prompt, completion = combined([c for c in counts if c is not None], n)
+    return {**usages[-1], "prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _finals(data: str) -> list[tuple[int, int]]:
+    """The counts of each choice's final event among the SSE events in `data`."""
+    counts = []
+    for line in data.splitlines():
+        if line.startswith("data:") and ('"usage"' in line or '"timings"' in line):
+            try:
+                event = json.loads(line[5:])
+            except ValueError:  # the cut-off start of a stream's tail
+                continue
+            counted = _final_counts(event) if isinstance(event, dict) else None
+            if counted is not None:
+                counts.append(counted)
+    return counts
+
+
+def _final_counts(event: dict[str, Any]) -> tuple[int, int] | None:
+    if event.get("object") not in _CHUNKS:
+        return None
+    usage = event.get("usage")
+    if isinstance(usage, dict):
+        return _from_usage(usage)
+    # with timings_per_token every chunk has `timings`, running totals: only a choice's
+    # finish chunk has its final ones (a chat one with include_usage has none: its
+    # usage chunk, counted above, has them)
+    timings = event.get("timings")
+    if isinstance(timings, dict) and any(
+            isinstance(choice, dict) and choice.get("finish_reason") is not None
+            for choice in event.get("choices") or ()):
+        return _from_timings(timings)
     return None
 
 
@@ -81,3 +144,25 @@ def tokens_from_body(body: bytes) -> tuple[int, int] | None:
     if b'"usage"' not in body and b'"timings"' not in body:
         return None
     return tokens_from_text(body.decode("utf-8", "replace"))
+
+
+class ChoiceTally:
+    """Every task's final counts of an OpenAI stream with several (`n` > 1, or several
+    prompts), fed each chunk as it is relayed: the last few chunks that `tokens_from_stream`
+    reads lose the final events of the tasks that finished earlier. Not for one task, whose
+    tail has its one final event."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._rest = b""  # the unfinished last line of the chunks so far
+        self.counts: list[tuple[int, int]] = []
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._rest + chunk
+        end = data.rfind(b"\n") + 1
+        self._rest = data[end:]
+        if b'"usage"' in data or b'"timings"' in data:
+            self.counts += _finals(data[:end].decode("utf-8", "replace"))
+
+    def result(self) -> tuple[int, int] | None:
+        return combined(self.counts, self.n) if self.counts else None
