@@ -23,7 +23,7 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 # edge server serves them as the `/v1` path, so auth, validation, limits and metrics agree
 ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions",
            "/embeddings": "/v1/embeddings", "/models": "/v1/models"}
-_REFUSAL_CODES = {413: "payload_too_large", 414: "uri_too_long",
+_REFUSAL_CODES = {408: "request_timeout", 413: "payload_too_large", 414: "uri_too_long",
                   431: "request_header_fields_too_large"}
 
 

@@ -26,7 +26,9 @@ from typing import Any
 
 import httptools
 
+from gateway import request_body
 from gateway.http_call import ALIASES, Call, Handler
+from gateway.http_sweep import LINGER, STALL_TIMEOUT, sweep
 
 log = logging.getLogger("llamagate.gateway.http")
 
@@ -37,9 +39,6 @@ MAX_PENDING = 16
 MAX_LINE = 8190
 MAX_HEADERS = 128
 MAX_HEAD = 64 * 1024
-# after a 413 the unread body is drained for this long, so the client sees the answer
-# rather than a reset; then the connection is closed
-LINGER = 2.0
 
 
 class EdgeServer:
@@ -47,13 +46,14 @@ class EdgeServer:
 
     def __init__(self, state: Any, handler: Handler, tunnel: Handler,
                  decorate: Callable[[Call], str], max_body: int,
-                 keepalive_timeout: float = 75.0) -> None:
+                 keepalive_timeout: float = 75.0, stall_timeout: float = STALL_TIMEOUT) -> None:
         self.state = state
         self.handler = handler
         self.tunnel = tunnel
         self.decorate = decorate
         self.max_body = max_body
         self.keepalive_timeout = keepalive_timeout
+        self.stall_timeout = stall_timeout  # a request partly in, silent this long: 408 (http_sweep)
         self.connections: set[HttpConnection] = set()
         self.closing = False
         self._date = ("", 0)
@@ -85,7 +85,7 @@ class EdgeServer:
             self, host, port, reuse_port=reuse_port or None, backlog=backlog)
         self._servers.append(server)
         if self._sweeper is None:
-            self._sweeper = asyncio.create_task(self._sweep(), name="http-keepalive")
+            self._sweeper = asyncio.create_task(sweep(self), name="http-sweep")
         return server
 
     async def stop_listening(self) -> None:
@@ -116,17 +116,6 @@ class EdgeServer:
         for server in self._servers:
             await server.wait_closed()
 
-    async def _sweep(self) -> None:
-        # one periodic pass instead of a timer per connection per request
-        while True:
-            await asyncio.sleep(min(5.0, self.keepalive_timeout / 2))
-            now = time.monotonic()
-            for conn in list(self.connections):
-                if conn.closing and conn.closed_at < now - LINGER - 1:
-                    conn.abort()  # closed, but its last bytes never left: the client stopped reading
-                elif conn.idle and conn.idle_since < now - self.keepalive_timeout:
-                    conn.close()
-
 
 class HttpConnection(asyncio.Protocol):
     def __init__(self, server: EdgeServer) -> None:
@@ -151,6 +140,7 @@ class HttpConnection(asyncio.Protocol):
         self._head = 0  # bytes received while a head was incomplete
         self._in_head = False
         self._host = False
+        self._encoded = False  # a Content-Encoding header: the body is decoded when whole
         self._continue = False  # `Expect: 100-continue` to answer when the request's turn comes
         self._refused = False
 
@@ -214,7 +204,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.receiving = self._in_head = True
-        self._host = False
+        self._host = self._encoded = False
         self._url = []
         self._headers = []
         self._body = []
@@ -249,6 +239,8 @@ class HttpConnection(asyncio.Protocol):
                     return
             elif len(name) == 6 and name.lower() == b"expect":
                 expect = value.strip().lower() == b"100-continue"
+            elif len(name) == 16 and name.lower() == b"content-encoding":
+                self._encoded = True
         if expect and self.parser.get_http_version() == "1.1":
             if self.idle:
                 self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -280,7 +272,10 @@ class HttpConnection(asyncio.Protocol):
             self._dispatch(self._call(b"", keep_alive=False))
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        self._dispatch(self._call(body, self.parser.should_keep_alive()))
+        call = self._call(body, self.parser.should_keep_alive())
+        if self._encoded:  # decoded (or refused) before anyone reads or forwards it
+            request_body.decode_call(call, self.server.max_body)
+        self._dispatch(call)
 
     def _call(self, body: bytes, keep_alive: bool) -> Call:
         parser = self.parser
@@ -385,6 +380,11 @@ class HttpConnection(asyncio.Protocol):
         elif self._continue:
             self._continue = False
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def stalled(self) -> None:
+        """Nothing more of a partly received request came for the stall timeout."""
+        self._refuse(408, "the rest of the request did not arrive in time",
+                     whole_head=not self._in_head)
 
     def _refuse(self, status: int, message: str, whole_head: bool = False) -> None:
         """A request we cannot parse or accept: answered with ``status`` by the handler in
