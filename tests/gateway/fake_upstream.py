@@ -100,6 +100,7 @@ class FakeUpstream:
         self.release = asyncio.Event()  # ends every hang
         self.proceed = asyncio.Event()  # lets a stepped stream send its next event
         self.sent_events = 0  # stream events written so far, over all requests
+        self.final_pieces_sent = 0  # pieces of final events written (Switches.final_pieces)
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -282,6 +283,7 @@ class FakeUpstream:
                 await self.proceed.wait()
                 self.proceed.clear()
             await response.write(data[at:at + size])
+            self.final_pieces_sent += 1
         await response.write_eof()
         return response
 

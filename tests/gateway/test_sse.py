@@ -9,7 +9,7 @@ import aiohttp
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.gateway.fake_upstream import FakeUpstream
-from tests.gateway.support import Gateway, next_event, scrape, sse_data
+from tests.gateway.support import Gateway, next_event, scrape, sse_data, wait_until
 
 CHAT = "/v1/chat/completions"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
@@ -58,16 +58,19 @@ async def test_sdk_reads_a_relayed_stream(gateway: Gateway, fake: FakeUpstream) 
 
 async def test_tokens_are_counted_from_a_final_event_split_over_reads(
         gateway: Gateway, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
-    # each piece is sent only after the client has the previous one, so the gateway
-    # reads the final `timings` event in six parts
+    # the final `timings` event in six pieces, each sent once the one before it is out; the
+    # gateway holds the unfinished event back, so the client gets it whole
     fake.switches.step = True
     fake.switches.events = 1
     fake.switches.final_pieces = 6
     async with http.post(gateway.url + CHAT, json={"messages": MESSAGES, "stream": True}) as r:
-        received = b""
-        while b"[DONE]" not in received:
-            received += await asyncio.wait_for(r.content.readany(), 5)
+        for piece in range(1, 6):
+            def sent(piece: int = piece) -> bool:
+                return fake.final_pieces_sent >= piece
+            await wait_until(sent, what=f"piece {piece} of the final event")
             fake.proceed.set()
+        received = await asyncio.wait_for(r.read(), 5)
+    assert received.endswith(b"data: [DONE]\n\n") and b'"predicted_n":1' in received
     body, samples = await scrape(http, gateway.url)
     key = {"model": "tiny", "key_id": "-"}
     assert samples.get_value("llamagate_completion_tokens_total", **key) == 1
