@@ -255,12 +255,13 @@ class HttpConnection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        self.receiving = False
-        self._continue = False
+        self.receiving = self._continue = False
         if self._refused:
             return
-        if not self._host and self.parser.get_http_version() == "1.1":
-            self._refuse(400, "an HTTP/1.1 request needs a Host header", whole_head=True)
+        version = self.parser.get_http_version()  # llhttp also reads 0.9 and 2.0 request lines
+        if version not in ("1.0", "1.1") or (version == "1.1" and not self._host):
+            self._refuse(400, "an HTTP/1.1 request needs a Host header" if version == "1.1" else
+                         f"HTTP/{version} is not served here: use HTTP/1.1", whole_head=True)
             return
         if self.parser.should_upgrade():
             # the parser stops at the head of an upgrade: a body would be lost, so such a
@@ -278,7 +279,6 @@ class HttpConnection(asyncio.Protocol):
         self._dispatch(call)
 
     def _call(self, body: bytes, keep_alive: bool) -> Call:
-        parser = self.parser
         # first value wins for a repeated header, as aiohttp's headers.get() gave
         headers = {n.decode("latin-1").lower(): v.decode("latin-1").strip()
                    for n, v in reversed(self._headers)}
@@ -286,8 +286,8 @@ class HttpConnection(asyncio.Protocol):
         if not target.startswith(b"/"):  # absolute form, as sent to a proxy
             url = httptools.parse_url(target)
             target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
-        return Call(self, parser.get_method().decode("latin-1"), target, headers, self._headers,
-                    body, keep_alive, parser.get_http_version() == "1.1")
+        return Call(self, self.parser.get_method().decode("latin-1"), target, headers, self._headers,
+                    body, keep_alive, self.parser.get_http_version() == "1.1")
 
     def _too_large(self) -> None:
         """Answered with 413 by the handler (so it is logged and counted); the unread body is

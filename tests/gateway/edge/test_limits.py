@@ -32,10 +32,12 @@ def test_a_body_over_the_limit_gets_413_and_the_connection_closes(run: Run, send
 @pytest.mark.parametrize(("send", "why"), [
     (b"NOT HTTP AT ALL\r\n\r\n", b"malformed HTTP request"),
     (b"GET /v1/echo HTTP/1.1\r\n\r\n", b"Host header"),
+    (b"GET /v1/echo HTTP/2.0\r\nHost: x\r\n\r\n", b"HTTP/2.0 is not served"),
+    (b"GET /v1/echo\r\n\r\n", b"HTTP/0.9 is not served"),  # a bare request line
     # the parser stops at an upgrade's head: its body would be lost
     (request("POST", "/v1/echo", b"lost", {"Connection": "Upgrade", "Upgrade": "h2c"}),
      b"upgrades are not supported"),
-], ids=["malformed", "http11-without-host", "upgrade-with-body"])
+], ids=["malformed", "http11-without-host", "http2-request-line", "http09", "upgrade-with-body"])
 def test_a_request_we_cannot_take_gets_400_and_the_connection_closes(
         run: Run, send: bytes, why: bytes) -> None:
     async def scenario(edge: Edge) -> None:
