@@ -64,7 +64,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         problems = [{"line": line, "field": field, "message": msg} for line, field, msg in exc.problems]
         return error(400, str(exc), exc.code, problems=problems)
     except UnknownModel as exc:
-        return error(404, f"no model named {exc.args[0]!r}", exc.code)
+        return error(404, str(exc), exc.code)
     except ModelsError as exc:
         type_ = "server_error" if exc.http_status >= 500 else "invalid_request_error"
         return error(exc.http_status, str(exc), exc.code, type_)
@@ -151,6 +151,8 @@ def create_control_app(owner: Owner) -> web.Application:
         if not isinstance(repo, str) or not isinstance(file, str) or \
                 (revision is not None and not isinstance(revision, str)):
             raise FleetError('expected {"repo": str, "file" or "pattern": str, "revision": str?}')
+        if body.get("file") and body.get("pattern"):  # which one was meant cannot be told
+            raise FleetError('give "file" or "pattern", not both')
         job = owner.pulls.submit(repo, file, revision)
         return web.json_response(job.to_dict(), status=202)
 

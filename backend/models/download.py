@@ -28,7 +28,7 @@ from backend.models.errors import (
 from backend.models.hub import HubClient, RemoteFile
 
 _BLOCK = 4 * 1024 * 1024
-_MAX_BACKOFF_S = 30.0
+MAX_BACKOFF_S = 30.0
 
 
 class CancelToken:
@@ -137,7 +137,7 @@ def _transfer(
                     f"{exc} (gave up after {retries} retries at byte {done} of {remote.size};"
                     " pull again to resume from there)"
                 ) from exc
-            token.sleep(min(backoff_s * 2 ** (failures - 1), _MAX_BACKOFF_S))
+            token.sleep(min(backoff_s * 2 ** (failures - 1), MAX_BACKOFF_S))
             remote = _refresh(hub, remote)
     out.flush()
     os.fsync(out.fileno())

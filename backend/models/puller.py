@@ -12,12 +12,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from backend.models import plan
-from backend.models.download import CancelToken, download_file
-from backend.models.errors import DestinationExists, StorageError
+from backend.models.download import MAX_BACKOFF_S, CancelToken, download_file
+from backend.models.errors import DestinationExists, HubUnavailable, StorageError
 from backend.models.hub import HubClient, RemoteFile
 from backend.models.sha256_cache import hash_file
+
+T = TypeVar("T")
 
 FreeSpace = Callable[[Path], int]
 
@@ -87,10 +90,14 @@ def run_pull(
         models_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StorageError(f"cannot create MODELS_DIR {models_dir}: {exc.strerror}") from exc
-    names = _names(hub, repo, spec, revision)
-    first = hub.resolve(repo, names[0], revision)
+    def retrying(step: Callable[[], T]) -> T:
+        return _retrying(step, token, retries, backoff_s)
+
+    names = retrying(lambda: _names(hub, repo, spec, revision))
+    first = retrying(lambda: hub.resolve(repo, names[0], revision))
     # Pin the other parts to the commit the first one came from.
-    remotes = [first, *(hub.resolve(repo, n, first.commit) for n in names[1:])]
+    remotes = [first, *(retrying(functools.partial(hub.resolve, repo, n, first.commit))
+                        for n in names[1:])]
     dests = [plan.destination(models_dir, r.filename) for r in remotes]
     partials = [plan.partial_path(models_dir, repo, r.filename, r.commit, r.etag) for r in remotes]
     progress.planned(tuple(names), [r.size for r in remotes])
@@ -121,6 +128,21 @@ def run_pull(
         )
         fetched += remote.size - min(start, remote.size)
     return PullResult(tuple(remotes), tuple(dests), tuple(shas), fetched)
+
+
+def _retrying(step: Callable[[], T], token: CancelToken, retries: int, backoff_s: float) -> T:
+    """A Hub metadata request, tried again after a network failure as a download is: a
+    Hub that is down for a moment must not fail a pull before its first byte."""
+    failures = 0
+    while True:
+        token.check()
+        try:
+            return step()
+        except HubUnavailable:
+            failures += 1
+            if failures > retries:
+                raise
+            token.sleep(min(backoff_s * 2 ** (failures - 1), MAX_BACKOFF_S))
 
 
 def _names(hub: HubClient, repo: str, spec: str, revision: str) -> list[str]:

@@ -40,6 +40,7 @@ class Switches:
     redirect: bool = True  # LFS files via a 302 to the "CDN" port, as the Hub does
     gated: set[str] = field(default_factory=set)  # repo ids answering 401 GatedRepo
     corrupt: set[str] = field(default_factory=set)  # file paths served with one byte flipped
+    down_for: int = 0  # answer this many API and resolve requests 503 (a Hub outage)
 
 
 @dataclass
@@ -97,6 +98,9 @@ class FakeHub:
     # -- routing -----------------------------------------------------------------
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         parts = request.path.strip("/").split("/")
+        if self.switches.down_for > 0 and parts[:1] != ["cdn"]:
+            self.switches.down_for -= 1
+            return self._error(request, 503, None, "the Hub is down for maintenance")
         if parts[:1] == ["cdn"] and len(parts) == 2:
             return await self._cdn(request, parts[1])
         if parts[:2] == ["api", "models"] and len(parts) in (4, 6):

@@ -142,6 +142,28 @@ async def test_unreachable_hub_fails_with_network_advice(models_dir: Path, data_
     assert job.error is not None and "cannot reach" in job.error and "HF_ENDPOINT" in job.error
 
 
+@pytest.mark.parametrize("spec", ["m.gguf", "*.gguf"])  # a pattern lists the repo first
+async def test_a_hub_down_for_a_moment_before_the_download_is_retried(
+    hub: FakeHub, models_dir: Path, data_dir: Path, spec: str
+) -> None:
+    expected = hub.add_file(REPO, "m.gguf", os.urandom(10_000))
+    hub.switches.down_for = 3
+    job = await pull_one(manager(hub, models_dir, data_dir, retries=3)[0], REPO, spec)
+    assert job.state is JobState.DONE, job.error
+    assert sha256(models_dir / "m.gguf") == expected
+    assert [s.status for s in hub.log][:3] == [503, 503, 503]
+
+
+async def test_a_hub_that_stays_down_fails_after_the_retries(
+    hub: FakeHub, models_dir: Path, data_dir: Path
+) -> None:
+    hub.add_file(REPO, "m.gguf", b"x")
+    hub.switches.down_for = 100
+    job = await pull_one(manager(hub, models_dir, data_dir, retries=2)[0], REPO, "m.gguf")
+    assert job.state is JobState.FAILED and job.error_code == "hub_unavailable"
+    assert [s.status for s in hub.log] == [503, 503, 503]  # the first try and two retries
+
+
 async def test_not_enough_disk_space_fails_before_downloading(
     hub: FakeHub, models_dir: Path, data_dir: Path
 ) -> None:

@@ -175,6 +175,7 @@ def test_a_missing_repo_fails_the_job_with_a_reason(svc: Service, ops: str) -> N
     ({"repo": "org/big", "file": "sub/../../escape.gguf"}, "unsafe_path"),
     ({"repo": "not a repo", "file": "x.gguf"}, "bad_pull_request"),
     ({"repo": "org/big"}, "invalid_request"),
+    ({"repo": "org/big", "file": "big.gguf", "pattern": "*.gguf"}, "invalid_request"),
 ])
 def test_requests_that_can_never_work_are_refused(
         svc: Service, ops: str, body: dict[str, str], code: str, models_dir: Path) -> None:

@@ -155,7 +155,9 @@ def test_model_edits_are_validated(svc: Service, ops: str) -> None:
     assert "extra_args" in r.json()["error"]["message"]
     r = admin(svc, "PUT", "/admin/models/alpha", ops, "not an object")
     assert r.status_code == 400
-    assert admin(svc, "PUT", "/admin/models/gamma", ops, {"tier": "fast"}).status_code == 404
+    r = admin(svc, "PUT", "/admin/models/gamma", ops, {"tier": "fast"})
+    assert r.status_code == 404
+    assert r.json()["error"]["message"] == "no model named 'gamma'"
     alpha = next(e for e in admin(svc, "GET", "/admin/models", ops).json()["data"]
                  if e["name"] == "alpha")
     assert alpha["override"].get("extra_args") in (None, [])
