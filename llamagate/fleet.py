@@ -220,7 +220,15 @@ class Fleet:
             if status.port is not None:
                 self.ports[name] = status.port
             before = (state.state, state.reason)
-            if status.state == "failed":
+            if status.state == "failed" and state.state == "loaded":
+                # it had loaded: a crash, not a failed load, so no cooldown; the router loads
+                # it again for its next request, and only a failure after that one counts
+                state.failures, state.cooldown_until, state.state = 1, now, "failed"
+                state.reason = (f"llama-server exited with code {status.exit_code} after it had "
+                                "loaded; the next request loads it again")
+                log.error("model %s stopped after it had loaded (exit code %s); its next request "
+                          "loads it again", name, status.exit_code)
+            elif status.state == "failed":
                 # a new failure: none recorded yet, or a request tried again after the cooldown
                 fresh = state.failures == 0 or (state.state != "cooldown" and
                                                 used.get(name, 0.0) >= state.cooldown_until)

@@ -5,6 +5,8 @@ demand, and the admin model routes (scope, validation, load/unload, audit)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llamagate.tiny_model import write_model
 from tests.gateway_auth.fakes import KeyTool
+from tests.health.processes import children, cmdline
 from tests.support.service import Service, wait_for
 
 from .support import (
@@ -250,3 +253,19 @@ def test_a_client_that_hangs_up_frees_the_slot_through_the_router(
     hung_up = time.monotonic()
     wait_for(lambda: _processing(svc, ops, "beta") == 0, 10, "the slot to be freed")
     assert time.monotonic() - hung_up < 1.0, "the router's child still generated 1 s after the hang-up"
+
+
+def test_a_model_that_crashes_after_loading_is_loaded_again_not_cooled_down(
+        svc: Service, ops: str) -> None:
+    """A cooldown is for a model that fails to load; one that ran and died (killed, out of
+    memory) is loaded again by its next request."""
+    assert chat(svc, "beta", ops).status_code == 200
+    wait_state(svc, ops, "beta", "loaded")
+    [child] = [pid for pid in children(svc.proc.pid)
+               if any("beta" in arg for arg in cmdline(pid)) and "llama-server" in cmdline(pid)[0]]
+    os.kill(child, signal.SIGKILL)
+    crashed = wait_state(svc, ops, "beta", "failed")
+    assert "after it had loaded" in crashed["reason"]
+    r = chat(svc, "beta", ops)
+    assert r.status_code == 200, r.text
+    wait_state(svc, ops, "beta", "loaded")
