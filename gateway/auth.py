@@ -153,6 +153,8 @@ def authenticate(headers: Mapping[str, str], remote: str | None, state: AppState
     keyring = state.keys.keyring if state.keys is not None else _EMPTY
     result = keyring.authenticate(presented_secret(headers), state.clock())
     if result.key is not None:
+        if state.usage is not None:  # any request is a use (a metrics scraper's key too)
+            state.usage.seen(result.key.id, time.time())
         return result.key
     reason = result.reason or AuthFailure.INVALID
     # Only presented keys count: a client that sends none is not guessing.

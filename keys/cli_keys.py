@@ -10,13 +10,16 @@ from pathlib import Path
 from keys import ops
 from keys.cli_context import CliContext
 from keys.durations import format_instant, parse_instant
-from keys.errors import KeyFileError, describe_error
+from keys.errors import DurationError, KeyFileError, describe_error
 from keys.legacy import parse_legacy
 from keys.model import ApiKey, Limits
 
 
 def cmd_generate(ctx: CliContext, args: argparse.Namespace) -> int:
     expires = parse_instant(args.expires, ctx.now, future=True) if args.expires else None
+    if expires is not None and expires <= ctx.now:
+        raise DurationError(f"--expires {args.expires} is not in the future: the key would be "
+                            "expired at once")
     spec = ops.KeySpec(
         name=args.name,
         scopes=args.scopes,

@@ -73,6 +73,11 @@ class Tally:
             self.last_used[key_id] = ts
         self.events += 1
 
+    def seen(self, key_id: str, ts: float) -> None:
+        """A request of the key that used no tokens (admin, metrics, listings): its last use."""
+        if ts > self.last_used.get(key_id, float("-inf")):
+            self.last_used[key_id] = ts
+
     def merge(self, other: "Tally") -> None:
         """Add ``other``'s counts to these (a batch that could not be written)."""
         for where, counts in other.totals.items():

@@ -83,10 +83,15 @@ class UsageRecorder:
             return
         pending.add(key_id, model, prompt_tokens, completion_tokens, ts)
 
+    def seen(self, key_id: str, ts: float) -> None:
+        """Note a request of the key's: its last use, whether or not it used tokens."""
+        if not self._closed:
+            self._pending.seen(key_id, ts)
+
     async def flush(self) -> int:
         """Write everything buffered so far; returns the number of events written."""
         async with self._flush_lock:
-            if not self._pending.events:
+            if not self._pending.events and not self._pending.last_used:
                 return 0
             if self._store is None:
                 raise RuntimeError("UsageRecorder.open() has not been called")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,23 @@ async def test_usage_is_recorded_per_key_and_model(
     assert by_model["tiny"]["prompt_tokens"] == 2 * PROMPT_TOKENS
     assert by_model["other"]["completion_tokens"] == 5
     assert {row["key_id"] for row in rows} == {app_id}
+
+
+async def test_every_authenticated_request_is_a_use_of_its_key(
+        tmp_path: Path, backend: FakeBackend, keytool: KeyTool, http: aiohttp.ClientSession) -> None:
+    """An operator prunes keys by their last use: a metrics scraper's or an admin's key
+    is used though it spends no tokens."""
+    scraper_id, scraper = keytool.generate("scraper", "--scopes", "metrics")
+    admin_id, admin = keytool.generate("ops", "--scopes", "admin")
+    idle_id, _ = keytool.generate("idle")
+    async with gateway(base_config(tmp_path), backend.url) as gw:
+        for path, secret in (("/metrics", scraper), ("/admin/keys", admin)):
+            async with http.get(gw.url + path, headers=bearer(secret)) as r:
+                assert r.status == 200
+    # the gateway is closed: what it buffered is written
+    listed = {k["id"]: k["last_used"] for k in json.loads(keytool.ok("list", "--json"))}
+    assert listed[scraper_id] is not None and listed[admin_id] is not None
+    assert listed[idle_id] is None
 
 
 async def test_a_client_that_leaves_frees_its_slot(

@@ -182,6 +182,8 @@ def test_unknown_id_exits_2_naming_it(cli: Cli, command: str) -> None:
     ("argv", "message"),
     [
         (["generate", "--name", "x", "--expires", "30x"], "bad time '30x'"),
+        (["generate", "--name", "x", "--expires", "0s"], "not in the future"),
+        (["generate", "--name", "x", "--expires", "2020-01-01"], "not in the future"),
         (["rotate", "key_x", "--grace", "soon"], "bad duration 'soon'"),
         (["generate", "--name", "x", "--scopes", "root"], "unknown scope"),
         (["generate", "--name", "x", "--rpm", "0"], "positive integer"),

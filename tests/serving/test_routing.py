@@ -261,6 +261,7 @@ def test_a_model_that_crashes_after_loading_is_loaded_again_not_cooled_down(
     memory) is loaded again by its next request."""
     assert chat(svc, "beta", ops).status_code == 200
     wait_state(svc, ops, "beta", "loaded")
+    assert svc.proc is not None
     [child] = [pid for pid in children(svc.proc.pid)
                if any("beta" in arg for arg in cmdline(pid)) and "llama-server" in cmdline(pid)[0]]
     os.kill(child, signal.SIGKILL)
