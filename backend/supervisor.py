@@ -40,6 +40,7 @@ class Snapshot:
     restarts: int = 0
     last_error: str | None = None
     since: float = 0.0
+    retry_at: float | None = None  # wall time of the next start attempt, while restarting
 
 
 class StartupError(RuntimeError):
@@ -85,6 +86,7 @@ class Supervisor:
         return list(self._proc.tail) if self._proc else []
 
     def _set(self, state: BackendState, **changes: object) -> None:
+        changes.setdefault("retry_at", None)  # known only while waiting to restart
         self.snapshot = replace(self.snapshot, state=state, since=time.time(), **changes)  # type: ignore[arg-type]
         log.info("backend %s", state.value, extra={"backend_pid": self.snapshot.pid})
         self.on_change(self.snapshot)
@@ -146,7 +148,7 @@ class Supervisor:
             log.error(reason, extra={"tail": list(self._proc.tail)[-5:]})
             delay = self.policy.record_failure(time.monotonic())
             state = BackendState.CIRCUIT_OPEN if self.policy.is_open else BackendState.RESTARTING
-            self._set(state, pid=None, last_error=reason)
+            self._set(state, pid=None, last_error=reason, retry_at=time.time() + delay)
             await asyncio.sleep(delay)  # backoff between restarts, not synchronisation
             if self._stopping:
                 return

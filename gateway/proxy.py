@@ -144,7 +144,9 @@ async def handle(call: Call) -> None:
     if state.draining or status.draining:
         raise BackendUnavailable("the server is shutting down", code="shutting_down", retry_after=5)
     if not status.ready:
-        raise BackendUnavailable(f"the backend is not ready ({status.state})", retry_after=5)
+        # a crash-looping backend's circuit stays open for a minute: say when it is tried again
+        wait = 5.0 if status.retry_at is None else max(1.0, status.retry_at - time.time())
+        raise BackendUnavailable(f"the backend is not ready ({status.state})", retry_after=wait)
 
     loop = asyncio.get_running_loop()
     # the timeout counts queueing too (expire() below enforces it): a client's deadline is

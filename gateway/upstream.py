@@ -32,6 +32,7 @@ class BackendStatus:
     ready: bool = False
     draining: bool = False
     restarts: int = 0
+    retry_at: float | None = None  # wall time of the supervisor's next start attempt
 
 
 class Upstream:
@@ -120,7 +121,8 @@ class Upstream:
             state=str(backend.get("state", "unknown")),
             ready=backend.get("state") == "ready",
             draining=state.get("phase") == "draining",
-            restarts=int(backend.get("restarts", 0)))
+            restarts=int(backend.get("restarts", 0)),
+            retry_at=backend.get("retry_at") if isinstance(backend.get("retry_at"), float) else None)
 
     async def follow_serve_file(self, runtime_dir: Path,
                                 also: Callable[[dict[str, Any]], None] = lambda s: None) -> None:

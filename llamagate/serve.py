@@ -128,7 +128,8 @@ class Service:
 
     def _on_backend(self, snap: Any) -> None:
         self.backend_state = {"state": snap.state.value, "restarts": snap.restarts,
-                              "pid": snap.pid, "last_error": snap.last_error}
+                              "pid": snap.pid, "last_error": snap.last_error,
+                              "retry_at": snap.retry_at}
         self.publish()
         if self.fleet is not None and snap.state.value == "ready" and snap.restarts > 0:
             # a restarted router starts with nothing loaded: preload the profile's models again

@@ -115,6 +115,28 @@ def test_ping_goes_204_then_200_and_outage_gets_503(tmp_path: Path, tiny_model: 
         assert svc.stop() == 0
 
 
+def test_an_open_circuit_says_when_the_backend_is_tried_again(tmp_path: Path,
+                                                              tiny_model: Path) -> None:
+    """A crash loop opens the circuit for a minute: Retry-After says so, not 5 s."""
+    svc = Service(tmp_path, {"MODEL_PATH": str(tiny_model), "MODEL_NAME": "tiny",
+                             "AUTH_ENABLED": "false", "BACKEND_MAX_RESTARTS": "1"}).start()
+    try:
+        svc.wait_ready()
+        os.kill(svc.health()["backend"]["pid"], signal.SIGKILL)
+
+        def refused() -> tuple[int, int] | None:
+            r = requests.post(f"{svc.url}/v1/completions", json={"prompt": "a", "max_tokens": 2},
+                              timeout=10)
+            # until the gateway has read the new state, a request meets a refused connection
+            return (r.status_code, int(r.headers["Retry-After"])) if "circuit_open" in r.text \
+                else None
+
+        status, retry_after = wait_for(refused, what="the gateway to see the open circuit")
+        assert status == 503 and 50 <= retry_after <= 60, retry_after
+    finally:
+        assert svc.stop() == 0
+
+
 def test_corrupt_model_fails_startup_with_llama_server_log(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
