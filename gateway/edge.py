@@ -86,7 +86,11 @@ async def _answer(call: Call, state: AppState, ex: Exchange) -> None:
 async def _authorized(call: Call, state: AppState, ex: Exchange) -> None:
     if call.refusal is not None:  # any route: unparsable, or its body never read (413)
         raise refusal_error(call.refusal)
-    if not is_canonical(call.path) or (b"%" in call.target and _ENCODED_DELIMITER(call.target)):
+    # GET /v1/models/{model} is answered here, never forwarded, and a model's name may hold
+    # a `/` (the SDK sends it as %2F): the path checks are for what goes to llama-server
+    retrieve = call.method == "GET" and call.path.startswith("/v1/models/")
+    if not retrieve and (not is_canonical(call.path)
+                         or (b"%" in call.target and _ENCODED_DELIMITER(call.target))):
         raise NotFound("no such route", code="not_found")
     if not state.config.auth_enabled:
         await proxy.handle(call)

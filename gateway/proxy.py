@@ -189,7 +189,9 @@ async def handle(call: Call) -> None:
 
 def _retrieve_model(call: Call, state: AppState, name: str) -> None:
     """GET /v1/models/{model} (the SDK's models.retrieve), which llama-server lacks."""
-    if not name or state.models.resolve(name) != name or not auth.may_use(call.key, name):
+    # only a name the catalog lists (an empty catalog accepts any name for a request)
+    if state.models.resolve(name) != name or name not in state.models.names \
+            or not auth.may_use(call.key, name):
         raise NotFound(f"model '{name}' does not exist", code="model_not_found", param="model")
     _respond(call, 200, json.dumps({"id": name, "object": "model", "created": 0,
                                     "owned_by": "llamagate"}).encode())

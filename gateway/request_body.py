@@ -19,6 +19,7 @@ ACCEPTED = "gzip, deflate or identity"
 _GZIP = 16 + zlib.MAX_WBITS  # a gzip wrapper
 _ZLIB = zlib.MAX_WBITS  # RFC 9110's "deflate": zlib-wrapped
 _RAW = -zlib.MAX_WBITS  # what some clients send as "deflate" instead: no wrapper
+_MAX_MEMBERS = 16
 
 
 class Refused(Exception):
@@ -40,20 +41,21 @@ def decode_call(call: Call, limit: int) -> None:
         call.body = decode(call.body, encoding, limit)
     except Refused as exc:
         call.body = b""
-        call.refusal = (exc.status, exc.message)
+        call.refusal = (exc.status, exc.message)  # the body was read whole: the connection
+        # still frames requests, so it is kept
 
 
 def decode(body: bytes, encoding: bytes, limit: int) -> bytes:
     """``body`` with the codings listed in ``encoding`` undone (the last applied first),
     at most ``limit`` bytes of it; raises ``Refused``."""
+    if not body:
+        return body  # nothing was sent (a GET that names a coding): nothing to decode
     codings = [c.strip().lower() for c in encoding.split(b",")]
     for coding in codings:  # all checked before any work is done
         if coding not in (b"gzip", b"x-gzip", b"deflate", b"identity", b""):
             name = coding.decode("latin-1")
             raise Refused(400, f"Content-Encoding '{name}' is not supported for request bodies; "
                                f"send the body with {ACCEPTED}")
-    if not body:
-        return body  # nothing was sent (a GET that names a coding): nothing to decode
     for coding in reversed(codings):
         if coding in (b"gzip", b"x-gzip"):
             body = _inflate(body, _GZIP, "gzip", limit)
@@ -70,7 +72,10 @@ def _zlib_header(data: bytes) -> bool:
 def _inflate(data: bytes, wbits: int, name: str, limit: int) -> bytes:
     out: list[bytes] = []
     size = 0
-    while True:  # gzip allows several members one after the other (gzip.decompress reads all)
+    # gzip allows several members one after the other (gzip.decompress reads all), and a
+    # client may send a few; each one copies what follows it (unused_data), so thousands of
+    # empty ones would hold the event loop for minutes before the key is even checked
+    for _ in range(_MAX_MEMBERS):
         inflater = zlib.decompressobj(wbits)
         try:
             # one byte past the limit at most: enough to know it is over, and no more
@@ -92,3 +97,4 @@ def _inflate(data: bytes, wbits: int, name: str, limit: int) -> bytes:
         if wbits != _GZIP:
             raise Refused(400, f"the request body is not valid {name} data "
                                f"(Content-Encoding: {name}): bytes follow its end")
+    raise Refused(400, f"the request body has more than {_MAX_MEMBERS} gzip members")

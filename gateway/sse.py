@@ -38,10 +38,12 @@ SSE_HEADERS = {
 
 def split(data: bytes) -> tuple[bytes, bytes]:
     """``data`` as (its whole events, the unfinished end of one to hold back)."""
-    if data.endswith(b"\n\n") or len(data) > _HOLD_MAX:
+    if data.endswith(b"\n\n"):
         return data, b""
     lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
     end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    if len(data) - end > _HOLD_MAX:
+        return data, b""
     return data[:end], data[end:]
 
 
@@ -90,6 +92,8 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
         tail.append(chunk)
         if tally is not None:
             tally.feed(chunk)
-    ex.tokens = (tally.result() if tally is not None else None) or tokens_from_stream(
-        head, b"".join(tail))
+    if tally is not None:  # a broken stream's tally lacks tasks: the reservation is the charge
+        ex.tokens = tally.result() if ex.completed else None
+    else:
+        ex.tokens = tokens_from_stream(head, b"".join(tail))
     call.finish()

@@ -18,6 +18,7 @@ from tests.gateway.support import (
     RawRequest,
     assert_openai_error,
     scrape,
+    serve_gateway,
     sse_data,
     wait_until,
 )
@@ -120,6 +121,19 @@ async def test_a_served_model_can_be_retrieved(gateway: Gateway, fake: FakeUpstr
             await client.models.retrieve("nope")
     assert info.value.code == "model_not_found"
     assert fake.requests("/v1/models/tiny") == []  # answered by the gateway
+
+
+async def test_a_model_whose_name_holds_a_slash_can_be_retrieved(fake: FakeUpstream) -> None:
+    # the SDK sends "org/m" as /v1/models/org%2Fm; an external llama-server's ids are paths
+    gateway = await serve_gateway(fake.url, {}, models=("org/m", "/models/x.gguf"))
+    try:
+        async with gateway.sdk() as client:
+            for name in ("org/m", "/models/x.gguf"):
+                assert (await client.models.retrieve(name)).id == name
+            with pytest.raises(openai.NotFoundError):
+                await client.models.retrieve("org/other")
+    finally:
+        await gateway.stop()
 
 
 async def test_timeout_is_504_and_cancels_backend_work(gateway: Gateway, fake: FakeUpstream,

@@ -8,6 +8,7 @@ import json
 import aiohttp
 from openai.types.chat import ChatCompletionMessageParam
 
+from gateway.sse import split
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import Gateway, next_event, scrape, sse_data, wait_until
 
@@ -75,3 +76,13 @@ async def test_tokens_are_counted_from_a_final_event_split_over_reads(
     key = {"model": "tiny", "key_id": "-"}
     assert samples.get_value("llamagate_completion_tokens_total", **key) == 1
     assert samples.get_value("llamagate_prompt_tokens_total", **key) == 7
+
+
+def test_a_large_read_ending_mid_event_holds_back_only_the_unfinished_event() -> None:
+    """A slow client's reads are large (up to 256 KiB buffered): what is held back is the
+    unfinished event, whatever the size of the read before it."""
+    whole = b'data: {"n": 1}\n\n' * 10_000  # 150 KB, past the 64 KiB bound on what is held
+    assert split(whole + b'data: {"ha') == (whole, b'data: {"ha')
+    assert split(b"x" * 70_000) == (b"x" * 70_000, b"")  # no event end in sight: passed on
+    assert split(b'data: 1\r\n\r\ndata: 2') == (b"data: 1\r\n\r\n", b"data: 2")
+
