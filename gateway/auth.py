@@ -109,6 +109,17 @@ def is_canonical(path: str) -> bool:
     return all(seg not in ("", ".", "..") for seg in path[1:].split("/"))
 
 
+# a percent-encoded `/`, `\`, `?`, `#` or `%` in the path: once decoded (as the proxy
+# forwards it) it names another path than the client wrote, so it is no route at all
+_ENCODED_DELIMITER = re.compile(rb"^[^?]*%(2[fF]|5[cC]|3[fF]|23|25)").match
+
+
+def is_canonical_target(path: str, target: bytes) -> bool:
+    """``is_canonical`` for the decoded ``path``, and no encoded delimiter in the raw
+    request ``target`` it came from."""
+    return is_canonical(path) and not (b"%" in target and _ENCODED_DELIMITER(target))
+
+
 def presented_secret(headers: Mapping[str, str]) -> str | None:
     """The key from `Authorization: Bearer` or, failing that, `x-api-key`.
 

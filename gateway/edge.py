@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable
 
 from gateway import proxy, ratelimit
-from gateway.auth import authenticate, is_canonical
+from gateway.auth import authenticate, is_canonical_target
 from gateway.cors import Cors
 from gateway.errors import (
     Forbidden,
@@ -39,9 +38,6 @@ from keys.model import SCOPE_INFERENCE
 from llamagate.logs import request_id_var
 
 log = logging.getLogger("llamagate.gateway")
-# a percent-encoded `/`, `\`, `?`, `#` or `%` in the path: once decoded (as the proxy
-# forwards it) it names another path than the client wrote, so it is no route at all
-_ENCODED_DELIMITER = re.compile(rb"^[^?]*%(2[fF]|5[cC]|3[fF]|23|25)").match
 
 
 async def handle(call: Call) -> None:
@@ -86,11 +82,9 @@ async def _answer(call: Call, state: AppState, ex: Exchange) -> None:
 async def _authorized(call: Call, state: AppState, ex: Exchange) -> None:
     if call.refusal is not None:  # any route: unparsable, or its body never read (413)
         raise refusal_error(call.refusal)
-    # GET /v1/models/{model} is answered here, never forwarded, and a model's name may hold
-    # a `/` (the SDK sends it as %2F): the path checks are for what goes to llama-server
-    retrieve = call.method == "GET" and call.path.startswith("/v1/models/")
-    if not retrieve and (not is_canonical(call.path)
-                         or (b"%" in call.target and _ENCODED_DELIMITER(call.target))):
+    # the path checks are for what goes to llama-server: a model's name may hold a `/` (the
+    # SDK sends it as %2F), and GET /v1/models/{model} is answered here, never forwarded
+    if not proxy.retrieves_model(call) and not is_canonical_target(call.path, call.target):
         raise NotFound("no such route", code="not_found")
     if not state.config.auth_enabled:
         await proxy.handle(call)

@@ -52,9 +52,7 @@ ROUTES = frozenset({(p, "POST") for p in OPENAI_ROUTES}
 # how often the sweeper looks for requests past their timeout: a per-request timer costs
 # every request ~10 µs (uvloop timer handles); this bounds how late a timeout fires
 SWEEP_INTERVAL = 0.05
-
-
-_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?").fullmatch
+_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?").fullmatch  # X-Request-Timeout
 
 
 def request_timeout(raw: str | None, default: float) -> float:
@@ -78,7 +76,7 @@ async def handle(call: Call) -> None:
         # several models: our own listing (the router's would show paths and argv)
         _respond(call, 200, json.dumps(state.models.listing()).encode(), "application/json")
         return
-    if call.method == "GET" and call.path.startswith("/v1/models/"):
+    if retrieves_model(call):
         _retrieve_model(call, state, call.path.removeprefix("/v1/models/"))
         return
     if call.path in INFERENCE_ROUTES and call.method != "POST":
@@ -185,6 +183,11 @@ async def handle(call: Call) -> None:
             if counted:
                 metrics.in_flight.dec()
         _leave(state, ex)
+
+
+def retrieves_model(call: Call) -> bool:
+    """GET /v1/models/{model}: answered by ``handle`` itself, never forwarded."""
+    return call.method == "GET" and call.path.startswith("/v1/models/")
 
 
 def _retrieve_model(call: Call, state: AppState, name: str) -> None:

@@ -127,9 +127,8 @@ class Service:
         return errors[0].strip()[-300:] if errors else None
 
     def _on_backend(self, snap: Any) -> None:
-        self.backend_state = {"state": snap.state.value, "restarts": snap.restarts,
-                              "pid": snap.pid, "last_error": snap.last_error,
-                              "retry_at": snap.retry_at}
+        self.backend_state = {"state": snap.state.value, "restarts": snap.restarts, "pid": snap.pid,
+                              "last_error": snap.last_error, "retry_at": snap.retry_at}
         self.publish()
         if self.fleet is not None and snap.state.value == "ready" and snap.restarts > 0:
             # a restarted router starts with nothing loaded: preload the profile's models again

@@ -28,7 +28,12 @@ from backend.models.errors import (
 from backend.models.hub import HubClient, RemoteFile
 
 _BLOCK = 4 * 1024 * 1024
-MAX_BACKOFF_S = 30.0
+_MAX_BACKOFF_S = 30.0
+
+
+def backoff(first_s: float, failures: int) -> float:
+    """The wait before the next try after ``failures`` network failures in a row."""
+    return min(first_s * 2.0 ** (failures - 1), _MAX_BACKOFF_S)
 
 
 class CancelToken:
@@ -137,7 +142,7 @@ def _transfer(
                     f"{exc} (gave up after {retries} retries at byte {done} of {remote.size};"
                     " pull again to resume from there)"
                 ) from exc
-            token.sleep(min(backoff_s * 2 ** (failures - 1), MAX_BACKOFF_S))
+            token.sleep(backoff(backoff_s, failures))
             remote = _refresh(hub, remote)
     out.flush()
     os.fsync(out.fileno())

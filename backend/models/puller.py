@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from backend.models import plan
-from backend.models.download import MAX_BACKOFF_S, CancelToken, download_file
+from backend.models.download import CancelToken, backoff, download_file
 from backend.models.errors import DestinationExists, HubUnavailable, StorageError
 from backend.models.hub import HubClient, RemoteFile
 from backend.models.sha256_cache import hash_file
@@ -142,7 +142,7 @@ def _retrying(step: Callable[[], T], token: CancelToken, retries: int, backoff_s
             failures += 1
             if failures > retries:
                 raise
-            token.sleep(min(backoff_s * 2 ** (failures - 1), MAX_BACKOFF_S))
+            token.sleep(backoff(backoff_s, failures))
 
 
 def _names(hub: HubClient, repo: str, spec: str, revision: str) -> list[str]:

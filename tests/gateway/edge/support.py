@@ -1,7 +1,7 @@
 """An edge server with plain handlers in place of the gateway, for the tests of its
-HTTP/1.1 handling (tests/gateway/edge/): what each path answers, and a `run` fixture
-(conftest.py) that runs a scenario against a fresh server on asyncio and on uvloop,
-whose transports differ."""
+HTTP/1.1 handling (tests/gateway/edge/): what each path answers, and ``run_on`` (behind
+the `run` fixture, conftest.py) that runs a scenario against a fresh server on asyncio or
+on uvloop, whose transports differ."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import uvloop
 
 from gateway.http_call import Call
 from gateway.http_server import EdgeServer
@@ -27,6 +30,7 @@ class Edge:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     hanging: asyncio.Event = field(default_factory=asyncio.Event)
     clients: list[Client] = field(default_factory=list)
+    slow: float = 0.05  # how long /v1/slow takes: a moment, so later answers must wait
 
     async def connect(self) -> Client:
         client = await Client.connect(self.port)
@@ -65,7 +69,7 @@ async def _handler(edge: Edge, call: Call) -> None:
             edge.cancelled.set()
             raise
     elif call.path == "/v1/slow":
-        await asyncio.sleep(0.05)  # an answer that takes a moment, so later ones must wait
+        await asyncio.sleep(edge.slow)  # an answer that takes its time: the handler's pace
         call.respond(200, b"slow")
     else:
         call.respond(404, b"no")
@@ -76,11 +80,18 @@ async def _tunnel(edge: Edge, call: Call) -> None:
     call.respond(200, b"tunnel " + call.method.encode() + b" " + call.path.encode())
 
 
+Handler = Callable[[Edge, Call], Awaitable[None]]
+
+
 @contextlib.asynccontextmanager
-async def started_edge() -> AsyncIterator[Edge]:
+async def started_edge(handler: Handler = _handler, tunnel: Handler = _tunnel,
+                       decorate: str = "X-Decorated: yes\r\n", **options: Any
+                       ) -> AsyncIterator[Edge]:
+    """A fresh server; ``options``: EdgeServer's keyword arguments (its timeouts)."""
     holder: list[Edge] = []
-    server = EdgeServer(None, lambda c: _handler(holder[0], c), lambda c: _tunnel(holder[0], c),
-                        lambda c: "X-Decorated: yes\r\n", max_body=MAX_BODY, keepalive_timeout=0.4)
+    server = EdgeServer(None, lambda c: handler(holder[0], c), lambda c: tunnel(holder[0], c),
+                        lambda c: decorate, max_body=MAX_BODY,
+                        **{"keepalive_timeout": 0.4, **options})
     listening = await server.listen("127.0.0.1", 0)
     holder.append(Edge(server, listening.sockets[0].getsockname()[1]))
     try:
@@ -93,3 +104,16 @@ async def started_edge() -> AsyncIterator[Edge]:
 
 Scenario = Callable[[Edge], Awaitable[None]]
 Run = Callable[[Scenario], None]
+
+
+def run_on(loop: str, scenario: Scenario, **options: Any) -> None:
+    """``scenario`` against a fresh server (``options``: ``started_edge``'s), on a new
+    event loop of the kind ``loop`` names."""
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+
+    async def main() -> None:
+        async with started_edge(**options) as edge:
+            await scenario(edge)
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())

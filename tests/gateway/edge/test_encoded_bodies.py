@@ -10,7 +10,8 @@ import zlib
 
 import pytest
 
-from tests.gateway.edge.rendered import MAX_BODY, Rendered, run_on
+from tests.gateway.edge.rendered import run_on
+from tests.gateway.edge.support import MAX_BODY, Edge
 from tests.gateway.fake_upstream import MODEL, FakeUpstream
 from tests.gateway.http_client import Answer, Client, request
 from tests.gateway.support import Gateway, assert_openai_error
@@ -28,7 +29,7 @@ def loop(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-async def _send(edge: Rendered, body: bytes, encoding: str, path: str = "/v1/echo") -> Answer:
+async def _send(edge: Edge, body: bytes, encoding: str, path: str = "/v1/echo") -> Answer:
     client = await edge.connect()
     await client.send(request("POST", path, body, {"Content-Encoding": encoding}))
     return await client.answer()
@@ -46,7 +47,7 @@ async def _send(edge: Rendered, body: bytes, encoding: str, path: str = "/v1/ech
 ], ids=["gzip", "x-gzip", "case", "gzip-members", "deflate-zlib", "deflate-raw", "chain", "identity"])
 def test_a_compressed_body_is_decoded_and_its_coding_not_passed_on(
         loop: str, encoding: str, body: bytes) -> None:
-    async def scenario(edge: Rendered) -> None:
+    async def scenario(edge: Edge) -> None:
         answer = await _send(edge, body, encoding)
         assert (answer.status, answer.body) == (200, TEXT)
         assert (answer.headers["x-seen-encoding"], answer.headers["x-seen-raw-encodings"]) == ("-", "0")
@@ -55,7 +56,7 @@ def test_a_compressed_body_is_decoded_and_its_coding_not_passed_on(
 
 
 def test_a_body_decoded_to_exactly_the_limit_is_taken(loop: str) -> None:
-    async def scenario(edge: Rendered) -> None:
+    async def scenario(edge: Edge) -> None:
         answer = await _send(edge, gzip.compress(b"x" * MAX_BODY), "gzip")
         assert (answer.status, answer.body) == (200, b"x" * MAX_BODY)
     run_on(loop, scenario)
@@ -67,7 +68,7 @@ def test_a_body_decoded_to_exactly_the_limit_is_taken(loop: str) -> None:
     gzip.compress(b"x" * 600) + gzip.compress(b"x" * 600),  # each member under, both over
 ], ids=["one-over", "bomb", "members"])
 def test_a_body_that_inflates_past_the_limit_gets_413(loop: str, body: bytes) -> None:
-    async def scenario(edge: Rendered) -> None:
+    async def scenario(edge: Edge) -> None:
         assert len(body) < MAX_BODY  # the compressed body itself is within the limit
         client = await edge.connect()
         await client.send(request("POST", "/v1/echo", body, {"Content-Encoding": "gzip"}))
@@ -93,7 +94,7 @@ def test_a_body_that_inflates_past_the_limit_gets_413(loop: str, body: bytes) ->
 ], ids=["plain-as-gzip", "truncated-gzip", "truncated-deflate", "deflate-trailer", "gzip-trailer",
         "too-many-members"])
 def test_a_corrupt_compressed_body_gets_400(loop: str, encoding: str, body: bytes, why: str) -> None:
-    async def scenario(edge: Rendered) -> None:
+    async def scenario(edge: Edge) -> None:
         answer = await _send(edge, body, encoding)
         assert answer.status == 400
         error = assert_openai_error(json.loads(answer.body), "invalid_request_error",
@@ -104,7 +105,7 @@ def test_a_corrupt_compressed_body_gets_400(loop: str, encoding: str, body: byte
 
 @pytest.mark.parametrize("encoding", ["br", "zstd", "compress", "gzip, br"])
 def test_any_other_coding_gets_400_naming_the_accepted_ones(loop: str, encoding: str) -> None:
-    async def scenario(edge: Rendered) -> None:
+    async def scenario(edge: Edge) -> None:
         answer = await _send(edge, gzip.compress(TEXT), encoding)
         assert answer.status == 400
         error = assert_openai_error(json.loads(answer.body), "invalid_request_error",

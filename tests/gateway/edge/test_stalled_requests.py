@@ -19,7 +19,8 @@ from gateway import edge as gateway_edge
 from gateway.http_call import refusal_error
 from gateway.http_server import EdgeServer
 from gateway.tunnel import Tunnel
-from tests.gateway.edge.rendered import Rendered, run_on
+from tests.gateway.edge.rendered import run_on
+from tests.gateway.edge.support import Edge
 from tests.gateway.http_client import Client, request
 from tests.gateway.support import Gateway, assert_openai_error, scrape
 
@@ -41,7 +42,7 @@ def loop(request: pytest.FixtureRequest) -> str:
 ], ids=["in-the-body", "in-the-head"])
 def test_a_stalled_request_gets_408_and_the_connection_closes(
         loop: str, send: bytes, whole_head: bool) -> None:
-    async def scenario(edge: Rendered) -> None:
+    async def scenario(edge: Edge) -> None:
         client = await edge.connect()
         await client.send(send)
         sent = time.monotonic()
@@ -62,7 +63,7 @@ def test_a_stalled_request_gets_408_and_the_connection_closes(
 
 
 def test_a_slow_but_steady_upload_is_not_stalled(loop: str) -> None:
-    async def scenario(edge: Rendered) -> None:
+    async def scenario(edge: Edge) -> None:
         client = await edge.connect()
         await client.send(b"POST /v1/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 15\r\n\r\n")
         for _ in range(15):  # one byte per 0.1 s: the whole upload takes 1.5 s, 5 stall timeouts
@@ -77,7 +78,7 @@ def test_a_slow_but_steady_upload_is_not_stalled(loop: str) -> None:
                          ids=["after-an-answer", "fresh"])
 def test_an_idle_connection_is_closed_by_the_keepalive_timeout_without_a_408(
         loop: str, first: bytes) -> None:
-    async def scenario(edge: Rendered) -> None:
+    async def scenario(edge: Edge) -> None:
         client = await edge.connect()
         if first:
             await client.send(first)
@@ -90,7 +91,7 @@ def test_an_idle_connection_is_closed_by_the_keepalive_timeout_without_a_408(
 
 def test_a_request_waiting_for_its_turn_is_not_stalled_until_the_answer_before_it(
         loop: str) -> None:
-    async def scenario(edge: Rendered) -> None:
+    async def scenario(edge: Edge) -> None:
         edge.slow = 0.8  # the first answer takes longer than the stall timeout, twice over
         client = await edge.connect()
         # a whole request and, pipelined behind it, the start of one that never ends
