@@ -218,7 +218,7 @@ class Connection(asyncio.Protocol):
         if self.transport.is_closing():  # closed by the backend; connection_lost is on its way
             resp._fail("the backend connection broke (closed by the backend)")
             return
-        self.transport.write(data)
+        self.pool.batch.write(self.transport, data)
 
     @property
     def usable(self) -> bool:
@@ -241,5 +241,6 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            self.pool.batch.drop(self.transport)  # a request not sent yet never starts
             self.transport.close()
         self.pool.forget(self)

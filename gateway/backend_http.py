@@ -4,7 +4,8 @@ over as they arrive.
 
 aiohttp's ClientSession cost more CPU per proxied request than the rest of the
 gateway together; this client does only what the proxy needs, in one socket
-write per request and one parser pass per socket read.
+write per request (sent with others of the same loop pass: gateway/write_batch.py)
+and one parser pass per socket read.
 
 The contract the proxy relies on:
 
@@ -38,6 +39,7 @@ from gateway.backend_conn import (
     Connection,
     Response,
 )
+from gateway.write_batch import WriteBatch
 
 __all__ = ["BackendBroken", "BackendConnectError", "BackendError", "BackendPool", "Response"]
 
@@ -64,6 +66,7 @@ class BackendPool:
         self._open = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
+        self.batch = WriteBatch()  # requests sent while the loop is busy go out together
 
     @property
     def open_connections(self) -> int:

@@ -8,7 +8,9 @@ limits, CORS: gateway/edge.py).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -25,6 +27,17 @@ ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/com
            "/embeddings": "/v1/embeddings", "/models": "/v1/models"}
 _REFUSAL_CODES = {408: "request_timeout", 413: "payload_too_large", 414: "uri_too_long",
                   431: "request_header_fields_too_large"}
+
+_date = ("", 0)
+
+
+def http_date() -> str:
+    """The Date header's value, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if now != _date[1]:
+        _date = (formatdate(now, usegmt=True), now)
+    return _date[0]
 
 
 class Call:
@@ -130,7 +143,7 @@ class Call:
         else:  # HTTP/1.1 keeps the connection unless told; a 1.0 client must be told it is kept
             conn = "" if self.http11 else "Connection: keep-alive\r\n"
         return (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-                f"Date: {server.date()}\r\nServer: llamagate\r\n{extra}{conn}"
+                f"Date: {http_date()}\r\nServer: llamagate\r\n{extra}{conn}"
                 f"{server.decorate(self)}\r\n").encode("latin-1")
 
     def settled(self) -> None:

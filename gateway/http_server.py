@@ -21,7 +21,6 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable
-from email.utils import formatdate
 from typing import Any
 
 import httptools
@@ -29,6 +28,7 @@ import httptools
 from gateway import request_body
 from gateway.http_call import ALIASES, Call, Handler
 from gateway.http_sweep import LINGER, STALL_TIMEOUT, sweep
+from gateway.write_batch import WriteBatch
 
 log = logging.getLogger("llamagate.gateway.http")
 
@@ -55,8 +55,8 @@ class EdgeServer:
         self.keepalive_timeout = keepalive_timeout
         self.stall_timeout = stall_timeout  # a request partly in, silent this long: 408 (http_sweep)
         self.connections: set[HttpConnection] = set()
+        self.batch = WriteBatch()  # a busy loop pass's answers are sent together
         self.closing = False
-        self._date = ("", 0)
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -69,12 +69,6 @@ class EdgeServer:
             call.path = alias  # the tunnel forwards call.target, so a preflight keeps its path
         # CORS preflights go to the aiohttp side, where the CORS stage answers them
         return call.method != "OPTIONS" or "access-control-request-method" not in call.headers
-
-    def date(self) -> str:
-        now = int(time.time())
-        if now != self._date[1]:
-            self._date = (formatdate(now, usegmt=True), now)
-        return self._date[0]
 
     def __call__(self) -> HttpConnection:
         return HttpConnection(self)
@@ -290,8 +284,8 @@ class HttpConnection(asyncio.Protocol):
                     body, keep_alive, self.parser.get_http_version() == "1.1")
 
     def _too_large(self) -> None:
-        """Answered with 413 by the handler (so it is logged and counted); the unread body is
-        drained for a moment, then the connection closed (see ``finished``)."""
+        """Answered 413 by the handler (logged, counted); the unread body is drained a moment,
+        then the connection closed (``finished``)."""
         if self._refused:
             return
         self._refused = True
@@ -312,7 +306,7 @@ class HttpConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if not self.closing and self.transport is not None:
-            self.transport.write(data)
+            self.server.batch.write(self.transport, data)
 
     async def drain(self) -> None:
         if self.closing:
@@ -333,6 +327,7 @@ class HttpConnection(asyncio.Protocol):
             self.closing = True
             self.closed_at = time.monotonic()
         if self.transport is not None and not self.transport.is_closing():
+            self.server.batch.flush(self.transport)
             self.transport.close()  # flushes what is buffered first
 
     def abort(self) -> None:
@@ -348,6 +343,7 @@ class HttpConnection(asyncio.Protocol):
         self.closing = True
         self.closed_at = time.monotonic()
         if self.transport.can_write_eof():
+            self.server.batch.flush(self.transport)
             self.transport.write_eof()  # the client sees the end of the answer and may close
         asyncio.get_running_loop().call_later(LINGER, self.close)
 
@@ -387,9 +383,8 @@ class HttpConnection(asyncio.Protocol):
                      whole_head=not self._in_head)
 
     def _refuse(self, status: int, message: str, whole_head: bool = False) -> None:
-        """A request we cannot parse or accept: answered with ``status`` by the handler in
-        its turn, after any answers still owed on this connection, which is then closed
-        (what follows it cannot be trusted to be a request)."""
+        """A request we cannot parse or accept: answered ``status`` by the handler in its turn,
+        then the connection is closed (what follows cannot be trusted to be a request)."""
         if self._refused:
             return
         self._refused = True
