@@ -159,6 +159,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
+        if self.transport is not None:
+            self.pool.batch.drop(self.transport)
         resp = self.resp
         if resp is None:
             return

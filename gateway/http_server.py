@@ -152,6 +152,8 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server.connections.discard(self)
+        if self.transport is not None:
+            self.server.batch.drop(self.transport)
         if self.tunnel is not None:
             self.tunnel.connection_lost(exc)
         if self.task is not None and self.current is not None and not self.current._done:
@@ -326,9 +328,10 @@ class HttpConnection(asyncio.Protocol):
         if not self.closing:
             self.closing = True
             self.closed_at = time.monotonic()
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None:
             self.server.batch.flush(self.transport)
-            self.transport.close()  # flushes what is buffered first
+            if not self.transport.is_closing():
+                self.transport.close()  # flushes what is buffered first
 
     def abort(self) -> None:
         """Cut the connection now, unsent bytes and all (a client that stopped reading)."""

@@ -8,8 +8,8 @@ requests to the backend one by one, between other requests' Python work, so near
 send woke someone: two sends were a third of a proxied request's CPU time.
 
 So a write that finds the loop writing already waits in ``pending`` until the next loop
-pass starts, and all such writes then go out in one burst, one send per transport
-(up to ``BYPASS`` bytes wait; a bigger backlog is sent at once, so flow control holds). The first
+pass starts, and all such writes then go out in one burst, one send per transport (up to
+``BYPASS`` bytes wait; a bigger backlog is sent at once, so flow control holds). The first
 write of a quiet loop is sent at once and opens a window; the window stays open for as
 long as each pass brings more writes. An idle gateway's answers therefore never wait,
 while a busy one's wait at most for one poll of its sockets.
@@ -18,9 +18,10 @@ while a busy one's wait at most for one poll of its sockets.
 from __future__ import annotations
 
 import asyncio
-import logging
+import contextvars
 
-log = logging.getLogger("llamagate.gateway.http")
+# the flushes belong to no request: they must not carry the id of the one that opened the window
+_NO_REQUEST = contextvars.Context()
 
 # what a transport may have waiting here; a write this big, or one that makes the waiting
 # bytes this many, is sent at once (with what waited before it)
@@ -39,11 +40,11 @@ class WriteBatch:
 
     def write(self, transport: asyncio.WriteTransport, data: bytes) -> None:
         if not self._open:
-            self._open = True
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(self._flush)
+            loop.call_soon(self._flush, context=_NO_REQUEST)
+            self._open = True
             transport.write(data)
             return
         if len(data) >= BYPASS:
@@ -63,8 +64,8 @@ class WriteBatch:
     def flush(self, transport: asyncio.WriteTransport) -> None:
         """Send what waits for ``transport`` now (before it is closed or half-closed)."""
         buf = self._pending.pop(transport, None)
-        if buf and not transport.is_closing():
-            transport.write(buf)
+        if buf:
+            _send(transport, buf)
 
     def drop(self, transport: asyncio.WriteTransport) -> None:
         """Forget what waits for ``transport`` (aborted: it is never sent)."""
@@ -77,11 +78,16 @@ class WriteBatch:
             return
         self._pending = {}
         assert self._loop is not None
-        self._loop.call_soon(self._flush)
+        self._loop.call_soon(self._flush, context=_NO_REQUEST)
         for transport, buf in pending.items():
-            if transport.is_closing():
-                continue
-            try:
-                transport.write(buf)
-            except Exception:  # a transport that broke meanwhile: the others still go
-                log.exception("a batched write failed")
+            _send(transport, buf)
+
+
+def _send(transport: asyncio.WriteTransport, data: bytearray) -> None:
+    # a transport closing after the peer's EOF still sends what it holds, as it would have
+    # sent this had it not waited; one whose connection is gone refuses (its owner drops
+    # what waits for it when it learns, in connection_lost)
+    try:
+        transport.write(data)
+    except RuntimeError:
+        pass
