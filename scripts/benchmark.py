@@ -200,14 +200,14 @@ def nginx_upstream(tmp: Path, cpu: str | None) -> tuple[subprocess.Popen[bytes],
 
 
 def measure(name: str, base: str, auth: str, model: str, args: argparse.Namespace, lua: Path,
-            stream_tokens: int, pid: int | None = None,
-            kinds: tuple[str, ...] = ("json", "sse"), keep_alive: bool = False
-            ) -> list[dict[str, Any]]:
-    """Load `base`; with `pid`, also that process's CPU µs per request (per event for SSE)."""
+            stream_tokens: int, kind: str, conc: int, pid: int | None = None,
+            keep_alive: bool = False) -> list[dict[str, Any]]:
+    """Load `base` with one `kind` of load at `conc`; with `pid`, also that process's CPU µs
+    per request (per event for SSE)."""
     rows = []
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello."}],
                        "max_tokens": 8})
-    for conc in args.conc if "json" in kinds else ():
+    if kind == "json":
         cpu = cpu_seconds(pid)
         if shutil.which("wrk"):
             r = wrk(f"{base}/v1/chat/completions", body, auth, conc, args.seconds, args.load_cpu, lua)
@@ -216,8 +216,8 @@ def measure(name: str, base: str, auth: str, model: str, args: argparse.Namespac
         if pid is not None and r["count"]:
             r["cpu_us"] = (cpu_seconds(pid) - cpu) * 1e6 / r["count"]
         rows.append({"target": name, "kind": "json", "conc": conc, **r})
-    headers = {"Authorization": auth} if auth else {}
-    for conc in args.stream_conc if "sse" in kinds else ():
+    else:
+        headers = {"Authorization": auth} if auth else {}
         cpu = cpu_seconds(pid)
         s = asyncio.run(stream_run(f"{base}/v1/chat/completions", headers, model, conc,
                                    args.seconds, stream_tokens, keep_alive))
@@ -337,11 +337,16 @@ def main() -> int:
                                          args.log_level)
             procs.append(gw)
             runs: list[dict[str, Any]] = []
-            for _ in range(args.reps):  # alternating, so a drifting backend hurts both alike
-                runs += measure("direct", direct, "", model, args, lua, stream_tokens,
-                                kinds=kinds, keep_alive=keep_alive)
-                runs += measure("llamagate", url, auth, model, args, lua, stream_tokens, pid,
-                                kinds=kinds, keep_alive=keep_alive)
+            levels = [("json", c) for c in args.conc if "json" in kinds] \
+                + [("sse", c) for c in args.stream_conc if "sse" in kinds]
+            # direct and gateway alternate at each level, back to back, so a backend that
+            # drifts (llama-server slows as it runs) moves both figures of a ratio alike
+            for kind, conc in levels:
+                for _ in range(args.reps):
+                    runs += measure("direct", direct, "", model, args, lua, stream_tokens, kind,
+                                    conc, keep_alive=keep_alive)
+                    runs += measure("llamagate", url, auth, model, args, lua, stream_tokens, kind,
+                                    conc, pid, keep_alive=keep_alive)
             gw.terminate()
             gw.wait(30)
             table(medians(runs), title + (f"; medians of {args.reps} alternating runs"
