@@ -60,6 +60,7 @@ class Switches:
     torn: bool = False  # before that hang or death, write the first half of the next event
     final_pieces: int = 1  # write the final event in this many pieces (gated by `step`)
     health_status: int = 200
+    health_hang: bool = False  # /health waits for `release`: a server too busy to answer
     chunked_reply: bool = False  # send the JSON reply with chunked encoding, in pieces
     truncate_reply: bool = False  # announce the JSON reply's length, send half of it, close
     drop_requests: int = 0  # close the connection of the next this many requests, unanswered
@@ -102,6 +103,7 @@ class FakeUpstream:
         self.sent_events = 0  # stream events written so far, over all requests
         self.final_pieces_sent = 0  # pieces of final events written (Switches.final_pieces)
         self.url = ""
+        self.on_health: Callable[[], None] | None = None  # called as each /health poll arrives
         self._runner: web.AppRunner | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -167,6 +169,10 @@ class FakeUpstream:
         return wrapper
 
     async def _health(self, request: web.Request) -> web.Response:
+        if self.on_health is not None:
+            self.on_health()
+        if self.switches.health_hang:
+            await self.release.wait()
         if self.switches.health_status != 200:
             return web.json_response(error_body(self.switches.health_status, "Loading model"),
                                      status=self.switches.health_status)

@@ -1,0 +1,41 @@
+"""An external backend (BACKEND_URL) followed through its /health, without the serve
+process: a busy server's unanswered polls do not turn every request into a 503 at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from gateway.upstream import Upstream
+from llamagate.external import MISSES
+
+from .fake_upstream import FakeUpstream
+from .support import wait_until
+
+
+async def test_a_ready_backend_counts_as_unreachable_only_after_misses_polls_in_a_row(
+        fake: FakeUpstream) -> None:
+    upstream = Upstream(fake.url, None, pool_size=1)
+    await upstream.open()
+    # what the gateway believed as each poll arrived: the outcome of the polls before it
+    ready_at: list[bool] = []
+    fake.on_health = lambda: ready_at.append(upstream.status.ready)
+    task = asyncio.create_task(upstream.poll_health(interval=0.05))
+    try:
+        await wait_until(lambda: upstream.status.ready, 5, "the first answered poll")
+        fake.switches.health_hang = True  # every poll from here on times out
+        first_unanswered = len(ready_at)
+        await wait_until(lambda: not upstream.status.ready, 10, "the backend seen unreachable")
+        assert upstream.status.state == "unreachable"
+        # MISSES unanswered polls left it ready; the one after them did not
+        assert ready_at[first_unanswered:first_unanswered + MISSES + 1] == [True] * (MISSES + 1)
+
+        fake.switches.health_hang = False
+        fake.release.set()  # the hung polls end too (their answers come too late to count)
+        await wait_until(lambda: upstream.status.ready, 5, "an answered poll")
+        assert upstream.status.state == "ready"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await upstream.close()
