@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: created and read on every request
 class Exchange:
     request_id: str
     route: str
