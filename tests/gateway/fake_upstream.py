@@ -60,7 +60,7 @@ class Switches:
     torn: bool = False  # before that hang or death, write the first half of the next event
     final_pieces: int = 1  # write the final event in this many pieces (gated by `step`)
     health_status: int = 200
-    health_hang: bool = False  # /health waits for `release`: a server too busy to answer
+    health_hang: bool = False  # /health waits for `release` (once set, it stays set)
     chunked_reply: bool = False  # send the JSON reply with chunked encoding, in pieces
     truncate_reply: bool = False  # announce the JSON reply's length, send half of it, close
     drop_requests: int = 0  # close the connection of the next this many requests, unanswered

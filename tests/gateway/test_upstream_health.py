@@ -9,8 +9,8 @@ import contextlib
 from gateway.upstream import Upstream
 from llamagate.external import MISSES
 
-from .fake_upstream import FakeUpstream
-from .support import wait_until
+from tests.gateway.fake_upstream import FakeUpstream
+from tests.gateway.support import wait_until
 
 
 async def test_a_ready_backend_counts_as_unreachable_only_after_misses_polls_in_a_row(
@@ -27,11 +27,14 @@ async def test_a_ready_backend_counts_as_unreachable_only_after_misses_polls_in_
         first_unanswered = len(ready_at)
         await wait_until(lambda: not upstream.status.ready, 10, "the backend seen unreachable")
         assert upstream.status.state == "unreachable"
-        # MISSES unanswered polls left it ready; the one after them did not
-        assert ready_at[first_unanswered:first_unanswered + MISSES + 1] == [True] * (MISSES + 1)
+        # one more poll, to read what the gateway believed after each unanswered one
+        await wait_until(lambda: len(ready_at) > first_unanswered + MISSES + 1, 10, "a poll")
+        # MISSES unanswered polls left it ready, the one after them did not
+        assert ready_at[first_unanswered:first_unanswered + MISSES + 2] == \
+            [True] * (MISSES + 1) + [False]
 
         fake.switches.health_hang = False
-        fake.release.set()  # the hung polls end too (their answers come too late to count)
+        fake.release.set()  # and any poll still hanging is answered
         await wait_until(lambda: upstream.status.ready, 5, "an answered poll")
         assert upstream.status.state == "ready"
     finally:
