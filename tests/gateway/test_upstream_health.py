@@ -8,7 +8,6 @@ import contextlib
 
 from gateway.upstream import Upstream
 from llamagate.external import MISSES
-
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import wait_until
 
