@@ -340,13 +340,14 @@ def main() -> int:
             levels = [("json", c) for c in args.conc if "json" in kinds] \
                 + [("sse", c) for c in args.stream_conc if "sse" in kinds]
             # direct and gateway alternate at each level, back to back, so a backend that
-            # drifts (llama-server slows as it runs) moves both figures of a ratio alike
+            # drifts (llama-server slows as it runs) moves both figures of a ratio alike;
+            # which goes first swaps every run, so a steady drift favours neither
             for kind, conc in levels:
-                for _ in range(args.reps):
-                    runs += measure("direct", direct, "", model, args, lua, stream_tokens, kind,
-                                    conc, keep_alive=keep_alive)
-                    runs += measure("llamagate", url, auth, model, args, lua, stream_tokens, kind,
-                                    conc, pid, keep_alive=keep_alive)
+                for rep in range(args.reps):
+                    pairs = [("direct", direct, "", None), ("llamagate", url, auth, pid)]
+                    for name, base, key, cpu_of in pairs[::-1] if rep % 2 else pairs:
+                        runs += measure(name, base, key, model, args, lua, stream_tokens, kind,
+                                        conc, cpu_of, keep_alive=keep_alive)
             gw.terminate()
             gw.wait(30)
             table(medians(runs), title + (f"; medians of {args.reps} alternating runs"
