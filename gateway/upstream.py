@@ -21,7 +21,7 @@ import aiohttp
 
 from gateway.backend_http import BackendPool, Response
 from llamagate import runtime
-from llamagate.external import MISSES, health_state
+from llamagate.external import MissTolerance, health_state, probe_health
 
 log = logging.getLogger("llamagate.gateway.upstream")
 
@@ -140,23 +140,12 @@ class Upstream:
     async def poll_health(self, interval: float = 1.0) -> None:
         """Track an external backend (BACKEND_URL) through its own /health."""
         timeout = aiohttp.ClientTimeout(total=min(interval * 2, 5.0))
-        misses = 0  # polls in a row without an answer while ready
+        tolerance = MissTolerance()
         while True:
-            refused = False
-            try:
-                async with self.session.get(f"{self.base_url}/health", timeout=timeout) as resp:
-                    code: int | None = resp.status
-            except aiohttp.ClientConnectorError:  # nothing listens: gone, at once
-                code, refused = None, True
-            except (TimeoutError, aiohttp.ClientError):
-                code = None
-            if code is None and not refused and self.status.ready and misses < MISSES:
-                misses += 1  # a busy server's slow or dropped answer, as in llamagate.external
-                await asyncio.sleep(interval)  # poll period
-                continue
-            misses = 0
-            state, ok = health_state(code)
-            if ok != self.status.ready:
-                log.info("backend %s", state, extra={"backend_url": self.base_url})
-            self.status = BackendStatus(state=state, ready=ok)
-            await asyncio.sleep(interval)
+            code, refused = await probe_health(self.session, self.base_url, timeout)
+            if not tolerance.forgives(code, refused, self.status.ready):
+                state, ok = health_state(code)
+                if ok != self.status.ready:
+                    log.info("backend %s", state, extra={"backend_url": self.base_url})
+                self.status = BackendStatus(state=state, ready=ok)
+            await asyncio.sleep(interval)  # poll period

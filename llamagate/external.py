@@ -35,6 +35,34 @@ def health_state(status: int | None) -> tuple[str, bool]:
     return ("starting" if status == 503 else "error"), False
 
 
+async def probe_health(session: aiohttp.ClientSession, url: str, within: aiohttp.ClientTimeout,
+                       headers: dict[str, str] | None = None) -> tuple[int | None, bool]:
+    """The status of `url`/health, or None and whether nothing listens at all (refused)."""
+    try:
+        async with session.get(f"{url}/health", headers=headers, timeout=within) as resp:
+            return resp.status, False
+    except aiohttp.ClientConnectorError:
+        return None, True
+    except (TimeoutError, aiohttp.ClientError):
+        return None, False
+
+
+class MissTolerance:
+    """Whether an unanswered poll is forgiven: up to MISSES in a row while ready. A busy
+    server's slow or dropped answer is not yet a reason to refuse every request; a backend
+    that is really gone refuses connections, and counts at once."""
+
+    def __init__(self) -> None:
+        self.misses = 0
+
+    def forgives(self, code: int | None, refused: bool, ready: bool) -> bool:
+        if code is None and not refused and ready and self.misses < MISSES:
+            self.misses += 1
+            return True
+        self.misses = 0
+        return False
+
+
 class ExternalBackend:
     def __init__(self, url: str, api_key: str | None) -> None:
         self.url = url
@@ -58,16 +86,6 @@ class ExternalBackend:
             return None
         return tuple(str(m["id"]) for m in items if isinstance(m, dict) and "id" in m)
 
-    async def _health(self, session: aiohttp.ClientSession) -> tuple[int | None, bool]:
-        """/health's status, or None and whether nothing listens at all (refused)."""
-        try:
-            async with session.get(f"{self.url}/health", headers=self.headers) as resp:
-                return resp.status, False
-        except aiohttp.ClientConnectorError:
-            return None, True
-        except (TimeoutError, aiohttp.ClientError):
-            return None, False
-
     async def follow(self, report: Report, interval: float = 1.0,
                      refresh: float = MODELS_REFRESH) -> None:
         """Report every `interval`. Ready means /health says so and the model list has been
@@ -76,18 +94,14 @@ class ExternalBackend:
         models: tuple[str, ...] | None = None
         listed: float | None = None  # when the list was read in the current ready period
         last, warned = "", False
-        misses = 0  # polls in a row without an answer while ready
+        tolerance = MissTolerance()
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
-                code, refused = await self._health(session)
-                if code is None and not refused and last == "ready" and misses < MISSES:
-                    # a busy server's slow or dropped answer: not yet a reason to refuse
-                    # every request (a backend that is really gone refuses connections)
-                    misses += 1
+                code, refused = await probe_health(session, self.url, timeout, self.headers)
+                if tolerance.forgives(code, refused, last == "ready"):
                     report("ready", True, models)
                     await asyncio.sleep(interval)  # poll period
                     continue
-                misses = 0
                 state, ready = health_state(code)
                 if not ready:
                     listed, warned = None, False

@@ -342,9 +342,9 @@ def main() -> int:
             # direct and gateway alternate at each level, back to back, so a backend that
             # drifts (llama-server slows as it runs) moves both figures of a ratio alike;
             # which goes first swaps every run, so a steady drift favours neither
+            pairs = [("direct", direct, "", None), ("llamagate", url, auth, pid)]
             for kind, conc in levels:
                 for rep in range(args.reps):
-                    pairs = [("direct", direct, "", None), ("llamagate", url, auth, pid)]
                     for name, base, key, cpu_of in pairs[::-1] if rep % 2 else pairs:
                         runs += measure(name, base, key, model, args, lua, stream_tokens, kind,
                                         conc, cpu_of, keep_alive=keep_alive)
