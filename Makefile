@@ -23,10 +23,17 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev]'
 	@touch $@
 
+# the request path compiled with mypyc (scripts/build_native.py); rebuilt when any source the
+# build's digest covers changes, and skipped with a warning where there is no C compiler
+NATIVE := .build/native.stamp
+$(NATIVE): $(STAMP) scripts/build_native.py $(shell find gateway keys llamagate -name '*.py')
+	$(PY) scripts/build_native.py
+	@touch $@
+
 $(LLAMA_SERVER):
 	CUDA=$(CUDA) PYTHON=$(PY) bash scripts/build_llama_server.sh
 
-setup: $(STAMP) $(LLAMA_SERVER) ## virtualenv, dependencies, llama-server (built once, cached)
+setup: $(STAMP) $(NATIVE) $(LLAMA_SERVER) ## virtualenv, dependencies, compiled request path, llama-server (cached)
 
 llama-server: $(LLAMA_SERVER) ## build llama-server (CUDA=1 for GPU) into ~/.cache/llamagate
 	@echo $(LLAMA_SERVER)
@@ -56,4 +63,4 @@ docker-cpu: ## CPU image
 	docker build -t llamagate:cpu -f docker/Dockerfile.cpu .
 
 clean: ## remove the virtualenv and caches (not the llama-server cache)
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .build .pytest_cache .mypy_cache .ruff_cache *.egg-info

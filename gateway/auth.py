@@ -176,7 +176,6 @@ def authenticate(headers: Mapping[str, str], remote: str | None, state: AppState
     raise Unauthorized(message, code=code)
 
 
-@web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Routes off the token path (those are checked in gateway/edge.py)."""
     if not is_canonical(request.path):

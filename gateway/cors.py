@@ -60,7 +60,6 @@ class Cors:
     def _allowed(self, origin: str | None) -> bool:
         return origin is not None and (self.wildcard or origin in self.allowed)
 
-    @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             origin = request.headers.get("Origin")

@@ -280,7 +280,9 @@ class HttpConnection(asyncio.Protocol):
                    for n, v in reversed(self._headers)}
         target = b"".join(self._url)
         if not target.startswith(b"/"):  # absolute form, as sent to a proxy
-            url = httptools.parse_url(target)
+            # Any: the stub types path and query bytes, but a part the target lacks is None,
+            # and compiled (gateway/native.py) that mismatch would raise
+            url: Any = httptools.parse_url(target)
             target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
         return Call(self, self.parser.get_method().decode("latin-1"), target, headers, self._headers,
                     body, keep_alive, self.parser.get_http_version() == "1.1")

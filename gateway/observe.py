@@ -24,7 +24,6 @@ access_log = logging.getLogger("llamagate.access")
 _QUIET = frozenset({"/ping", "/health", "/health/live", "/health/ready", "/metrics"})
 
 
-@web.middleware
 async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     ex = open_exchange(request)
     token = request_id_var.set(ex.request_id)

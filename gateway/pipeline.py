@@ -13,6 +13,7 @@ always run together share one (the request id opens the observed record).
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from gateway.auth import auth_middleware
 from gateway.cors import Cors
@@ -24,14 +25,24 @@ from gateway.request_id import echo_request_id
 
 
 def install(app: web.Application, cors: Cors) -> None:
-    app.middlewares.extend([
+    app.middlewares.extend(_layer(stage) for stage in (
         observe_middleware,
         cors.middleware,
         error_middleware,
         auth_middleware,
         ratelimit_middleware,
-    ])
+    ))
     app.on_response_prepare.append(echo_request_id)
     if cors.allowed:  # with CORS off its hook adds nothing: no call for nothing
         app.on_response_prepare.append(cors.on_prepare)
     app.on_response_prepare.append(ratelimit_headers)
+
+
+def _layer(stage: Middleware) -> Middleware:
+    """The stage as aiohttp wants it: `web.middleware` marks the function with an
+    attribute, which a mypyc-compiled function (gateway/native.py) cannot take."""
+    @web.middleware
+    async def layer(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await stage(request, handler)
+    layer.__wrapped__ = stage  # type: ignore[attr-defined]
+    return layer

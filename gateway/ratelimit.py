@@ -46,19 +46,31 @@ class LimitExceeded(Exception):
 class TokenBucket:
     """``capacity`` tokens, refilled continuously at ``capacity`` per minute."""
 
-    __slots__ = ("capacity", "level", "rate", "updated")
+    __slots__ = ("_level", "_updated", "capacity", "rate")
 
     def __init__(self, capacity: int, now: float) -> None:
         self.capacity = float(capacity)
         self.rate = capacity / MINUTE
-        self.level = self.capacity
-        self.updated = now
+        self.store(self.capacity, now)
+
+    # Where the level and the time of its last change are kept: here, or (SharedBucket in
+    # gateway/shared_limits.py) in a table every worker reads. Methods, not attributes, so
+    # a subclass can move them: a property cannot stand in for a compiled class's attribute.
+    def load(self) -> tuple[float, float]:
+        return self._level, self._updated
+
+    def store(self, level: float, updated: float) -> None:
+        self._level, self._updated = level, updated
+
+    def _refilled(self, now: float) -> tuple[float, float]:
+        level, updated = self.load()
+        if now > updated:
+            level, updated = min(self.capacity, level + (now - updated) * self.rate), now
+            self.store(level, updated)
+        return level, updated
 
     def refill(self, now: float) -> float:
-        if now > self.updated:
-            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-            self.updated = now
-        return self.level
+        return self._refilled(now)[0]
 
     def wait_for(self, amount: float, now: float) -> float:
         """Seconds until ``amount`` tokens are there; 0 when they are now."""
@@ -67,7 +79,8 @@ class TokenBucket:
 
     def add(self, amount: float, now: float) -> None:
         """Give back (positive) or charge (negative) tokens; a charge may leave a debt."""
-        self.level = min(self.capacity, self.refill(now) + amount)
+        level, updated = self._refilled(now)
+        self.store(min(self.capacity, level + amount), updated)
 
     def reset_after(self, now: float) -> float:
         return (self.capacity - self.refill(now)) / self.rate
@@ -77,9 +90,8 @@ class KeyLimiter:
     """The limits of one key, as resolved against the service defaults (in this process;
     gateway/shared_limits.py keeps the numbers where every worker counts them)."""
 
-    in_flight: int = 0  # requests of the key holding a concurrency place
-
     def __init__(self, limits: Limits, now: float) -> None:
+        self._in_flight = 0  # requests of the key holding a concurrency place
         self.limits = limits
         self.source: Limits | None = None  # the key's own limits these were resolved from
         self.requests = self._bucket("requests", None, limits.requests_per_minute, now)
@@ -88,6 +100,13 @@ class KeyLimiter:
     def _bucket(self, kind: str, bucket: TokenBucket | None, per_minute: int | None,
                 now: float) -> TokenBucket | None:
         return _resized(bucket, per_minute, now)
+
+    # counted here, or across workers (SharedKeyLimiter): methods for the reason load() is
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _hold(self, change: int) -> None:
+        self._in_flight += change
 
     def reconfigure(self, limits: Limits, now: float) -> None:
         """Apply limits changed by a keys reload, keeping how much of each bucket is used."""
@@ -98,14 +117,14 @@ class KeyLimiter:
     def admit(self, now: float) -> None:
         """Take a concurrency slot and one request, or raise ``LimitExceeded``."""
         cap = self.limits.max_concurrent
-        if cap is not None and self.in_flight >= cap:
+        if cap is not None and self.in_flight() >= cap:
             raise LimitExceeded(f"{cap} concurrent requests", 1.0)
         if self.requests is not None:
             wait = self.requests.wait_for(1, now)
             if wait > 0:
                 raise LimitExceeded(f"{self.limits.requests_per_minute} requests per minute", wait)
             self.requests.add(-1, now)
-        self.in_flight += 1
+        self._hold(1)
 
     def reserve(self, amount: int, now: float) -> int:
         """Reserve tokens for a request; returns what was reserved (0 when unlimited)."""
@@ -123,7 +142,7 @@ class KeyLimiter:
 
     def release(self, reserved: int, used: int | None, now: float) -> None:
         """End a request; ``used`` None keeps the reservation as the charge."""
-        self.in_flight -= 1
+        self._hold(-1)
         if self.tokens is not None and used is not None:
             self.tokens.add(reserved - used, now)
 
@@ -144,7 +163,7 @@ def _resized(bucket: TokenBucket | None, per_minute: int | None, now: float) -> 
         return bucket
     resized = TokenBucket(per_minute, now)
     if bucket is not None:
-        resized.level = min(resized.capacity, bucket.refill(now))
+        resized.store(min(resized.capacity, bucket.refill(now)), now)
     return resized
 
 
@@ -230,7 +249,6 @@ def settle(state: AppState, ticket: Ticket, key: ApiKey, ex: Exchange) -> None:
         state.usage.record(key.id, ex.model, ex.tokens[0], ex.tokens[1], time.time())
 
 
-@web.middleware
 async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Routes off the token path (those are limited in gateway/edge.py)."""
     state = request.app[APP_STATE]

@@ -34,6 +34,7 @@ log = logging.getLogger("llamagate.gateway.limits")
 SLOTS = 16_384
 _HEAD = struct.Struct("<16s4d")  # key hash; requests level, updated; tokens level, updated
 _COUNT = struct.Struct("<i")
+_LEVEL = struct.Struct("<2d")  # one bucket of a record: level, updated
 _REQUESTS, _TOKENS = 16, 32  # offsets of the two buckets in a record
 
 
@@ -104,11 +105,10 @@ class SharedTable:
         return sum(_COUNT.unpack_from(self.map, self._count_at(record, w))[0]
                    for w in range(self.workers))
 
-    def set_own(self, record: int, total: int) -> None:
-        """Make the key's total ``total`` by changing this worker's count."""
+    def add_own(self, record: int, change: int) -> None:
+        """Change this worker's count of the key's requests in flight."""
         own = self._count_at(record, self.index)
-        mine = _COUNT.unpack_from(self.map, own)[0]
-        _COUNT.pack_into(self.map, own, mine + total - self.in_flight(record))
+        _COUNT.pack_into(self.map, own, _COUNT.unpack_from(self.map, own)[0] + change)
 
 
 class SharedBucket(TokenBucket):
@@ -121,26 +121,18 @@ class SharedBucket(TokenBucket):
         self._map, self._at = table.map, at
         self.capacity = float(capacity)
         self.rate = capacity / 60.0
-        if self.updated == 0.0:  # never used by any worker
-            self.level, self.updated = self.capacity, now
+        if self.load()[1] == 0.0:  # never used by any worker
+            self.store(self.capacity, now)
         else:  # a limit changed by a keys reload: keep what is used of it
-            self.level = min(self.capacity, self.refill(now))
+            level, updated = self._refilled(now)
+            self.store(min(self.capacity, level), updated)
 
-    @property
-    def level(self) -> float:
-        return float(struct.unpack_from("<d", self._map, self._at)[0])
+    def load(self) -> tuple[float, float]:
+        level, updated = _LEVEL.unpack_from(self._map, self._at)
+        return float(level), float(updated)
 
-    @level.setter
-    def level(self, value: float) -> None:
-        struct.pack_into("<d", self._map, self._at, value)
-
-    @property
-    def updated(self) -> float:
-        return float(struct.unpack_from("<d", self._map, self._at + 8)[0])
-
-    @updated.setter
-    def updated(self, value: float) -> None:
-        struct.pack_into("<d", self._map, self._at + 8, value)
+    def store(self, level: float, updated: float) -> None:
+        _LEVEL.pack_into(self._map, self._at, level, updated)
 
 
 class SharedKeyLimiter(KeyLimiter):
@@ -158,13 +150,11 @@ class SharedKeyLimiter(KeyLimiter):
         return SharedBucket(per_minute, now, self.table,
                             self.at + (_REQUESTS if kind == "requests" else _TOKENS))
 
-    @property
     def in_flight(self) -> int:
         return self.table.in_flight(self.at)
 
-    @in_flight.setter
-    def in_flight(self, value: int) -> None:
-        self.table.set_own(self.at, value)
+    def _hold(self, change: int) -> None:
+        self.table.add_own(self.at, change)
 
     def reconfigure(self, limits: Limits, now: float) -> None:
         with self.table.locked(self.at):

@@ -32,7 +32,7 @@ _REQUIRED = {
     "/v1/reranking": "query",  # llama-server's alias of /v1/rerank
 }
 # the routes validated here: the gateway meters and limits them as inference
-ROUTES = frozenset(_REQUIRED)
+ROUTES: frozenset[str] = frozenset(_REQUIRED)
 # the names a cap on generated tokens goes by, across those APIs and llama-server's own
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict")
 
@@ -68,7 +68,8 @@ def _finite(text: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]").search
+# written with chr(): mypyc cannot compile a lone surrogate in a string literal
+_SURROGATE = re.compile(f"[{chr(0xD800)}-{chr(0xDFFF)}]").search
 
 
 def _loads(raw: bytes) -> Any:

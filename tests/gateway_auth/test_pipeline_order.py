@@ -15,7 +15,7 @@ from gateway.ratelimit import on_prepare, ratelimit_middleware
 def test_order() -> None:
     app = web.Application()
     pipeline.install(app, Cors(()))
-    order = list(app.middlewares)
+    order = [m.__wrapped__ for m in app.middlewares]  # type: ignore[attr-defined]
     assert order.index(error_middleware) < order.index(auth_middleware)
     assert order.index(auth_middleware) + 1 == order.index(ratelimit_middleware)
     assert order[-1] is ratelimit_middleware  # the last stage before the handlers

@@ -47,7 +47,7 @@ def test_concurrency_is_held_until_release() -> None:
     assert info.value.retry_after == 1.0
     limiter.release(0, None, 0.0)
     limiter.admit(0.0)
-    assert limiter.in_flight == 2
+    assert limiter.in_flight() == 2
 
 
 def test_a_concurrency_refusal_takes_no_request() -> None:
@@ -151,7 +151,7 @@ def test_a_key_given_a_limit_by_a_reload_counts_what_is_in_flight() -> None:
     for _ in range(3):
         free.admit(clock())
     capped = limiter.for_key("k", Limits(max_concurrent=2))
-    assert capped is free and capped.in_flight == 3
+    assert capped is free and capped.in_flight() == 3
     with pytest.raises(LimitExceeded, match="2 concurrent"):
         capped.admit(clock())
 

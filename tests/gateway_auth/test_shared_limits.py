@@ -76,7 +76,7 @@ def test_concurrency_and_tokens_are_counted_over_workers(two_workers: Views) -> 
     ka.release(60, 10, NOW)  # used 10 of the 60 reserved: 50 come back
     assert kb.reserve(60, NOW) == 60
     kb.admit(NOW)  # a's release freed a place
-    assert kb.in_flight == 2 and ka.in_flight == 2
+    assert kb.in_flight() == 2 and ka.in_flight() == 2
 
 
 def test_a_restarted_worker_gives_back_what_it_held(two_workers: Views, tmp_path: Path) -> None:
@@ -88,11 +88,11 @@ def test_a_restarted_worker_gives_back_what_it_held(two_workers: Views, tmp_path
         a.for_key("k", limits).admit(NOW)
     # worker 1 crashed: serve voids its counts at once, and starts it again with its index
     shared_limits.release_worker(tmp_path / "limits.bin", 2, 1, 64)
-    assert a.for_key("k", limits).in_flight == 1
+    assert a.for_key("k", limits).in_flight() == 1
     restarted = two_workers.limiter(tmp_path / "limits.bin", 1, 64)  # type: ignore[attr-defined]
-    assert a.for_key("k", limits).in_flight == 1
+    assert a.for_key("k", limits).in_flight() == 1
     restarted.for_key("k", limits).admit(NOW)
-    assert a.for_key("k", limits).in_flight == 2
+    assert a.for_key("k", limits).in_flight() == 2
 
 
 def test_a_reload_that_changes_a_limit_keeps_what_is_left(two_workers: Views) -> None:
