@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml requirements.lock
 # the request path compiled with mypyc (scripts/build_native.py); rebuilt when any source the
 # build's digest covers changes, and skipped with a warning where there is no C compiler
 NATIVE := .build/native.stamp
-$(NATIVE): $(STAMP) scripts/build_native.py $(shell find gateway keys llamagate -name '*.py')
+$(NATIVE): $(STAMP) scripts/build_native.py $(shell find gateway backend keys llamagate -name '*.py')
 	$(PY) scripts/build_native.py
 	@touch $@
 

@@ -5,7 +5,7 @@
 digest of the sources now on disk, the build's folder goes first on the
 package path, so `import gateway.proxy` finds the extension; otherwise, or
 with LLAMAGATE_NATIVE=0, every module is the plain `.py`. The digest covers
-every module the compiled code can see (gateway, keys, llamagate), since
+every module the compiled code can see (gateway, backend, keys, llamagate), since
 mypyc checks types at run time against what it saw at build time.
 
 The switch is read from the environment here, not from Config: it is decided
@@ -33,7 +33,7 @@ COMPILED: tuple[str, ...] = (
 )
 
 _ROOT = Path(__file__).resolve().parent.parent
-_WATCHED = ("gateway", "keys", "llamagate")
+_WATCHED = ("gateway", "backend", "keys", "llamagate")
 
 
 def manifest_for(package_dir: Path) -> str:

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A tree with the watched packages and a build whose manifest matches them."""
     monkeypatch.delenv("LLAMAGATE_NATIVE", raising=False)
-    for package in ("gateway", "keys", "llamagate"):
+    for package in ("gateway", "backend", "keys", "llamagate"):
         (tmp_path / package).mkdir()
         (tmp_path / package / "m.py").write_text(f"NAME = {package!r}\n")
     build = tmp_path / native.BUILD_DIR
