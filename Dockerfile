@@ -68,13 +68,14 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 # The request path compiled with mypyc (scripts/build_native.py) beside the installed
 # packages, from a copy of the venv with mypy added, so the image carries no compiler or mypy.
-# The check fails the build if the gateway would run as plain Python.
+# The check (from /, not /src, so it imports the installed copy) fails the build if the
+# gateway would run as plain Python.
 COPY scripts/build_native.py ./scripts/build_native.py
 RUN cp -a /opt/venv /opt/build-venv \
  && /opt/build-venv/bin/python -m pip install --no-cache-dir --quiet -c requirements.lock mypy setuptools \
  && site="$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
- && /opt/build-venv/bin/python scripts/build_native.py --out "$site/.build/native" \
- && /opt/venv/bin/python -c 'import gateway.proxy as p; assert "/.build/native/" in p.__file__, p.__file__' \
+ && /opt/build-venv/bin/python scripts/build_native.py --strict --out "$site/.build/native" \
+ && cd / && /opt/venv/bin/python -c 'import gateway.proxy as p; assert "/.build/native/" in p.__file__, p.__file__' \
  && rm -rf /opt/build-venv
 
 # --- runtime ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export LLAMA_SERVER_PATH ?= $(LLAMA_SERVER)
 export DATA_DIR
 
-.PHONY: help setup run test bench lint typecheck llama-server test-model docker docker-cpu clean
+.PHONY: help setup native run test bench lint typecheck llama-server test-model docker docker-cpu clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -23,17 +23,16 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev]'
 	@touch $@
 
-# the request path compiled with mypyc (scripts/build_native.py); rebuilt when any source the
-# build's digest covers changes, and skipped with a warning where there is no C compiler
-NATIVE := .build/native.stamp
-$(NATIVE): $(STAMP) scripts/build_native.py $(shell find gateway backend keys llamagate -name '*.py')
-	$(PY) scripts/build_native.py
-	@touch $@
+# the request path compiled with mypyc; the script compares its digest of the sources with the
+# build's, so it runs every time (a new, edited or deleted module rebuilds) and returns at once
+# when nothing changed; where it cannot compile it warns, once per version of the sources
+native: $(STAMP) ## compile the request path with mypyc into .build/native (scripts/build_native.py)
+	@$(PY) scripts/build_native.py
 
 $(LLAMA_SERVER):
 	CUDA=$(CUDA) PYTHON=$(PY) bash scripts/build_llama_server.sh
 
-setup: $(STAMP) $(NATIVE) $(LLAMA_SERVER) ## virtualenv, dependencies, compiled request path, llama-server (cached)
+setup: $(STAMP) native $(LLAMA_SERVER) ## virtualenv, dependencies, compiled request path, llama-server (cached)
 
 llama-server: $(LLAMA_SERVER) ## build llama-server (CUDA=1 for GPU) into ~/.cache/llamagate
 	@echo $(LLAMA_SERVER)

@@ -36,9 +36,10 @@ _ROOT = Path(__file__).resolve().parent.parent
 _WATCHED = ("gateway", "backend", "keys", "llamagate")
 
 
-def manifest_for(package_dir: Path) -> str:
-    """What build_native writes beside a build: the digest and the interpreter it is for."""
-    return json.dumps({"digest": _digest(package_dir.parent), "abi": _abi()})
+def manifest_for(root: Path) -> str:
+    """What build_native writes beside a build: the digest of the sources under `root` and
+    the interpreter it is for."""
+    return json.dumps({"digest": _digest(root), "abi": _abi()})
 
 
 def use_native(package_path: list[str], root: Path = _ROOT) -> bool:
@@ -47,16 +48,19 @@ def use_native(package_path: list[str], root: Path = _ROOT) -> bool:
         return False
     build = root / BUILD_DIR
     try:
-        manifest = json.loads((build / "manifest.json").read_text())
-    except (OSError, ValueError):
+        manifest = (build / "manifest.json").read_text()
+    except OSError:
         return False  # never built (no compiler, or installed without make setup)
-    if manifest.get("abi") != _abi():
+    try:
+        current = manifest == manifest_for(root)
+    except OSError:  # a source that cannot be read: nothing to compare the build with
+        current = False
+    if not current:
+        print("llamagate: .build/native was built from other sources or for another Python; "
+              "running the gateway as plain Python (make setup rebuilds it)", file=sys.stderr)
         return False
-    if manifest.get("digest") != _digest(root):
-        print("llamagate: .build/native was built from other sources; running the gateway as "
-              "plain Python (make setup rebuilds it)", file=sys.stderr)
-        return False
-    sys.path.append(str(build))  # mypyc's shared runtime library is a top-level module
+    # mypyc's runtime library is a top-level module of the build: found here before anywhere
+    sys.path.insert(0, str(build))
     package_path.insert(0, str(build / "gateway"))
     return True
 
@@ -65,7 +69,8 @@ def _digest(root: Path) -> str:
     h = hashlib.sha256()
     for package in _WATCHED:
         for source in sorted((root / package).rglob("*.py")):
-            h.update(str(source.relative_to(root)).encode() + b"\0" + source.read_bytes())
+            if not source.name.startswith("."):  # an editor's lock or backup file
+                h.update(str(source.relative_to(root)).encode() + b"\0" + source.read_bytes())
     return h.hexdigest()
 
 

@@ -171,7 +171,7 @@ class ResponsesCollector(_Events):
 
     def __init__(self) -> None:
         super().__init__()
-        self._response: dict[str, Any] | None = None
+        self._response: object = None  # a dict unless the backend sent something else
 
     def event(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")

@@ -25,7 +25,7 @@ def checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         (tmp_path / package / "m.py").write_text(f"NAME = {package!r}\n")
     build = tmp_path / native.BUILD_DIR
     (build / "gateway").mkdir(parents=True)
-    (build / "manifest.json").write_text(native.manifest_for(tmp_path / "gateway"))
+    (build / "manifest.json").write_text(native.manifest_for(tmp_path))
     before = list(sys.path)
     yield tmp_path
     sys.path[:] = before  # use_native adds the build for mypyc's runtime library
@@ -44,6 +44,11 @@ def test_an_edited_source_leaves_the_build_unused(
     assert not native.use_native(path, checkout)
     assert path == [str(checkout / "gateway")]
     assert "make setup rebuilds it" in capsys.readouterr().err
+
+
+def test_an_editors_lock_file_is_not_a_source(checkout: Path) -> None:
+    (checkout / "gateway" / ".#m.py").symlink_to("user@host.1234")  # dangling, as Emacs makes
+    assert native.use_native([], checkout)
 
 
 def test_a_new_module_leaves_the_build_unused(checkout: Path) -> None:
@@ -79,6 +84,6 @@ def test_this_checkout_runs_what_its_build_says() -> None:
     the build loads.)"""
     env = {"PATH": "/usr/bin:/bin"}
     manifest = ROOT / native.BUILD_DIR / "manifest.json"
-    current = manifest.exists() and manifest.read_text() == native.manifest_for(ROOT / "gateway")
+    current = manifest.exists() and manifest.read_text() == native.manifest_for(ROOT)
     assert _proxy_module(env).endswith(".so") == current
     assert _proxy_module({**env, "LLAMAGATE_NATIVE": "0"}).endswith("gateway/proxy.py")

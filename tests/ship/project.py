@@ -21,7 +21,8 @@ DASHBOARD = GRAFANA / "dashboards" / "llamagate.json"
 # Environment variables the images or the service set that are not llamagate settings; each is
 # explained in docs/deployment.md (a test checks).
 NON_SETTINGS = frozenset({"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
-                          "PROMETHEUS_MULTIPROC_DIR"})
+                          "PROMETHEUS_MULTIPROC_DIR",
+                          "LLAMAGATE_NATIVE"})  # read at import by gateway/native.py
 
 
 @cache
