@@ -75,7 +75,7 @@ RUN cp -a /opt/venv /opt/build-venv \
  && /opt/build-venv/bin/python -m pip install --no-cache-dir --quiet -c requirements.lock mypy setuptools \
  && site="$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
  && /opt/build-venv/bin/python scripts/build_native.py --strict --out "$site/.build/native" \
- && cd / && /opt/venv/bin/python -c 'import gateway.proxy as p; assert "/.build/native/" in p.__file__, p.__file__' \
+ && cd / && /opt/venv/bin/python -c 'import gateway.upstream.proxy as p; assert "/.build/native/" in p.__file__, p.__file__' \
  && rm -rf /opt/build-venv
 
 # --- runtime ---------------------------------------------------------------------------------

@@ -2,4 +2,4 @@
 
 from gateway.native import use_native
 
-use_native(__path__)
+use_native()

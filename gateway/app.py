@@ -17,21 +17,26 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import edge, keys_wiring, openapi, pipeline, proxy, routes
-from gateway.admission import Admission
-from gateway.catalog import ModelCatalog
-from gateway.client_address import ClientAddress
-from gateway.cors import Cors
-from gateway.http_server import EdgeServer
-from gateway.metrics import BackendCollector, GatewayMetrics, make_registries
-from gateway.model_metrics import ModelStateCollector
-from gateway.shared_admission import SharedAdmission
-from gateway.shared_limits import SharedTable
+from core import runtime
+from core.config import Config
+from gateway import keys_wiring
+from gateway import middlewares as pipeline
+from gateway import stages as edge
+from gateway.admin import openapi
+from gateway.admin.catalog import ModelCatalog
+from gateway.edge.client_address import ClientAddress
+from gateway.edge.handover import Finished, Tunnel
+from gateway.edge.server import EdgeServer
+from gateway.observe import probes as routes
+from gateway.observe.metrics import BackendCollector, GatewayMetrics, make_registries
+from gateway.observe.model_metrics import ModelStateCollector
+from gateway.policy.admission import Admission
+from gateway.policy.cors import Cors
+from gateway.policy.shared_admission import SharedAdmission
+from gateway.policy.shared_limits import SharedTable
 from gateway.state import APP_STATE, AppState
-from gateway.tunnel import Finished, Tunnel
-from gateway.upstream import Upstream
-from llamagate import runtime
-from llamagate.config import Config
+from gateway.upstream import proxy
+from gateway.upstream.backend import Upstream
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     app.router.add_get("/metrics", routes.metrics)
     app.router.add_get("/openapi.json", openapi.handler(
         admin=config.auth_enabled, models_admin=wiring.control_socket is not None))
-    # /v1/* is answered by gateway/edge.py, before aiohttp (see Served below)
+    # /v1/* is answered by gateway/stages.py, before aiohttp (see Served below)
     # keyring, limits, usage, audit, /admin routes (models, pulls and profiles via the socket)
     shared = wiring.limits_file if config.auth_enabled else None  # several workers
     keys_wiring.install(

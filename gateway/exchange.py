@@ -29,9 +29,9 @@ class Exchange:
     fallback: str | None = None  # the model that answered for one cooling down (X-Model-Fallback)
     deadline: float = 0.0  # loop time after which the timeout sweeper cancels the request
     timed_out: bool = False
-    unstream: bool = False  # a non-streaming completion fetched as a stream (gateway/unstream.py)
+    unstream: bool = False  # a non-streaming completion fetched as a stream (gateway/upstream/fold.py)
     n: int = 1  # choices per prompt
-    tasks: int = 1  # final events the backend ends with: n per prompt (gateway/usage.py)
+    tasks: int = 1  # final events the backend ends with: n per prompt (gateway/observe/metering.py)
 
     @property
     def ttft(self) -> float | None:

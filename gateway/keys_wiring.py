@@ -19,11 +19,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway import admin, control_client
-from gateway.auth import AddressThrottle
-from gateway.ratelimit import RateLimiter
-from gateway.shared_limits import SharedTable, limiters
-from gateway.shared_throttle import SharedAddressThrottle
+from gateway.admin import control_client
+from gateway.admin import routes as admin
+from gateway.policy.auth import AddressThrottle
+from gateway.policy.ratelimit import RateLimiter
+from gateway.policy.shared_limits import SharedTable, limiters
+from gateway.policy.shared_throttle import SharedAddressThrottle
 from gateway.state import AppState
 from keys.model import Limits
 from keys.reloader import KeyReloader

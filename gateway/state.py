@@ -11,20 +11,20 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.admission import Slots
-from gateway.catalog import ModelCatalog
-from gateway.client_address import ClientAddress
-from gateway.cors import Cors
+from core.config import Config
+from gateway.admin.catalog import ModelCatalog
+from gateway.edge.client_address import ClientAddress
 from gateway.exchange import Exchange
-from gateway.metrics import GatewayMetrics
-from gateway.upstream import Upstream
+from gateway.observe.metrics import GatewayMetrics
+from gateway.policy.admission import Slots
+from gateway.policy.cors import Cors
+from gateway.upstream.backend import Upstream
 from keys.reloader import KeyReloader
 from keys.usage_recorder import UsageRecorder
-from llamagate.config import Config
 
 if TYPE_CHECKING:  # both read APP_STATE from here
-    from gateway.auth import AddressThrottle
-    from gateway.ratelimit import RateLimiter
+    from gateway.policy.auth import AddressThrottle
+    from gateway.policy.ratelimit import RateLimiter
 
 
 @dataclass
@@ -58,7 +58,7 @@ class AppState:
     auth_failures: AddressThrottle | None = None
     clock: Callable[[], float] = time.time  # wall clock for key expiry and rotation grace
     cors: Cors = field(default_factory=lambda: Cors(()))
-    # who the client is behind TRUSTED_PROXIES (gateway/client_address.py)
+    # who the client is behind TRUSTED_PROXIES (gateway/edge/client_address.py)
     clients: ClientAddress = field(default_factory=lambda: ClientAddress(()))
 
     def drain_deadline_now(self) -> None:

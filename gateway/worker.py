@@ -19,10 +19,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from core.entry import config_or_exit, loop_factory
 from gateway.app import Wiring, create_app, serve
 from gateway.drain import drain
 from gateway.state import APP_STATE
-from llamagate.entry import config_or_exit, loop_factory
 
 log = logging.getLogger("llamagate.gateway")
 

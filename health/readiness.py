@@ -3,7 +3,7 @@
 /ping follows RunPod's load-balancer contract: 200 ready, 204 initializing,
 503 unhealthy. A writer whose heartbeat is older than `stale_after` is treated
 as hung or dead, so a stopped gateway reads as unhealthy rather than a hang. A dead
-gateway worker's file is not read at all (llamagate/runtime.py): it counts as down
+gateway worker's file is not read at all (core/runtime.py): it counts as down
 until serve has restarted it, not as hung for good.
 """
 

@@ -16,11 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
+from core import runtime
+from core.config import Config
+from core.entry import config_or_exit
+from core.gpu import gpu_info
 from health.readiness import Verdict, judge
-from llamagate import runtime
-from llamagate.config import Config
-from llamagate.entry import config_or_exit
-from llamagate.gpu import gpu_info
 
 VERSION = "0.1.0"
 CONFIG = web.AppKey("config", Config)

@@ -7,8 +7,8 @@ import platform as py_platform
 from importlib import metadata
 from typing import Any
 
-from llamagate.config import Config
-from llamagate.gpu import gpu_info
+from core.config import Config
+from core.gpu import gpu_info
 
 
 def _version(dist: str) -> str:

@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: llamagate {serve|keys|pull|make-test-model} [options]")
         return 0
     if command == "serve":
-        from llamagate.entry import config_or_exit
+        from core.entry import config_or_exit
         from llamagate.serve import serve
 
         return serve(config_or_exit("serve"))
@@ -34,8 +34,8 @@ def _keys(rest: list[str]) -> int:
     """`llamagate keys`: key_mgmt on the files the service uses (AUTH_KEYS_FILE, USAGE_DB,
     both defaulting under DATA_DIR as the config resolves it); an explicit
     --keys-file/--usage-db still wins."""
+    from core.config import ConfigError, load_config
     from keys.cli import main as keys_main
-    from llamagate.config import ConfigError, load_config
 
     try:
         config = load_config(os.environ)

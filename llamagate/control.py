@@ -4,7 +4,7 @@ Model management has exactly one owner: the registry, the pull jobs and the
 router's served set live in the serve process, so two gateway workers can never
 run the same download or race on the overrides file. The gateway's /admin/models,
 /admin/pull, /admin/jobs and /admin/profile routes check the admin scope and
-forward here (gateway/control_client.py); nothing else can reach this socket.
+forward here (gateway/admin/control_client.py); nothing else can reach this socket.
 
     GET    /models                  registry + serving state
     POST   /models/rescan

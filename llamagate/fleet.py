@@ -28,7 +28,7 @@ from backend.models.errors import ProfileError, UnknownModel
 from backend.models.profiles import Profile, load_profiles
 from backend.models.registry import ModelEntry, ModelRegistry
 from backend.router import RoutedModel, RouterClient, RouterError, RouterStatus, preset_text
-from llamagate.config import Config
+from core.config import Config
 
 log = logging.getLogger("llamagate.fleet")
 

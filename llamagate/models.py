@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamagate.config import Config
+from core.config import Config
 
 log = logging.getLogger("llamagate.serve")
 

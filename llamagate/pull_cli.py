@@ -20,7 +20,7 @@ from backend.models.download import CancelToken
 from backend.models.errors import PullError
 from backend.models.hub import HubClient
 from backend.models.puller import PullProgress, run_pull
-from llamagate.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:

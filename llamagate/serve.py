@@ -28,6 +28,7 @@ from prometheus_client import multiprocess
 
 from backend.argv import ServerSpec, common_options
 from backend.binary import BinaryNotFound, find_llama_server
+from backend.external import ExternalBackend
 from backend.models.errors import ModelsError
 from backend.models.hub import HubClient
 from backend.models.jobs import JobStore
@@ -37,16 +38,15 @@ from backend.models.registry import ModelRegistry
 from backend.restarts import RestartPolicy
 from backend.router import RouterClient, args_to_options
 from backend.supervisor import StartupError, Supervisor
-from gateway import shared_limits
-from gateway.admission import Admission
-from gateway.admission_hub import AdmissionHub
-from llamagate import runtime
+from core import runtime
+from core.config import Config
+from core.entry import loop_factory
+from gateway.policy import shared_limits
+from gateway.policy.admission import Admission
+from gateway.policy.admission_hub import AdmissionHub
 from llamagate.banner import banner, diagnostics
 from llamagate.children import Child
-from llamagate.config import Config
 from llamagate.control import create_control_app
-from llamagate.entry import loop_factory
-from llamagate.external import ExternalBackend
 from llamagate.fleet import Fleet, FleetError, merge_last_used, read_profile
 from llamagate.models import ModelChoice, choose_model
 

@@ -49,7 +49,7 @@ def build(out: Path, manifest: str) -> None:
                 with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
                     setup(
                         name="llamagate-native",
-                        ext_modules=mypycify([f"gateway/{name}.py" for name in COMPILED],
+                        ext_modules=mypycify([name.replace(".", "/") + ".py" for name in COMPILED],
                                              opt_level="3", target_dir=str(Path(tmp) / "c")),
                         script_args=["--quiet", "build_ext", "--build-lib", str(staged),
                                      "--build-temp", str(Path(tmp) / "o")],

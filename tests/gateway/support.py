@@ -21,9 +21,9 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.config import load_config
 from gateway.app import Served, Wiring, create_app, serve
 from gateway.state import APP_STATE, AppState
-from llamagate.config import load_config
 from tests.gateway.fake_upstream import BACKEND_KEY, MODEL
 
 

@@ -12,8 +12,8 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.admission import Admission, QueueFull, QueueTimeout
 from gateway.drain import drain
+from gateway.policy.admission import Admission, QueueFull, QueueTimeout
 from tests.gateway.conftest import StartGateway
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import Gateway, RawRequest, assert_openai_error, wait_until

@@ -1,4 +1,4 @@
-"""The proxy's HTTP client to llama-server (gateway/backend_http.py) against the fake
+"""The proxy's HTTP client to llama-server (gateway/upstream/client.py) against the fake
 backend on 127.0.0.1: keep-alive reuse, the pool's bound, chunked and cut-short bodies,
 closing what is abandoned, and the one safe retry of a stale pooled connection.
 
@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import uvloop
 
-from gateway.backend_http import BackendBroken, BackendConnectError, BackendPool
+from gateway.upstream.client import BackendBroken, BackendConnectError, BackendPool
 from tests.gateway.fake_upstream import BACKEND_KEY, FakeUpstream
 from tests.gateway.support import Gateway, assert_openai_error, wait_until
 from tests.support.service import free_port

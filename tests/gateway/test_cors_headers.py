@@ -9,7 +9,7 @@ import pytest
 from aiohttp.typedefs import LooseHeaders
 from openai.types.chat import ChatCompletionMessageParam
 
-from gateway.cors import MAX_REQUESTED_NAMES, allow_headers
+from gateway.policy.cors import MAX_REQUESTED_NAMES, allow_headers
 from tests.gateway.conftest import StartGateway
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import Gateway, assert_openai_error

@@ -1,6 +1,6 @@
 """Multi-model: the request that finds its model unloadable (llama-server's router answers
 500 "failed to load") is served like the requests after it, which meet the cooldown: by the
-profile's fallback, or a 503 with Retry-After (gateway/proxy.py, _after_failed_load).
+profile's fallback, or a 503 with Retry-After (gateway/upstream/proxy.py, _after_failed_load).
 
 The fake answers as the router does; the catalog is given the states serve would publish."""
 
@@ -45,7 +45,7 @@ def models_sent(fake: FakeUpstream) -> list[str]:
 
 @pytest.mark.parametrize("extra", [
     {"max_tokens": 4},  # forwarded as it came
-    {},  # no max_tokens: fetched as a stream and answered as one body (gateway/unstream.py)
+    {},  # no max_tokens: fetched as a stream and answered as one body (gateway/upstream/fold.py)
 ])
 async def test_the_fallback_answers_the_request_that_found_the_model_broken(
         routed: Gateway, fake: FakeUpstream, http: aiohttp.ClientSession,

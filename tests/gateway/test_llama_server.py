@@ -17,7 +17,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from backend.argv import ServerSpec
 from backend.supervisor import Supervisor
-from llamagate import runtime
+from core import runtime
 from tests.gateway.support import Gateway, RawRequest, promtool_check, scrape, serve_gateway
 from tests.support.service import free_port, llama_server
 
@@ -103,7 +103,7 @@ async def test_non_stream_disconnect_frees_the_slot_within_a_second(
         backend: Backend, gateway: Gateway, http: aiohttp.ClientSession,
         path: str, body: dict[str, Any]) -> None:
     # llama-server itself checks a non-streaming client only after a silent second on its
-    # result queue; the gateway fetches these as streams (gateway/unstream.py), which
+    # result queue; the gateway fetches these as streams (gateway/upstream/fold.py), which
     # llama-server checks at every token
     cap = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
     client = await RawRequest.send(gateway.url, path, {**body, cap: ENDLESS})

@@ -8,7 +8,7 @@ import json
 import aiohttp
 from openai.types.chat import ChatCompletionMessageParam
 
-from gateway.metrics import label_backend_metrics
+from gateway.observe.metrics import label_backend_metrics
 from tests.gateway.conftest import StartGateway
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import Gateway, Samples, promtool_check, scrape

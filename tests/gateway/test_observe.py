@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from llamagate.logs import JsonFormatter
+from core.logs import JsonFormatter
 from tests.gateway.conftest import StartGateway
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import Gateway, RawRequest, wait_until

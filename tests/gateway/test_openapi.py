@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway import proxy
+from gateway.upstream import proxy
 from tests.gateway.support import Gateway
 
 

@@ -45,7 +45,7 @@ async def test_body_is_forwarded_byte_for_byte_with_the_backend_key(
 
 async def test_a_non_streaming_completion_is_fetched_as_a_stream_and_answered_whole(
         gateway: Gateway, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
-    # see gateway/unstream.py: a stream is what lets a disconnect stop llama-server at once
+    # see gateway/upstream/fold.py: a stream is what lets a disconnect stop llama-server at once
     raw = b'{"messages": [{"role": "user", "content": "h\\u00e9"}], "max_tokens": 70, "x_extra": [1]}'
     async with http.post(gateway.url + CHAT, data=raw,
                          headers={"Content-Type": "application/json"}) as r:

@@ -1,5 +1,5 @@
 """GATEWAY_WORKERS > 1: one admission queue for every worker, held by the serve process
-(gateway/admission_hub.py) and asked over a Unix socket (gateway/shared_admission.py).
+(gateway/policy/admission_hub.py) and asked over a Unix socket (gateway/policy/shared_admission.py).
 
 First the hub and its clients in this process, on a real socket; then the real service
 with two workers in front of the fake upstream, where per-worker queues would admit
@@ -17,9 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.admission import Admission, AdmissionClosed, QueueFull, QueueTimeout
-from gateway.admission_hub import ACQUIRE, CANCEL, GRANTED, MESSAGE, RELEASE, AdmissionHub, messages
-from gateway.shared_admission import SharedAdmission
+from gateway.policy.admission import Admission, AdmissionClosed, QueueFull, QueueTimeout
+from gateway.policy.admission_hub import ACQUIRE, CANCEL, GRANTED, MESSAGE, RELEASE, AdmissionHub, messages
+from gateway.policy.shared_admission import SharedAdmission
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import RawRequest, assert_openai_error, wait_until
 from tests.support.service import Service

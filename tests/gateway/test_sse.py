@@ -8,7 +8,7 @@ import json
 import aiohttp
 from openai.types.chat import ChatCompletionMessageParam
 
-from gateway.sse import split
+from gateway.upstream.sse import split
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import Gateway, next_event, scrape, sse_data, wait_until
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from gateway.upstream import Upstream
-from llamagate.external import MISSES
+from backend.external import MISSES
+from gateway.upstream.backend import Upstream
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import wait_until
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from gateway.unstream import ResponsesCollector
-from gateway.usage import tokens_from_body, tokens_from_stream
+from gateway.observe.metering import tokens_from_body, tokens_from_stream
+from gateway.upstream.fold import ResponsesCollector
 
 
 def _sse(*events: dict[str, Any]) -> bytes:

@@ -1,5 +1,5 @@
 """Usage with `n` > 1: llama-server ends each choice with a final event of its own, and every
-choice's tokens are metered (gateway/usage.py). The streams below are what llama-server
+choice's tokens are metered (gateway/observe/metering.py). The streams below are what llama-server
 (0.3.36's) sent for the tiny model with n=2, max_tokens=2, byte for byte."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 
 from backend.argv import ServerSpec
 from backend.supervisor import Supervisor
-from gateway.unstream import Collector
-from gateway.usage import ChoiceTally, tokens_from_body, tokens_from_stream
-from llamagate import runtime
+from core import runtime
+from gateway.observe.metering import ChoiceTally, tokens_from_body, tokens_from_stream
+from gateway.upstream.fold import Collector
 from tests.gateway.support import Gateway, scrape, serve_gateway
 from tests.support.service import free_port, llama_server
 

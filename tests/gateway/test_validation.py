@@ -12,7 +12,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.errors import BadRequest
-from gateway.validation import MAX_TOKENS_CAP, validate
+from gateway.policy.validation import MAX_TOKENS_CAP, validate
 from tests.gateway.conftest import StartGateway
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.support import Gateway, assert_openai_error

@@ -1,4 +1,4 @@
-"""gateway/write_batch.py on real loopback connections, on both loop kinds: what the peer
+"""gateway/edge/write_batch.py on real loopback connections, on both loop kinds: what the peer
 can read at once (a non-blocking recv) shows whether a write was sent or is waiting."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 import uvloop
 
-from gateway.write_batch import BYPASS, WriteBatch
+from gateway.edge.write_batch import BYPASS, WriteBatch
 
 Pairs = list[tuple[asyncio.WriteTransport, socket.socket]]
 

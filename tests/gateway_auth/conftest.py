@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from llamagate.logs import JsonFormatter
+from core.logs import JsonFormatter
 from tests.gateway_auth.fakes import FakeBackend, KeyTool, serve_app
 
 

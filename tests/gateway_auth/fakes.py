@@ -15,10 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
+from core.config import Config
 from gateway.app import Wiring, create_app, serve
 from gateway.state import APP_STATE, AppState
 from keys.cli import main as keys_main
-from llamagate.config import Config
 from tests.support.service import Service
 
 MODELS = ("tiny", "other")

@@ -11,7 +11,7 @@ import openai
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from gateway.auth import is_canonical, presented_secret
+from gateway.policy.auth import is_canonical, presented_secret
 from tests.gateway_auth.fakes import FakeBackend, KeyTool, base_config, gateway
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

@@ -1,15 +1,15 @@
-"""Auth and rate limiting sit where gateway/pipeline.py says: inside the error renderer, auth
+"""Auth and rate limiting sit where gateway/middlewares.py says: inside the error renderer, auth
 before the rate limiter (a refused key must not spend anyone's budget)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from gateway import pipeline
-from gateway.auth import auth_middleware
-from gateway.cors import Cors
+from gateway import middlewares as pipeline
 from gateway.error_middleware import error_middleware
-from gateway.ratelimit import on_prepare, ratelimit_middleware
+from gateway.policy.auth import auth_middleware
+from gateway.policy.cors import Cors
+from gateway.policy.ratelimit import on_prepare, ratelimit_middleware
 
 
 def test_order() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.auth import AddressThrottle
-from gateway.ratelimit import KeyLimiter, LimitExceeded, RateLimiter, TokenBucket, format_reset
+from gateway.policy.auth import AddressThrottle
+from gateway.policy.ratelimit import KeyLimiter, LimitExceeded, RateLimiter, TokenBucket, format_reset
 from keys.model import Limits
 
 

@@ -1,4 +1,4 @@
-"""GATEWAY_WORKERS > 1: a key's rate limits are counted across workers (gateway/shared_limits.py).
+"""GATEWAY_WORKERS > 1: a key's rate limits are counted across workers (gateway/policy/shared_limits.py).
 
 First two workers' views of one table in this process, on a stopped clock; then the real
 service with two workers, where per-worker buckets would let a key through twice over."""
@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import shared_limits
-from gateway.ratelimit import KeyLimiter, LimitExceeded, RateLimiter
-from gateway.shared_limits import SharedKeyLimiter, SharedTable, limiters
+from gateway.policy import shared_limits
+from gateway.policy.ratelimit import KeyLimiter, LimitExceeded, RateLimiter
+from gateway.policy.shared_limits import SharedKeyLimiter, SharedTable, limiters
 from keys.model import Limits
 from tests.gateway_auth.fakes import FakeBackend, KeyTool, two_worker_service, worker_pids
 

@@ -1,5 +1,5 @@
 """GATEWAY_WORKERS > 1: failed authentications are counted per address across workers
-(gateway/shared_throttle.py). First two workers' views of one file in this process, on a
+(gateway/policy/shared_throttle.py). First two workers' views of one file in this process, on a
 stopped clock; then the real service with two workers."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.shared_throttle import SharedAddressThrottle
+from gateway.policy.shared_throttle import SharedAddressThrottle
 from tests.gateway_auth.fakes import FakeBackend, KeyTool, two_worker_service, worker_pids
 from tests.gateway_auth.test_ratelimit import Clock
 

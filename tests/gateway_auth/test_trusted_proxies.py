@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.client_address import ClientAddress
+from gateway.edge.client_address import ClientAddress
 from tests.gateway_auth.fakes import FakeBackend, KeyTool, base_config, gateway
 
 

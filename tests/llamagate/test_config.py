@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from llamagate.config import ConfigError, load_config, setting_names
-from llamagate.platform import Platform
+from core.config import ConfigError, load_config, setting_names
+from core.platform import Platform
 
 ROOT = Path(__file__).resolve().parents[2]
 

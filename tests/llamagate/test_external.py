@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from llamagate.external import health_state
+from backend.external import health_state
 
 
 @pytest.mark.parametrize(("status", "expected"), [

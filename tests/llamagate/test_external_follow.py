@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from llamagate.external import MISSES, ExternalBackend
+from backend.external import MISSES, ExternalBackend
 from tests.support.service import free_port
 
 Report = tuple[str, bool, tuple[str, ...] | None]

@@ -8,7 +8,7 @@ import io
 import json
 import logging
 
-from llamagate.logs import JsonFormatter, LineHandler, TextFormatter, info_fields
+from core.logs import JsonFormatter, LineHandler, TextFormatter, info_fields
 
 
 class CountingStream(io.StringIO):

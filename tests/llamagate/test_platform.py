@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from llamagate.platform import Platform, detect_platform
+from core.platform import Platform, detect_platform
 
 
 @pytest.mark.parametrize(("env", "files", "expected"), [

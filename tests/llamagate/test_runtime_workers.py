@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from llamagate import runtime
+from core import runtime
 
 
 def _dead_pid() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.catalog import ModelCatalog
+from gateway.admin.catalog import ModelCatalog
 from gateway.errors import BackendUnavailable
 
 

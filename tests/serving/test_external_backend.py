@@ -13,7 +13,7 @@ from pathlib import Path
 import requests
 
 from backend.argv import ServerSpec, build_argv
-from llamagate import runtime
+from core import runtime
 from tests.health.processes import children, cmdline, runtime_dir
 from tests.support.service import Service, free_port, llama_server, wait_for
 

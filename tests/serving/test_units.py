@@ -18,11 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from backend.models.overrides import OverrideStore
 from backend.models.registry import ModelRegistry
 from backend.router import RoutedModel, RouterClient, RouterStatus, args_to_options, parse_models, preset_text
-from gateway.catalog import ModelCatalog
+from core.config import load_config
+from gateway.admin.catalog import ModelCatalog
 from gateway.errors import BackendUnavailable
-from gateway.metrics import label_backend_metrics
-from gateway.model_metrics import merge_expositions
-from llamagate.config import load_config
+from gateway.observe.metrics import label_backend_metrics
+from gateway.observe.model_metrics import merge_expositions
 from llamagate.fleet import Fleet, FleetError, merge_last_used
 from tests.gateway.support import promtool_check
 from tests.models.pulling import until
@@ -269,7 +269,7 @@ def test_merge_last_used() -> None:
     assert merge_last_used(workers) == {"a": 7.0, "b": 9.0}
 
 
-# --- gateway/catalog.py ----------------------------------------------------------------
+# --- gateway/admin/catalog.py ----------------------------------------------------------------
 
 def test_catalog_routes_around_a_cooling_model() -> None:
     catalog = ModelCatalog(("a", "b", "c"), "a", "router")
@@ -298,7 +298,7 @@ def test_catalog_routes_around_a_cooling_model() -> None:
     assert [m["id"] for m in catalog.listing()["data"]] == ["a", "b", "c"]
 
 
-# --- gateway/model_metrics.py --------------------------------------------------------
+# --- gateway/observe/model_metrics.py --------------------------------------------------------
 
 LLAMACPP = """# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.
 # TYPE llamacpp:prompt_tokens_total counter

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from llamagate.config import load_config, setting_names
+from core.config import load_config, setting_names
 from tests.ship.dockerignore import DockerIgnore
 from tests.ship.project import (
     COMPOSE,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from core.config import setting_names
 from keys.cli import build_parser
 from llamagate.cli import main as llamagate_main
-from llamagate.config import setting_names
 from tests.ship.project import COMPOSE, DOCKERFILES, NON_SETTINGS, ROOT, dockerfile
 
 DOCS = sorted((ROOT / "docs").glob("*.md"))

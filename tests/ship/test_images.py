@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from llamagate.config import load_config, setting_names
+from core.config import load_config, setting_names
 from tests.ship.dockerfile import Dockerfile, Instruction, Stage
 from tests.ship.dockerignore import DockerIgnore
 from tests.ship.project import DOCKERFILES, NON_SETTINGS, ROOT, dockerfile, env_example, seconds

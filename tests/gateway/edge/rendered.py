@@ -1,5 +1,5 @@
 """Refusals answered as the gateway answers them (OpenAI-shaped error JSON through
-``refusal_error``, as gateway/edge.py), on the edge server of tests/gateway/edge/support.py
+``refusal_error``, as gateway/stages.py), on the edge server of tests/gateway/edge/support.py
 with the timeouts a test chooses: for the tests of stalled requests and compressed bodies."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from gateway.edge.call import Call, refusal_error
 from gateway.errors import error_parts
-from gateway.http_call import Call, refusal_error
 from tests.gateway.edge.support import Edge, Scenario
 from tests.gateway.edge.support import run_on as run_edge
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import uvloop
 
-from gateway.http_call import Call
-from gateway.http_server import EdgeServer
+from gateway.edge.call import Call
+from gateway.edge.server import EdgeServer
 from tests.gateway.http_client import Client
 
 BIG = 4 * 1024 * 1024

@@ -15,10 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import edge as gateway_edge
-from gateway.http_call import refusal_error
-from gateway.http_server import EdgeServer
-from gateway.tunnel import Tunnel
+from gateway import stages as gateway_edge
+from gateway.edge.call import refusal_error
+from gateway.edge.handover import Tunnel
+from gateway.edge.server import EdgeServer
 from tests.gateway.edge.rendered import run_on
 from tests.gateway.edge.support import Edge
 from tests.gateway.http_client import Client, request
@@ -27,7 +27,7 @@ from tests.gateway.support import Gateway, assert_openai_error, scrape
 STALL = 0.3
 # the server's clocks start a moment before the client's: bounds allow for that much
 SLACK = 0.05
-# the code a 408 is rendered with (whatever gateway/http_call.py names it)
+# the code a 408 is rendered with (whatever gateway/edge/call.py names it)
 CODE_408 = refusal_error((408, "")).code
 
 

@@ -1,0 +1,292 @@
+"""The one place that reads llamagate's settings from the environment.
+
+`load_config(environ)` parses every variable, collects every problem and raises
+one `ConfigError` naming each bad variable with the form it accepts. The result
+is a frozen `Config`; nothing else in the project reads `os.environ` for settings.
+Names match earlier single-model gateways (MODEL_NAME, MODEL_PATH, AUTH_KEYS_FILE…)
+so existing deployments switch unchanged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from core.platform import Platform, default_data_dir, detect_platform
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; `problems` lists them all."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class Config:
+    # model and backend
+    model_name: str | None = None
+    model_path: Path | None = None
+    models_dir: Path = Path("data/models")
+    data_dir: Path = Path("data")
+    llama_server_path: Path | None = None
+    backend_url: str | None = None
+    backend_api_key: str | None = field(default=None, repr=False)
+    port_backend: int = 8080
+    ngl: int | None = None
+    ctx: int = 4096
+    threads: int | None = None
+    parallel: int = 4
+    extra_args: tuple[str, ...] = ()
+    backend_start_timeout: float = 300.0
+    backend_stop_grace: float = 10.0
+    backend_max_restarts: int = 5
+    backend_restart_window: float = 300.0
+    backend_sleep_seconds: int = 0
+    # several models (llama-server router mode) and Hub pulls
+    profiles_file: Path = Path("data/profiles.yaml")
+    profile: str | None = None
+    max_loaded_models: int = 2
+    model_ttl_seconds: int = 0
+    model_cooldown_seconds: float = 60.0
+    hf_endpoint: str | None = None
+    hf_token: str | None = field(default=None, repr=False)
+    pull_concurrency: int = 1
+    pull_resume: bool = True
+    pull_retries: int = 5
+    # listeners
+    host: str = "0.0.0.0"
+    port: int = 8000
+    port_health: int = 8001
+    gateway_workers: int = 1
+    # auth and limits
+    auth_enabled: bool = True
+    auth_keys_file: Path = Path("data/keys.json")
+    metrics_public: bool = False
+    backend_metrics_names: str = "prometheus"  # llama-server's families as llamacpp_* (or :*)
+    max_requests_per_minute: int = 0
+    max_tokens_per_minute: int = 0
+    max_concurrent_per_key: int = 0
+    auth_failures_per_minute: int = 20
+    keys_reload_interval: float = 2.0
+    usage_db: Path = Path("data/usage.db")
+    usage_flush_interval: float = 1.0
+    # gateway edge
+    max_body_bytes: int = 10 * 1024 * 1024
+    request_timeout: float = 600.0
+    stream_to_backend_min_tokens: int = 64
+    max_concurrent_requests: int = 0
+    max_queue_size: int = 64
+    queue_timeout: float = 30.0
+    cors_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    log_level: str = "INFO"
+    log_format: str = "json"
+    log_prompts: bool = False
+    # lifecycle
+    shutdown_grace_seconds: float = 30.0
+    idle_shutdown_seconds: int = 0
+    platform: Platform = Platform.BARE_METAL
+
+    @property
+    def concurrency_limit(self) -> int:
+        """In-flight requests to the backend; defaults to its slot count."""
+        return self.max_concurrent_requests or self.parallel
+
+    @property
+    def supervise_backend(self) -> bool:
+        return self.backend_url is None
+
+
+class _Reader:
+    """Parses variables one by one, remembering every problem instead of stopping."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.env = environ
+        self.problems: list[str] = []
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def parse(self, name: str, conv: Callable[[str], T], default: T, form: str) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return conv(value)
+        except (ValueError, TypeError):
+            self.problems.append(f"{name}={value!r}: expected {form}")
+            return default
+
+    def integer(self, name: str, default: int, lo: int, hi: int) -> int:
+        def conv(v: str) -> int:
+            n = int(v)
+            if not lo <= n <= hi:
+                raise ValueError
+            return n
+
+        return self.parse(name, conv, default, f"an integer from {lo} to {hi}")
+
+    def opt_integer(self, name: str, lo: int, hi: int) -> int | None:
+        return self.parse(name, lambda v: _bounded_int(v, lo, hi), None, f"an integer from {lo} to {hi}")
+
+    def number(self, name: str, default: float, lo: float, hi: float) -> float:
+        def conv(v: str) -> float:
+            n = float(v)
+            if not lo <= n <= hi:
+                raise ValueError
+            return n
+
+        return self.parse(name, conv, default, f"a number of seconds from {lo:g} to {hi:g}")
+
+    def boolean(self, name: str, default: bool) -> bool:
+        return self.parse(name, _parse_bool, default, "true or false (also 1/0, yes/no, on/off)")
+
+    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+        def conv(v: str) -> str:
+            if v.lower() not in options:
+                raise ValueError
+            return v.lower()
+
+        return self.parse(name, conv, default, "one of " + ", ".join(options))
+
+    def port(self, name: str, default: int) -> int:
+        return self.integer(name, default, 0, 65535)
+
+
+def _bounded_int(v: str, lo: int, hi: int) -> int:
+    n = int(v)
+    if not lo <= n <= hi:
+        raise ValueError
+    return n
+
+
+def _parse_bool(v: str) -> bool:
+    low = v.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError
+
+
+def _url(v: str) -> str:
+    if not v.startswith(("http://", "https://")):
+        raise ValueError
+    return v.rstrip("/")
+
+
+def _origins(v: str) -> tuple[str, ...]:
+    items = tuple(o.strip().rstrip("/") for o in v.split(",") if o.strip())
+    for origin in items:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ValueError
+    return items
+
+
+def _proxies(v: str) -> tuple[str, ...]:
+    items = tuple(p.strip() for p in v.split(",") if p.strip())
+    for item in items:
+        if item != "*":
+            ipaddress.ip_network(item, strict=False)  # ValueError names a bad one
+    return items
+
+
+_NO_WORDS: tuple[str, ...] = ()
+
+
+def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
+    """Build the configuration from `environ`; raise ConfigError listing every bad variable."""
+    r = _Reader(environ)
+    platform = detect_platform(environ, root)
+    data_dir = Path(r.raw("DATA_DIR") or default_data_dir(platform))
+    models_dir = Path(r.raw("MODELS_DIR") or data_dir / "models")
+    model_path = r.raw("MODEL_PATH")
+    server_path = r.raw("LLAMA_SERVER_PATH")
+    values: dict[str, Any] = dict(
+        model_name=r.raw("MODEL_NAME"),
+        model_path=Path(model_path) if model_path else None,
+        models_dir=models_dir,
+        data_dir=data_dir,
+        llama_server_path=Path(server_path) if server_path else None,
+        backend_url=r.parse("BACKEND_URL", _url, None, "an http:// or https:// URL"),
+        backend_api_key=r.raw("BACKEND_API_KEY"),
+        port_backend=r.port("PORT_BACKEND", 8080),
+        ngl=r.opt_integer("NGL", -1, 100000),
+        ctx=r.integer("CTX", 4096, 0, 10_000_000),
+        threads=r.opt_integer("THREADS", 1, 1024),
+        parallel=r.integer("PARALLEL", 4, 1, 256),
+        extra_args=r.parse("EXTRA_ARGS", lambda v: tuple(shlex.split(v)), _NO_WORDS, "shell-style words"),
+        backend_start_timeout=r.number("BACKEND_START_TIMEOUT", 300.0, 1, 86400),
+        backend_stop_grace=r.number("BACKEND_STOP_GRACE", 10.0, 0, 600),
+        backend_max_restarts=r.integer("BACKEND_MAX_RESTARTS", 5, 1, 1000),
+        backend_restart_window=r.number("BACKEND_RESTART_WINDOW", 300.0, 1, 86400),
+        backend_sleep_seconds=r.integer("BACKEND_SLEEP_SECONDS", 0, 0, 10_000_000),
+        profiles_file=Path(r.raw("PROFILES_FILE") or data_dir / "profiles.yaml"),
+        profile=r.raw("PROFILE"),
+        max_loaded_models=r.integer("MAX_LOADED_MODELS", 2, 1, 256),
+        model_ttl_seconds=r.integer("MODEL_TTL_SECONDS", 0, 0, 10_000_000),
+        model_cooldown_seconds=r.number("MODEL_COOLDOWN_SECONDS", 60.0, 0, 86400),
+        hf_endpoint=r.parse("HF_ENDPOINT", _url, None, "an http:// or https:// URL"),
+        hf_token=r.raw("HF_TOKEN"),
+        pull_concurrency=r.integer("PULL_CONCURRENCY", 1, 1, 16),
+        pull_resume=r.boolean("PULL_RESUME", True),
+        pull_retries=r.integer("PULL_RETRIES", 5, 0, 100),
+        host=r.raw("HOST") or "0.0.0.0",
+        port=r.port("PORT", 8000),
+        port_health=r.port("PORT_HEALTH", 8001),
+        gateway_workers=r.integer("GATEWAY_WORKERS", 1, 1, 64),
+        auth_enabled=r.boolean("AUTH_ENABLED", True),
+        auth_keys_file=Path(r.raw("AUTH_KEYS_FILE") or data_dir / "keys.json"),
+        metrics_public=r.boolean("METRICS_PUBLIC", False),
+        backend_metrics_names=r.choice("BACKEND_METRICS_NAMES", "prometheus",
+                                       ("prometheus", "llamacpp")),
+        max_requests_per_minute=r.integer("MAX_REQUESTS_PER_MINUTE", 0, 0, 10_000_000),
+        max_tokens_per_minute=r.integer("MAX_TOKENS_PER_MINUTE", 0, 0, 10**12),
+        max_concurrent_per_key=r.integer("MAX_CONCURRENT_PER_KEY", 0, 0, 100_000),
+        auth_failures_per_minute=r.integer("AUTH_FAILURES_PER_MINUTE", 20, 1, 1_000_000),
+        keys_reload_interval=r.number("KEYS_RELOAD_INTERVAL", 2.0, 0, 3600),
+        usage_db=Path(r.raw("USAGE_DB") or data_dir / "usage.db"),
+        usage_flush_interval=r.number("USAGE_FLUSH_INTERVAL", 1.0, 0.05, 1.0),
+        max_body_bytes=r.integer("MAX_BODY_BYTES", 10 * 1024 * 1024, 1024, 2**31),
+        request_timeout=r.number("REQUEST_TIMEOUT", 600.0, 1, 86400),
+        stream_to_backend_min_tokens=r.integer("STREAM_TO_BACKEND_MIN_TOKENS", 64, 0, 10**9),
+        max_concurrent_requests=r.integer("MAX_CONCURRENT_REQUESTS", 0, 0, 100_000),
+        max_queue_size=r.integer("MAX_QUEUE_SIZE", 64, 0, 1_000_000),
+        queue_timeout=r.number("QUEUE_TIMEOUT", 30.0, 0.001, 86400),
+        cors_origins=r.parse("CORS_ORIGINS", _origins, _NO_WORDS, "a comma list of http(s) origins"),
+        trusted_proxies=r.parse("TRUSTED_PROXIES", _proxies, _NO_WORDS,
+                                "a comma list of IP addresses or networks (CIDR), or *"),
+        log_level=r.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),
+        log_format=r.choice("LOG_FORMAT", "json", ("json", "text")),
+        log_prompts=r.boolean("LOG_PROMPTS", False),
+        shutdown_grace_seconds=r.number("SHUTDOWN_GRACE_SECONDS", 30.0, 0, 86400),
+        idle_shutdown_seconds=r.integer("IDLE_SHUTDOWN_SECONDS", 0, 0, 10_000_000),
+        platform=platform,
+    )
+    if values["model_path"] is not None and values["backend_url"] is not None:
+        r.problems.append("MODEL_PATH and BACKEND_URL: set one, not both (BACKEND_URL serves an "
+                          "already running llama-server)")
+    if values["model_path"] is not None and values["profile"] is not None:
+        r.problems.append("MODEL_PATH and PROFILE: set one, not both (MODEL_PATH serves one model, "
+                          "PROFILE the models a profile names)")
+    if values["port"] == values["port_health"] != 0:
+        r.problems.append(f"PORT and PORT_HEALTH: must differ (both {values['port']})")
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Config(**values)
+
+
+def setting_names() -> list[str]:
+    """Environment variable names behind each Config field (for docs/.env.example checks)."""
+    return [f.name.upper() for f in fields(Config) if f.name != "platform"] + ["PLATFORM"]

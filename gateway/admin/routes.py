@@ -1,0 +1,122 @@
+"""Admin endpoints (the `admin` scope, checked by gateway/policy/auth.py before these run).
+
+    POST /admin/keys/reload              re-read the keys file now
+    GET  /admin/keys                     the keys, without secrets or hashes
+    GET  /admin/usage?key=&since=&until= usage rows per key, model and hour
+
+Every call is appended to the audit log with the acting key's id. Handlers are built by
+``routes()`` around the objects they use, so they need nothing from the app state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.errors import BadRequest
+from gateway.policy.auth import key_of
+from keys.audit import AuditLog
+from keys.db import open_db
+from keys.durations import parse_instant
+from keys.errors import KeysError
+from keys.model import ApiKey
+from keys.reloader import KeyReloader
+from keys.usage_recorder import UsageRecorder
+
+
+class Auditor:
+    """The gateway's connection to the audit log; writes run in a worker thread."""
+
+    def __init__(self, db_path: Path, clock: Callable[[], float] = time.time) -> None:
+        self._db_path = db_path
+        self._clock = clock
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()  # one statement at a time on the shared connection
+
+    async def open(self) -> None:
+        self._conn = await asyncio.to_thread(open_db, self._db_path, any_thread=True)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await asyncio.to_thread(self._locked, conn.close)
+
+    async def record(self, actor: str, action: str, target: str | None = None,
+                     detail: Mapping[str, object] | None = None) -> None:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("Auditor.open() has not been called")
+        ts = self._clock()
+        await asyncio.to_thread(self._locked, lambda: AuditLog(conn).record_audit(
+            ts=ts, actor=actor, action=action, target=target, detail=detail))
+
+    def _locked(self, call: Callable[[], None]) -> None:
+        with self._lock:
+            call()
+
+
+def describe_key(key: ApiKey) -> dict[str, object]:
+    """What an admin may see of a key: everything but its secret hashes."""
+    return {
+        "id": key.id, "name": key.name, "prefix": key.prefix, "scopes": sorted(key.scopes),
+        "created": key.created, "expires": key.expires, "disabled": key.disabled,
+        "limits": asdict(key.limits),
+        "models": None if key.models is None else sorted(key.models),
+        "previous_secrets_valid_until": [p.valid_until for p in key.previous],
+    }
+
+
+def _instant(request: web.Request, name: str) -> float | None:
+    raw = request.query.get(name, "").strip()
+    if not raw:
+        return None
+    with contextlib.suppress(ValueError):
+        seconds = float(raw)
+        if math.isfinite(seconds):
+            return seconds
+    try:
+        return parse_instant(raw, time.time(), future=False)
+    except KeysError:
+        raise BadRequest(f"'{name}' must be unix seconds, a duration like 24h, or an ISO date",
+                         param=name) from None
+
+
+def actor_of(request: web.Request) -> str:
+    key = key_of(request)
+    return "-" if key is None else key.id
+
+
+def routes(keys: KeyReloader, usage: UsageRecorder, audit: Auditor) -> list[web.RouteDef]:
+    async def reload(request: web.Request) -> web.Response:
+        result = keys.reload()
+        await audit.record(actor_of(request), "reload", None, {
+            "ok": result.ok, "keys": result.key_count, "file_missing": result.file_missing})
+        body = {"ok": result.ok, "keys": result.key_count, "error": result.error,
+                "file_missing": result.file_missing}
+        # A bad file keeps the last good keys: report it as a server-side failure.
+        return web.json_response(body, status=200 if result.ok else 500)
+
+    async def list_keys(request: web.Request) -> web.Response:
+        await audit.record(actor_of(request), "list_keys")
+        return web.json_response({"object": "list",
+                                  "data": [describe_key(k) for k in keys.keyring]})
+
+    async def read_usage(request: web.Request) -> web.Response:
+        key_id = request.query.get("key") or None
+        since, until = _instant(request, "since"), _instant(request, "until")
+        await audit.record(actor_of(request), "read_usage", key_id, {"since": since, "until": until})
+        await usage.flush()  # so the answer includes requests finished a moment ago
+        rows = await usage.usage(key_id, since, until)
+        return web.json_response({"object": "list", "data": [asdict(r) for r in rows]})
+
+    return [web.post("/admin/keys/reload", reload), web.get("/admin/keys", list_keys),
+            web.get("/admin/usage", read_usage)]

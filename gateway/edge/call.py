@@ -1,0 +1,173 @@
+"""One request on the edge server and the means to answer it (gateway/edge/server.py).
+
+An answer is either whole (``respond``: head and body in one write) or a stream
+(``start``, ``write``..., ``finish``: chunked, or read-until-close for HTTP/1.0).
+Every head carries the headers the server's ``decorate`` adds (request id, rate
+limits, CORS: gateway/stages.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from gateway.errors import BadRequest, GatewayError, error_body
+
+if TYPE_CHECKING:
+    from gateway.edge.server import HttpConnection
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+# paths without `/v1` that llama-server accepts too (clients whose base URL lacks it): the
+# edge server serves them as the `/v1` path, so auth, validation, limits and metrics agree
+ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions",
+           "/embeddings": "/v1/embeddings", "/models": "/v1/models"}
+_REFUSAL_CODES = {408: "request_timeout", 413: "payload_too_large", 414: "uri_too_long",
+                  431: "request_header_fields_too_large"}
+
+_date = ("", 0)
+
+
+def http_date() -> str:
+    """The Date header's value, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if now != _date[1]:
+        _date = (formatdate(now, usegmt=True), now)
+    return _date[0]
+
+
+class Call:
+    """One request and the means to answer it: a whole body, or a chunked stream."""
+
+    __slots__ = ("body", "conn", "ex", "headers", "http11", "key", "keep_alive", "method", "path",
+                 "query", "raw_headers", "refusal", "state", "status", "target", "ticket",
+                 "too_large", "_done")
+
+    def __init__(self, conn: HttpConnection, method: str, target: bytes, headers: dict[str, str],
+                 raw_headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool,
+                 http11: bool = True) -> None:
+        self.conn = conn
+        self.method = method
+        self.http11 = http11  # else HTTP/1.0: no chunked answers, keep-alive only on request
+        self.target = target
+        raw_path, _, query = target.partition(b"?")
+        path = raw_path.decode("latin-1")
+        self.path = unquote(path, errors="surrogateescape") if "%" in path else path
+        self.query = query.decode("latin-1")
+        self.headers = headers  # names in lower case; a repeated header: its first value
+        self.raw_headers = raw_headers
+        self.body = body
+        self.keep_alive = keep_alive
+        self.status = 0  # once the head is sent
+        self.ex: Any = None  # what the handler keeps per request (gateway/stages.py)
+        self.key: Any = None
+        self.ticket: Any = None
+        self.state: Any = conn.server.state
+        self.too_large = False  # the body was over MAX_BODY_BYTES and was not read
+        # not a request we accept (a 413 too): status, why; the handler answers it
+        self.refusal: tuple[int, str] | None = None
+        self._done = False
+
+    @property
+    def remote(self) -> str | None:
+        peer = self.conn.peer
+        return peer[0] if isinstance(peer, tuple) else None
+
+    @property
+    def path_qs(self) -> str:
+        return f"{self.path}?{self.query}" if self.query else self.path
+
+    @property
+    def started(self) -> bool:
+        return self.status != 0
+
+    def respond(self, status: int, body: bytes, content_type: str | None = "application/json",
+                headers: Mapping[str, str] | None = None) -> None:
+        """The whole answer, in one write."""
+        extra = f"Content-Type: {content_type}\r\n" if content_type else ""
+        if headers:
+            extra += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        if status in (204, 304):  # never a body, so no length either
+            body = b""
+        else:
+            extra += f"Content-Length: {len(body)}\r\n"
+        head = self._head(status, extra)
+        self._done = True
+        self.conn.write(head + body if self.method != "HEAD" else head)
+        self.conn.finished(self)
+
+    def start(self, status: int, headers: Mapping[str, str], first: bytes = b"") -> None:
+        """Begin a streamed answer (chunked; a HTTP/1.0 client reads until close), with
+        its ``first`` piece in the same write when it is already at hand."""
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        if self.http11:
+            extra += "Transfer-Encoding: chunked\r\n"
+        else:
+            self.keep_alive = False
+        head = self._head(status, extra)
+        self.conn.write(head + self.frame(first) if first else head)
+
+    def frame(self, data: bytes) -> bytes:
+        """``data`` as one piece of a streamed answer, as the wire carries it."""
+        if not data:
+            return b""  # an empty chunk would end the stream
+        return b"%x\r\n%b\r\n" % (len(data), data) if self.http11 else data
+
+    async def write(self, data: bytes) -> None:
+        conn = self.conn
+        if conn.closing:
+            raise ConnectionResetError("the client closed the connection")
+        if data:
+            conn.write(b"%x\r\n%b\r\n" % (len(data), data) if self.http11 else data)
+        if conn.paused:
+            await conn.drain()
+
+    def finish(self) -> None:
+        """End a streamed answer."""
+        if self._done:
+            return
+        self._done = True
+        if self.http11:
+            self.conn.write(b"0\r\n\r\n")
+        self.conn.finished(self)
+
+    def _head(self, status: int, extra: str) -> bytes:
+        self.status = status
+        server = self.conn.server
+        if not self.keep_alive or server.closing:
+            conn = "Connection: close\r\n"
+        else:  # HTTP/1.1 keeps the connection unless told; a 1.0 client must be told it is kept
+            conn = "" if self.http11 else "Connection: keep-alive\r\n"
+        return (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+                f"Date: {http_date()}\r\nServer: llamagate\r\n{extra}{conn}"
+                f"{server.decorate(self)}\r\n").encode("latin-1")
+
+    def settled(self) -> None:
+        """Answered by someone else (the aiohttp app, through the tunnel)."""
+        self._done = True
+
+    def abandon(self) -> None:
+        """The handler ended without finishing its answer: the connection cannot be reused."""
+        if self._done:
+            return
+        self._done = True
+        if not self.started and not self.conn.closing:
+            self.keep_alive = False
+            self.respond(500, error_body("internal gateway error", "server_error", "internal_error"))
+            return
+        self.conn.close()
+
+
+def refusal_error(refusal: tuple[int, str]) -> GatewayError:
+    """The error a refused request (``Call.refusal``) is answered with, by the handler."""
+    status, message = refusal
+    error = BadRequest(message, code=_REFUSAL_CODES.get(status, "invalid_request"))
+    error.status = status  # 400, 413, 414 or 431: all the client's fault, as BadRequest's
+    return error
+
+
+Handler = Callable[[Call], Awaitable[None]]

@@ -1,0 +1,400 @@
+"""The gateway's HTTP/1.1 server: parsed by httptools, answered in as few writes as possible.
+
+aiohttp's server cost ~75 µs of CPU per request on the machines we measure on, more
+than the rest of the proxy's hot path together (a bare httptools protocol proxying the
+same request: ~40 µs). So the requests that carry tokens (`/v1/*` and ``ALIASES``, not
+CORS preflights) and refused ones are served here, by the handler given to ``EdgeServer``;
+every other request (probes, /metrics, /admin, preflights) is handed to the aiohttp
+application through ``gateway/edge/handover.py``, with its middlewares and routes as they are.
+
+Per connection, requests are answered one at a time in order (pipelined ones wait
+in ``pending``). Each request runs in its own task, which is cancelled when the client
+goes away: that is what stops backend work for a departed client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+
+from gateway.edge import body as request_body
+from gateway.edge.call import ALIASES, Call, Handler
+from gateway.edge.sweep import LINGER, STALL_TIMEOUT, sweep
+from gateway.edge.write_batch import WriteBatch
+
+log = logging.getLogger("llamagate.gateway.http")
+
+# a pipelining client may queue this many requests before we stop reading from it
+MAX_PENDING = 16
+# the request line and each header field (aiohttp's limits), the number of header fields,
+# and all of a head: past them, 414/431 before anything is buffered without bound
+MAX_LINE = 8190
+MAX_HEADERS = 128
+MAX_HEAD = 64 * 1024
+
+
+class EdgeServer:
+    """Owns the listening socket's connections; ``fast`` decides who answers a request."""
+
+    def __init__(self, state: Any, handler: Handler, tunnel: Handler,
+                 decorate: Callable[[Call], str], max_body: int,
+                 keepalive_timeout: float = 75.0, stall_timeout: float = STALL_TIMEOUT) -> None:
+        self.state = state
+        self.handler = handler
+        self.tunnel = tunnel
+        self.decorate = decorate
+        self.max_body = max_body
+        self.keepalive_timeout = keepalive_timeout
+        self.stall_timeout = stall_timeout  # a request partly in, silent this long: 408 (http_sweep)
+        self.connections: set[HttpConnection] = set()
+        self.batch = WriteBatch()  # a busy loop pass's answers are sent together
+        self.closing = False
+        self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def fast(call: Call) -> bool:
+        if not call.path.startswith("/v1/"):
+            alias = ALIASES.get(call.path)  # off the `/v1/` path: its cost is not the hot path's
+            if alias is None:
+                return False
+            call.path = alias  # the tunnel forwards call.target, so a preflight keeps its path
+        # CORS preflights go to the aiohttp side, where the CORS stage answers them
+        return call.method != "OPTIONS" or "access-control-request-method" not in call.headers
+
+    def __call__(self) -> HttpConnection:
+        return HttpConnection(self)
+
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False,
+                     backlog: int = 2048) -> asyncio.Server:
+        server = await asyncio.get_running_loop().create_server(
+            self, host, port, reuse_port=reuse_port or None, backlog=backlog)
+        self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(sweep(self), name="http-sweep")
+        return server
+
+    async def stop_listening(self) -> None:
+        """Take no new connections; close the idle ones; busy ones close after their answer."""
+        self.closing = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.idle and not conn.receiving:
+                conn.close()
+
+    async def close(self, grace: float = 1.0) -> None:
+        """Stop; requests still running get ``grace`` seconds, then their clients are cut off."""
+        await self.stop_listening()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        running = {c.task for c in self.connections if c.task is not None}
+        if running:
+            await asyncio.wait(running, timeout=grace)
+        running = {c.task for c in self.connections if c.task is not None} | {
+            t for t in running if not t.done()}
+        for conn in list(self.connections):
+            conn.abort()  # whatever is left, even a client that stopped reading
+        if running:  # cut off: let them unwind before what they use is torn down
+            await asyncio.wait(running, timeout=grace)
+        for server in self._servers:
+            await server.wait_closed()
+
+
+class HttpConnection(asyncio.Protocol):
+    def __init__(self, server: EdgeServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer: Any = None
+        self.closing = False  # close() was called or the client left: write nothing more
+        self.closed_at = 0.0  # when close() was first called
+        self.paused = False
+        self.receiving = False  # a request is partly in
+        self.task: asyncio.Task[None] | None = None
+        self.current: Call | None = None
+        self.tunnel: Any = None  # aiohttp's protocol, while it answers (gateway/edge/handover.py)
+        self.pending: collections.deque[Call] = collections.deque()
+        self.idle_since = time.monotonic()
+        self._drain: asyncio.Future[None] | None = None
+        self._url: list[bytes] = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._size = 0
+        self._head = 0  # bytes received while a head was incomplete
+        self._in_head = False
+        self._host = False
+        self._encoded = False  # a Content-Encoding header: the body is decoded when whole
+        self._continue = False  # `Expect: 100-continue` to answer when the request's turn comes
+        self._refused = False
+
+    @property
+    def idle(self) -> bool:
+        return self.task is None and not self.pending
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.peer = transport.get_extra_info("peername")
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+        if self.transport is not None:
+            self.server.batch.drop(self.transport)
+        if self.tunnel is not None:
+            self.tunnel.connection_lost(exc)
+        if self.task is not None and self.current is not None and not self.current._done:
+            self.task.cancel()  # the client left: stop the backend's work for it
+        self.pending.clear()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError("the client closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        self.idle_since = time.monotonic()  # a slow upload is not an idle connection
+        if self._refused:
+            return  # after a 413 or a broken request: drained, never parsed
+        was_in_head = self._in_head
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(400, "protocol upgrades are not supported")  # answered, then closed
+            return
+        except httptools.HttpParserError:
+            self._refuse(400, "malformed HTTP request")
+            return
+        # a head still incomplete after a whole read: bound what the parser buffers for it
+        # (a read that completes a head is not counted: the rest of it may be body)
+        if was_in_head and self._in_head:
+            self._head += len(data)
+            if self._head > MAX_HEAD:
+                self._refuse(431, "the request head is too large")
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        tunnel = self.tunnel
+        if tunnel is not None and not tunnel.writing_paused:
+            tunnel.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.writing_paused:
+            tunnel.resume_writing()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.receiving = self._in_head = True
+        self._host = self._encoded = False
+        self._url = []
+        self._headers = []
+        self._body = []
+        self._size = 0
+        self._head = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        self._size += len(url)
+        if self._size > MAX_LINE:
+            self._refuse(414, "the request target is too long")
+            raise httptools.HttpParserError("target too long")  # stops the parser
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a chunked body's trailer: never a request header (aiohttp ignored them too)
+        self._headers.append((name, value))
+        if len(name) == 4 and name.lower() == b"host":
+            self._host = True
+        if len(name) + len(value) > MAX_LINE or len(self._headers) > MAX_HEADERS:
+            self._refuse(431, "a request header field is too large, or there are too many")
+            raise httptools.HttpParserError("headers too large")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._size = 0
+        expect = False
+        for name, value in self._headers:  # names compared by length first: most are neither
+            if len(name) == 14 and name.lower() == b"content-length":
+                if value.strip().isdigit() and int(value) > self.server.max_body:
+                    self._too_large()
+                    return
+            elif len(name) == 6 and name.lower() == b"expect":
+                expect = value.strip().lower() == b"100-continue"
+            elif len(name) == 16 and name.lower() == b"content-encoding":
+                self._encoded = True
+        if expect and self.parser.get_http_version() == "1.1":
+            if self.idle:
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            else:  # the answers before it must go out first
+                self._continue = True
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > self.server.max_body:
+            self._too_large()
+            raise httptools.HttpParserError("body too large")  # stops the parser
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.receiving = self._continue = False
+        if self._refused:
+            return
+        version = self.parser.get_http_version()  # llhttp also reads 0.9 and 2.0 request lines
+        if version not in ("1.0", "1.1") or (version == "1.1" and not self._host):
+            self._refuse(400, "an HTTP/1.1 request needs a Host header" if version == "1.1" else
+                         f"HTTP/{version} is not served here: use HTTP/1.1", whole_head=True)
+            return
+        if self.parser.should_upgrade():
+            # the parser stops at the head of an upgrade: a body would be lost, so such a
+            # request is refused; one without is answered as a plain request, the last one
+            if any(n.lower() in (b"content-length", b"transfer-encoding") and v.strip() != b"0"
+                   for n, v in self._headers):
+                self._refuse(400, "protocol upgrades are not supported", whole_head=True)
+                return
+            self._dispatch(self._call(b"", keep_alive=False))
+            return
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        call = self._call(body, self.parser.should_keep_alive())
+        if self._encoded:  # decoded (or refused) before anyone reads or forwards it
+            request_body.decode_call(call, self.server.max_body)
+        self._dispatch(call)
+
+    def _call(self, body: bytes, keep_alive: bool) -> Call:
+        # first value wins for a repeated header, as aiohttp's headers.get() gave
+        headers = {n.decode("latin-1").lower(): v.decode("latin-1").strip()
+                   for n, v in reversed(self._headers)}
+        target = b"".join(self._url)
+        if not target.startswith(b"/"):  # absolute form, as sent to a proxy
+            # Any: the stub types path and query bytes, but a part the target lacks is None,
+            # and compiled (gateway/native.py) that mismatch would raise
+            url: Any = httptools.parse_url(target)
+            target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
+        return Call(self, self.parser.get_method().decode("latin-1"), target, headers, self._headers,
+                    body, keep_alive, self.parser.get_http_version() == "1.1")
+
+    def _too_large(self) -> None:
+        """Answered 413 by the handler (logged, counted); the unread body is drained a moment,
+        then the connection closed (``finished``)."""
+        if self._refused:
+            return
+        self._refused = True
+        call = self._call(b"", keep_alive=False)
+        call.too_large = True
+        call.refusal = (413, "request body is too large (MAX_BODY_BYTES)")
+        self._dispatch(call)
+
+    def _dispatch(self, call: Call) -> None:
+        if self.task is None:
+            self._run(call)
+        else:
+            self.pending.append(call)
+            if len(self.pending) >= MAX_PENDING and self.transport is not None:
+                self.transport.pause_reading()
+
+    # answering
+
+    def write(self, data: bytes) -> None:
+        if not self.closing and self.transport is not None:
+            self.server.batch.write(self.transport, data)
+
+    async def drain(self) -> None:
+        if self.closing:
+            raise ConnectionResetError("the client closed the connection")
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.get_running_loop().create_future()
+        await self._drain
+
+    def finished(self, call: Call) -> None:
+        """``call``'s answer is all written: close now if it was the last one."""
+        if call.too_large and not self.closing and self.transport is not None:
+            self._linger()
+        elif not call.keep_alive or self.server.closing:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.closed_at = time.monotonic()
+        if self.transport is not None:
+            self.server.batch.flush(self.transport)
+            if not self.transport.is_closing():
+                self.transport.close()  # flushes what is buffered first
+
+    def abort(self) -> None:
+        """Cut the connection now, unsent bytes and all (a client that stopped reading)."""
+        self.close()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError("the connection was cut off"))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _linger(self) -> None:
+        assert self.transport is not None
+        self.closing = True
+        self.closed_at = time.monotonic()
+        if self.transport.can_write_eof():
+            self.server.batch.flush(self.transport)
+            self.transport.write_eof()  # the client sees the end of the answer and may close
+        asyncio.get_running_loop().call_later(LINGER, self.close)
+
+    def _run(self, call: Call) -> None:
+        # a refusal is the handler's, whatever its path: logged and counted as every answer
+        answer = self.server.handler if self.server.fast(call) or call.refusal is not None \
+            else self.server.tunnel
+        self.current = call
+        # a fresh context: nothing (a request id) carries over from the previous request
+        self.task = asyncio.get_running_loop().create_task(self._serve(call, answer),
+                                                           context=contextvars.Context())
+
+    async def _serve(self, call: Call, answer: Handler) -> None:
+        try:
+            await answer(call)
+        except (asyncio.CancelledError, ConnectionError):
+            pass  # the client left, or shutdown ended the request
+        except Exception:  # the handler renders its own errors; this is a bug
+            log.exception("unhandled error answering a request")
+        finally:
+            call.abandon()
+            self.task = self.current = None
+            self.idle_since = time.monotonic()
+        if self.closing:
+            return
+        if self.pending:
+            if self.transport is not None and len(self.pending) == MAX_PENDING:
+                self.transport.resume_reading()
+            self._run(self.pending.popleft())
+        elif self._continue:
+            self._continue = False
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def stalled(self) -> None:
+        """Nothing more of a partly received request came for the stall timeout."""
+        self._refuse(408, "the rest of the request did not arrive in time",
+                     whole_head=not self._in_head)
+
+    def _refuse(self, status: int, message: str, whole_head: bool = False) -> None:
+        """A request we cannot parse or accept: answered ``status`` by the handler in its turn,
+        then the connection is closed (what follows cannot be trusted to be a request)."""
+        if self._refused:
+            return
+        self._refused = True
+        # a head read whole gives its method, path and id; of a broken one nothing is trusted
+        call = self._call(b"", False) if whole_head else Call(self, "-", b"/", {}, [], b"", False)
+        call.refusal = (status, message)
+        self._dispatch(call)
+

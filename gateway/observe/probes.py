@@ -1,0 +1,97 @@
+"""The gateway's own endpoints: probes on the main port and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.observe.metrics import label_backend_metrics
+from gateway.observe.model_metrics import merge_expositions
+from gateway.state import APP_STATE, AppState
+
+
+def _ping_status(state: AppState) -> int:
+    status = state.upstream.status
+    if state.draining or status.draining:
+        return 503
+    if status.ready:
+        return 200
+    return 503 if status.state in ("circuit_open", "stopped", "unreachable", "error") else 204
+
+
+async def ping(request: web.Request) -> web.Response:
+    return web.Response(status=_ping_status(request.app[APP_STATE]))
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[APP_STATE]
+    code = _ping_status(state)
+    status = {200: "healthy", 204: "initializing"}.get(code, "unhealthy")
+    if state.draining or state.upstream.status.draining:
+        status = "draining"
+    body = {
+        "status": status,
+        "backend": {"state": state.upstream.status.state,
+                    "restarts": state.upstream.status.restarts},
+        "models": list(state.models.names),
+        "model_states": {n: s.get("state") for n, s in state.models.states.items()},
+        "in_flight": state.admission.in_flight,
+        "queued": state.admission.queued,
+        "auth": state.config.auth_enabled,
+    }
+    return web.json_response(body, status=200 if code == 200 else 503 if code == 503 else 200)
+
+
+async def _scrape(state: AppState, model: str | None) -> str:
+    upstream = state.upstream
+    # autoload=false: a model unloaded since its state was read must not load for a scrape
+    query = "" if model is None else f"?model={quote(model, safe='')}&autoload=false"
+    try:
+        async with upstream.session.get(f"{upstream.base_url}/metrics{query}",
+                                        headers=upstream.headers(None, "metrics-scrape"),
+                                        timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            if resp.status != 200:
+                return ""
+            return await resp.text()
+    except (TimeoutError, aiohttp.ClientError):
+        return ""
+
+
+async def _backend_metrics(state: AppState) -> str:
+    """llama-server's own metrics, labelled with the model; '' if unavailable.
+
+    In multi-model mode each loaded model's child is scraped through the router (a
+    scrape never loads a model)."""
+    if not state.upstream.status.ready:
+        return ""
+    catalog = state.models
+    colons = state.config.backend_metrics_names == "llamacpp"
+    if catalog.mode != "router":
+        return label_backend_metrics(await _scrape(state, None), catalog.default or "-", colons)
+    loaded = [n for n in catalog.names if catalog.states.get(n, {}).get("state") == "loaded"]
+    texts = await asyncio.gather(*(_scrape(state, n) for n in loaded))
+    return merge_expositions(label_backend_metrics(t, n, colons)
+                             for t, n in zip(texts, loaded, strict=True) if t)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[APP_STATE]
+    ours = generate_latest(state.exposed_registry).decode()
+    theirs = await _backend_metrics(state)
+    if "application/json" in request.headers.get("Accept", ""):
+        families = {}
+        for family in text_string_to_metric_families(ours + theirs):
+            families[family.name] = {
+                "type": family.type, "help": family.documentation,
+                "samples": [{"name": s.name, "labels": s.labels, "value": s.value}
+                            for s in family.samples]}
+        return web.Response(body=json.dumps(families), content_type="application/json")
+    return web.Response(body=(ours + theirs).encode(),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+

@@ -1,0 +1,80 @@
+"""The outermost stage: opens each request's record (its id, see request_id.py) and,
+when the response is finished (streams included), writes one JSON access line and
+one set of metric observations."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from core.logs import info_fields, request_id_var
+from gateway.exchange import Exchange
+from gateway.observe.metrics import GatewayMetrics
+from gateway.observe.request_id import open_exchange
+from gateway.state import APP_STATE
+
+access_log = logging.getLogger("llamagate.access")
+
+# probes and scrapes must not flood the log or the request metrics
+_QUIET = frozenset({"/ping", "/health", "/health/live", "/health/ready", "/metrics"})
+
+
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ex = open_exchange(request)
+    token = request_id_var.set(ex.request_id)
+    try:
+        if request.path in _QUIET:
+            return await handler(request)
+        status = 499  # client closed the request, unless we learn otherwise
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except (asyncio.CancelledError, ConnectionResetError):
+            ex.error = ex.error or "client_disconnected"
+            raise
+        finally:
+            record(request.app[APP_STATE].metrics, ex, status, request.method)
+    finally:
+        request_id_var.reset(token)
+
+
+def record(metrics: GatewayMetrics, ex: Exchange, status: int, method: str) -> None:
+    duration = time.monotonic() - ex.started
+    model, key_id, tokens = ex.model, ex.key_id, ex.tokens
+    metrics.requests_for(ex.route, str(status), model, key_id).inc()
+    metrics.duration_for(ex.route).observe(duration)
+    if ex.queue_wait is not None:
+        metrics.queue_wait.observe(ex.queue_wait)
+    ttft = ex.ttft
+    if ttft is not None and ex.inference:
+        metrics.ttft_for(model).observe(ttft)
+    if status < 400 and not ex.completed and ex.error is not None:
+        # begun as a success, ended early: backend gone, timeout, drain, or the client left
+        metrics.cut_short_for(ex.route, ex.error).inc()
+    if tokens is not None:
+        metrics.prompt_tokens_for(model, key_id).inc(tokens[0])
+        metrics.completion_tokens_for(model, key_id).inc(tokens[1])
+    if not access_log.isEnabledFor(logging.INFO):
+        return  # LOG_LEVEL above info: do not build a line nobody writes
+    fields = {
+        # the id is also in the logging context; naming it here keeps the line complete
+        # even if a handler formats the record later, outside this request's context
+        "request_id": ex.request_id,
+        "worker_pid": os.getpid(),  # which of GATEWAY_WORKERS served it
+        "method": method, "route": ex.route, "status": status, "key_id": key_id,
+        "model": model, "stream": ex.stream, "duration_ms": round(duration * 1000, 2),
+        "ttft_ms": None if ttft is None else round(ttft * 1000, 2),
+        "queue_ms": None if ex.queue_wait is None else round(ex.queue_wait * 1000, 2),
+        "tokens_in": tokens[0] if tokens else None,
+        "tokens_out": tokens[1] if tokens else None,
+        "error": ex.error,
+    }
+    if ex.prompt is not None:  # set only with LOG_PROMPTS=true
+        fields["prompt"] = ex.prompt
+    info_fields(access_log, "request", fields)

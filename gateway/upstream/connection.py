@@ -1,0 +1,248 @@
+"""One keep-alive connection to the backend and the response it carries
+(the pool that owns them is gateway/upstream/client.py, with the contract the proxy
+relies on). The connection is an asyncio Protocol; httptools parses each read in
+one pass and hands body bytes to the response as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+if TYPE_CHECKING:
+    from gateway.upstream.client import BackendPool
+
+# body bytes of an unread stream buffered here before reading from the backend pauses
+_PAUSE_AT = 1 << 18
+
+
+class BackendError(Exception):
+    pass
+
+
+class BackendConnectError(BackendError):
+    pass
+
+
+class BackendBroken(BackendError):
+    pass
+
+
+class Response:
+    """One backend response; ``status`` and ``content_type`` are set when it is returned."""
+
+    __slots__ = ("_chunks", "_conn", "_error", "_framed", "_got_bytes", "_head", "_headers_done",
+                 "_read_all", "_size", "_waiter", "complete", "content_type", "keep_alive", "status")
+
+    def __init__(self, conn: Connection, head: bool) -> None:
+        self._conn: Connection | None = conn
+        self._head = head  # a HEAD request: the answer has no body, whatever its headers say
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BackendBroken | None = None
+        self._headers_done = False
+        self._got_bytes = False
+        self._framed = False  # Content-Length or chunked; otherwise the body ends at EOF
+        self._read_all = False
+        self.status = 0
+        self.content_type = ""
+        self.keep_alive = False
+        self.complete = False
+
+    async def read(self) -> bytes:
+        """The whole body; raises BackendBroken if the connection breaks first."""
+        self._read_all = True
+        conn = self._conn
+        if conn is not None and conn.paused:
+            conn.resume()
+        while not self.complete:
+            if self._error is not None:
+                raise self._error
+            await self._arm()
+        chunks = self._chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    @property
+    def has_data(self) -> bool:
+        """Body bytes have arrived that ``read_chunk`` would return at once."""
+        return bool(self._chunks)
+
+    async def read_chunk(self) -> bytes:
+        """Everything that has arrived since the last call (waiting for something when
+        nothing has); b"" at the end of the body. Raises BackendBroken if the
+        connection breaks, once the bytes that did arrive have been returned."""
+        while not self._chunks:
+            if self.complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            await self._arm()
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        conn = self._conn
+        if conn is not None and conn.paused:
+            conn.resume()
+        return data
+
+    def close(self) -> None:
+        """Abandon the response: an unfinished one closes its connection."""
+        conn = self._conn
+        if conn is not None and not self.complete:
+            self._conn = None
+            conn.close()
+
+    def _arm(self) -> asyncio.Future[None]:
+        """A future that the connection resolves when something happens to this response
+        (awaited directly by the reader: one coroutine frame fewer on every resume)."""
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        return waiter
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _fail(self, message: str) -> None:
+        if not self.complete and self._error is None:
+            self._error = BackendBroken(message)
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection; it parses the response of the request it carries."""
+
+    def __init__(self, pool: BackendPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.resp: Response | None = None
+        self.counted = True  # holds one of the pool's places
+        self.uses = 0
+        self.idle_since = 0.0
+        self.paused = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement it
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        resp = self.resp
+        if resp is None:  # nothing may arrive unasked on an idle connection
+            self.close()
+            return
+        resp._got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            resp._fail(f"invalid response from the backend ({type(exc).__name__})")
+            self.resp = None
+            self.close()
+        else:
+            if resp.complete:
+                self._finish(resp)
+            elif resp._size > _PAUSE_AT and not resp._read_all and not self.paused:
+                self.paused = True  # the client reads slower than the backend writes
+                assert self.transport is not None
+                self.transport.pause_reading()
+        resp._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.forget(self)
+        if self.transport is not None:
+            self.pool.batch.drop(self.transport)
+        resp = self.resp
+        if resp is None:
+            return
+        self.resp = None
+        if resp._headers_done and not resp._framed and not resp.complete and \
+                resp.status >= 200 and resp.status not in (204, 304):
+            resp.complete = True  # a body delimited by the end of the connection
+        else:
+            reason = type(exc).__name__ if exc is not None else "closed by the backend"
+            resp._fail(f"the backend connection broke ({reason})")
+        resp._wake()
+
+    # -- httptools callbacks ---------------------------------------------------------
+    def on_message_begin(self) -> None:
+        resp = self.resp
+        if resp is None or resp.complete:
+            # a second answer to one request: stop parsing (the error closes the connection)
+            raise BackendBroken("the backend sent more than one response")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        resp = self.resp
+        assert resp is not None
+        lower = name.lower()
+        if lower == b"content-type":
+            resp.content_type = value.decode("latin-1")
+        elif lower == b"content-length" or lower == b"transfer-encoding":
+            resp._framed = True
+
+    def on_headers_complete(self) -> None:
+        resp = self.resp
+        assert resp is not None
+        resp.status = self.parser.get_status_code()
+        resp.keep_alive = self.parser.should_keep_alive()
+        resp._headers_done = True
+        if resp._head:
+            # llhttp would wait for the body the headers announce; end here and do not
+            # reuse a connection whose parser is mid-message
+            resp.complete, resp.keep_alive = True, False
+
+    def on_body(self, body: bytes) -> None:
+        resp = self.resp
+        assert resp is not None
+        if not resp.complete:
+            resp._chunks.append(body)
+            resp._size += len(body)
+
+    def on_message_complete(self) -> None:
+        resp = self.resp
+        assert resp is not None
+        resp.complete = True
+
+    # -- the pool's side -------------------------------------------------------------
+    def send(self, resp: Response, data: bytes) -> None:
+        assert self.transport is not None
+        self.resp = resp
+        self.uses += 1
+        if self.transport.is_closing():  # closed by the backend; connection_lost is on its way
+            resp._fail("the backend connection broke (closed by the backend)")
+            return
+        self.pool.batch.write(self.transport, data)
+
+    @property
+    def usable(self) -> bool:
+        return self.counted and self.transport is not None and not self.transport.is_closing()
+
+    def _finish(self, resp: Response) -> None:
+        self.resp = None
+        resp._conn = None
+        if resp.keep_alive and self.counted:
+            if self.paused:
+                self.resume()
+            self.pool.put(self)
+        else:
+            self.close()
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.pool.batch.drop(self.transport)  # a request not sent yet never starts
+            self.transport.close()
+        self.pool.forget(self)

@@ -1,0 +1,401 @@
+"""Forwards /v1/* requests to llama-server: validate, admit, forward, relay.
+
+The body is forwarded byte for byte; only inference routes are parsed (for
+validation, the model name and token limits). Backend work is cancelled as soon
+as the client goes away: the edge server cancels the request's task, and an
+unfinished upstream response is closed, not returned to the pool, which makes
+llama-server drop the request and free its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+
+from gateway.edge.call import Call
+from gateway.errors import (
+    BackendUnavailable,
+    BadGateway,
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    RateLimited,
+    UpstreamTimeout,
+    sse_error_event,
+)
+from gateway.exchange import Exchange
+from gateway.observe.metering import tokens_from_body
+from gateway.policy import auth, ratelimit, validation
+from gateway.policy.admission import AdmissionClosed, QueueFull, QueueTimeout
+from gateway.policy.validation import model_of, prompt_of, validate
+from gateway.state import AppState
+from gateway.upstream import fold as unstream
+from gateway.upstream import sse
+from gateway.upstream.client import BackendBroken, BackendError, Response
+
+log = logging.getLogger("llamagate.gateway.proxy")
+
+# the request's body for another model (a fallback after a failed load)
+Retarget = Callable[[str], bytes]
+OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+# validated, metered and limited: the OpenAI ones, and llama-server's Anthropic Messages,
+# OpenAI Responses and rerank endpoints, which run the same models on the same slots
+INFERENCE_ROUTES = validation.ROUTES
+# generation routes whose bodies are forms (an audio file): metered, not validated
+METERED_FORMS = frozenset({"/v1/audio/transcriptions"})
+# what the edge server answers here, as (path, method); "*": any method but OPTIONS
+ROUTES = frozenset({(p, "POST") for p in OPENAI_ROUTES}
+                   | {("/v1/models", "GET"), ("/v1/{path}", "*")})
+# how often the sweeper looks for requests past their timeout: a per-request timer costs
+# every request ~10 µs (uvloop timer handles); this bounds how late a timeout fires
+SWEEP_INTERVAL = 0.05
+_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?").fullmatch  # X-Request-Timeout
+
+
+def request_timeout(raw: str | None, default: float) -> float:
+    """The X-Request-Timeout header's seconds (1-600), or the default."""
+    if raw is None:
+        return default
+    # a plain decimal: float() would also take "1_0", "inf" and " 5 "
+    value = float(raw) if _SECONDS(raw) else -1.0
+    if not 1 <= value <= 600:
+        raise BadRequest("X-Request-Timeout must be a number of seconds from 1 to 600",
+                         code="invalid_timeout")
+    return value
+
+
+async def handle(call: Call) -> None:
+    state: AppState = call.state
+    ex: Exchange = call.ex
+    raw = call.body
+    retarget: Retarget | None = None
+    if call.method == "GET" and call.path == "/v1/models" and state.models.mode == "router":
+        # several models: our own listing (the router's would show paths and argv)
+        _respond(call, 200, json.dumps(state.models.listing()).encode(), "application/json")
+        return
+    if retrieves_model(call):
+        _retrieve_model(call, state, call.path.removeprefix("/v1/models/"))
+        return
+    if call.path in INFERENCE_ROUTES and call.method != "POST":
+        # llama-server would answer its own 404 (with a numeric code): the route exists
+        raise MethodNotAllowed(f"{call.path} takes POST, not {call.method}",
+                               headers={"Allow": "POST"})
+    if call.method == "POST" and call.path in INFERENCE_ROUTES:
+        info = validate(call.path, raw)
+        ex.inference, ex.stream, ex.max_tokens = True, info.stream, info.max_tokens
+        ex.n, ex.tasks = info.n, info.tasks
+        if state.config.log_prompts:
+            ex.prompt = prompt_of(call.path, info.body)
+        model = state.models.resolve(info.model)
+        if model is None:  # ex.model stays "-": a client must not mint metric label values
+            raise NotFound(f"model '{info.model}' does not exist; available: "
+                           f"{', '.join(state.models.names)}", code="model_not_found", param="model")
+        ex.model = model
+        key = call.key
+        auth.check_model(key, ex, call.method, state)  # the model asked for, before any fallback
+        # 503 while it cools down, or its fallback (only one the key may use too)
+        routed = state.models.route(model, lambda m: auth.may_use(key, m))
+        ex.model = routed
+        if routed != model:
+            ex.fallback = routed
+        if not info.stream and call.path in unstream.ROUTES and info.body is not None and (
+                info.max_tokens is None or info.tasks > 1
+                or info.max_tokens >= state.config.stream_to_backend_min_tokens):
+            # see gateway/upstream/fold.py; short answers skip it: llama-server streams cost it
+            # per token, and what a short one can run on for after a hang-up is bounded.
+            # Several tasks never do: llama-server's own body counts one task's tokens
+            raw = unstream.stream_body({**info.body, "model": routed}, call.path)
+            ex.unstream = True
+        elif ex.fallback is not None:
+            raw = json.dumps({**(info.body or {}), "model": routed}).encode()
+        if state.models.mode == "router" and info.body is not None:
+            body = info.body
+
+            def retarget(model: str) -> bytes:
+                changed = {**body, "model": model}
+                return (unstream.stream_body(changed, call.path) if ex.unstream
+                        else json.dumps(changed).encode())
+        state.activity.touch()
+    elif call.method == "POST" and raw:
+        # any other route whose body names a model (count_tokens, and whatever llama-server
+        # adds) runs that model: it must be one served, and one the key may use
+        named = model_of(raw, call.headers.get("content-type"))
+        if named is not None or call.path in METERED_FORMS:
+            model = state.models.resolve(named)
+            if model is None:
+                raise NotFound(f"model '{named}' does not exist; available: "
+                               f"{', '.join(state.models.names)}", code="model_not_found",
+                               param="model")
+            ex.model = model
+        if call.path in METERED_FORMS:
+            ex.inference = True  # it generates, and its answer carries usage
+            state.activity.touch()
+    auth.check_model(call.key, ex, call.method, state)  # 403 for a model outside the allowlist
+    ratelimit.reserve_tokens(state, call.ticket, ex)  # tokens/min; the edge settles it
+    timeout = request_timeout(call.headers.get("x-request-timeout"), state.config.request_timeout)
+    status = state.upstream.status
+    if not status.ready:
+        status = state.upstream.refresh()
+    if state.draining or status.draining:
+        raise BackendUnavailable("the server is shutting down", code="shutting_down", retry_after=5)
+    if not status.ready:
+        # a crash-looping backend's circuit stays open for a minute: say when it is tried again
+        wait = 5.0 if status.retry_at is None else max(1.0, status.retry_at - time.time())
+        raise BackendUnavailable(f"the backend is not ready ({status.state})", retry_after=wait)
+
+    loop = asyncio.get_running_loop()
+    # the timeout counts queueing too (expire() below enforces it): a client's deadline is
+    # end to end, and a request whose client has given up should not take a slot
+    ex.deadline = loop.time() + timeout
+    task = asyncio.current_task()
+    assert task is not None
+    state.active[ex] = task
+    state.idle.clear()
+    metrics = state.metrics
+    counted = not metrics.live_gauges
+    # reads (model listings, props) take no slot: llama-server answers them at once
+    reads = call.method in ("GET", "HEAD")
+    if not reads:
+        try:
+            await _admit(state, ex, counted)
+        except BaseException:  # refused, timed out or left while queued: no longer active
+            _leave(state, ex)
+            raise
+    try:
+        await _exchange(call, state, ex, raw, retarget)
+    except asyncio.CancelledError:
+        if not (ex.shutdown or ex.timed_out):
+            raise  # the client went away
+        task.uncancel()
+        if ex.shutdown:
+            _end_stream(call, ex, "the server is shutting down", "server_error", "shutting_down")
+        elif call.started:  # headers already sent: end the stream with an event
+            _end_stream(call, ex, f"the request exceeded its timeout of {timeout:g}s",
+                        "timeout", "upstream_timeout")
+        else:
+            raise UpstreamTimeout(f"the backend did not answer within {timeout:g}s") from None
+    finally:
+        if not reads:
+            state.admission.release()
+            if counted:
+                metrics.in_flight.dec()
+        _leave(state, ex)
+
+
+def retrieves_model(call: Call) -> bool:
+    """GET /v1/models/{model}: answered by ``handle`` itself, never forwarded."""
+    return call.method == "GET" and call.path.startswith("/v1/models/")
+
+
+def _retrieve_model(call: Call, state: AppState, name: str) -> None:
+    """GET /v1/models/{model} (the SDK's models.retrieve), which llama-server lacks."""
+    # only a name the catalog lists (an empty catalog accepts any name for a request)
+    if state.models.resolve(name) != name or name not in state.models.names \
+            or not auth.may_use(call.key, name):
+        raise NotFound(f"model '{name}' does not exist", code="model_not_found", param="model")
+    _respond(call, 200, json.dumps({"id": name, "object": "model", "created": 0,
+                                    "owned_by": "llamagate"}).encode())
+
+
+async def _admit(state: AppState, ex: Exchange, counted: bool) -> None:
+    """Wait for a backend slot; the caller takes the request out of state.active when
+    none is given."""
+    metrics = state.metrics
+    queued_at = time.monotonic()
+    if counted:
+        metrics.queue_depth.inc()
+    # a refusal for a full queue never waited; every other outcome did, and the waits that
+    # ended in a timeout or a departed client are the ones most worth observing
+    waited = True
+    try:
+        await state.admission.acquire()
+    except QueueFull:
+        waited = False
+        metrics.rejections.labels("queue_full").inc()
+        raise RateLimited("too many requests are queued; retry shortly", code="queue_full",
+                          retry_after=1) from None
+    except QueueTimeout:
+        metrics.rejections.labels("queue_timeout").inc()
+        raise BackendUnavailable("timed out waiting for a free backend slot", code="queue_timeout",
+                                 retry_after=2) from None
+    except AdmissionClosed:
+        raise BackendUnavailable("the server is shutting down", code="shutting_down",
+                                 retry_after=5) from None
+    except asyncio.CancelledError:
+        if not (ex.timed_out or ex.shutdown):
+            raise  # the client went away while queued
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        if ex.shutdown:
+            raise BackendUnavailable("the server is shutting down", code="shutting_down",
+                                     retry_after=5) from None
+        metrics.rejections.labels("queue_timeout").inc()
+        raise UpstreamTimeout("the request's timeout ran out while it waited for a backend "
+                              "slot") from None
+    finally:
+        if counted:
+            metrics.queue_depth.dec()
+        if waited:
+            ex.queue_wait = time.monotonic() - queued_at
+    if counted:
+        metrics.in_flight.inc()
+
+
+def _leave(state: AppState, ex: Exchange) -> None:
+    if state.active.pop(ex, None) is not None and not state.active:
+        state.idle.set()
+
+
+async def expire(state: AppState) -> None:
+    """Cancel requests past their timeout (the handler turns that into a 504 or a final event)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL)  # the sweep period, see SWEEP_INTERVAL
+        now = loop.time()
+        for ex, task in list(state.active.items()):
+            if now >= ex.deadline and not ex.timed_out and not ex.shutdown:
+                ex.timed_out = True
+                task.cancel()
+
+
+def _end_stream(call: Call, ex: Exchange, message: str, type_: str, code: str) -> None:
+    """Close a request cut short by shutdown or its timeout: an SSE error event, or a 503."""
+    ex.error = code
+    if not call.started:
+        raise BackendUnavailable(message, code=code, retry_after=5)
+    call.conn.write(call.frame(sse_error_event(message, type_, code)))
+    call.finish()
+
+
+def _respond(call: Call, status: int, body: bytes, content_type: str | None = "application/json"
+             ) -> None:
+    """A whole answer; the key's limits are settled first, so its headers include this one."""
+    key = call.key
+    if key is not None:
+        if key.models is not None and status == 200 and call.path == "/v1/models":
+            body = auth.filter_models(body, key)
+        if call.ticket is not None:
+            ratelimit.settle(call.state, call.ticket, key, call.ex)
+    call.respond(status, body, content_type)
+
+
+async def _send(call: Call, state: AppState, ex: Exchange, raw: bytes) -> Response:
+    try:
+        return await state.upstream.send(call.method, call.path_qs, raw,
+                                         call.headers.get("content-type"), ex.request_id)
+    except BackendError as exc:  # its message says which: no connection, or one that broke
+        raise BackendUnavailable(str(exc), retry_after=2) from None
+
+
+async def _after_failed_load(call: Call, state: AppState, ex: Exchange, resp: Response,
+                             retarget: Retarget) -> Response:
+    """llama-server's router answers the request that finds its model unloadable with a 500
+    ("failed to load"); the requests after it meet the cooldown (gateway/admin/catalog.py). Serve
+    this one as those will be: by the model's fallback, or a 503 with Retry-After."""
+    key = call.key
+
+    def allowed(model: str) -> bool:
+        return auth.may_use(key, model)
+
+    requested, fallback_before = ex.model, ex.fallback
+    tried = {ex.model}
+    try:
+        while True:
+            body = await resp.read()  # a short JSON error; read() returns it again later
+            if f"name={ex.model} failed to load".encode() not in body:
+                return resp
+            fallback = state.models.fallback_of(ex.model, allowed)
+            if fallback is None or fallback in tried:
+                # nothing answered: the error, the access line and the metrics name the
+                # model asked for, and no X-Model-Fallback claims otherwise
+                ex.model, ex.fallback = requested, fallback_before
+                raise BackendUnavailable(
+                    f"model '{requested}' failed to load; it is refused for a while, "
+                    "see /admin/models", code="model_unavailable",
+                    retry_after=max(1, math.ceil(state.config.model_cooldown_seconds)))
+            tried.add(fallback)
+            state.models.touch(fallback)  # the fleet counts a failure only after a use
+            ex.model = ex.fallback = fallback
+            resp = await _send(call, state, ex, retarget(fallback))
+            if resp.status != 500:
+                return resp
+    except BackendBroken as exc:
+        resp.close()
+        raise BackendUnavailable(str(exc), retry_after=2) from None
+    except BaseException:
+        resp.close()  # cancelled while reading: the connection cannot go back to the pool
+        raise
+
+
+async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,
+                    retarget: Retarget | None = None) -> None:
+    resp = await _send(call, state, ex, raw)
+    if resp.status == 401:
+        _backend_refused_key(resp)
+    if resp.status == 500 and retarget is not None:
+        resp = await _after_failed_load(call, state, ex, resp, retarget)
+    try:
+        is_sse = resp.status == 200 and resp.content_type.startswith("text/event-stream")
+        if ex.stream and is_sse:
+            await sse.relay(call, resp, ex)
+            return
+        if ex.unstream and is_sse:
+            await _collect(call, resp, ex)
+            return
+        try:
+            body = await resp.read()
+        except BackendBroken as exc:
+            raise BackendUnavailable(str(exc), retry_after=2) from None
+        # no first_byte_at: llama-server sends a whole answer's head with its last token,
+        # so this request has no time to first token to observe
+        ex.completed = True
+        if ex.inference and resp.status == 200:
+            ex.tokens = tokens_from_body(body)
+        elif ex.inference and 400 <= resp.status < 500:
+            ex.tokens = (0, 0)  # refused before any work: its reservation is not a charge
+        _respond(call, resp.status, body, resp.content_type or None)
+    finally:
+        if not ex.completed:
+            resp.close()  # unfinished: drop the connection so llama-server stops the work
+
+
+def _backend_refused_key(resp: Response) -> None:
+    """llama-server checks only the gateway's own key (BACKEND_API_KEY): its 401 is the
+    operator's to fix, and passed on it would tell the client its valid key was wrong."""
+    resp.close()
+    global _refused_key_logged
+    if not _refused_key_logged:
+        _refused_key_logged = True
+        log.error("the backend refused the gateway's key: check BACKEND_API_KEY")
+    raise BadGateway("the backend refused the gateway's credentials; the operator must check "
+                     "its backend key", code="backend_auth_failed")
+
+
+_refused_key_logged = False
+
+
+async def _collect(call: Call, resp: Response, ex: Exchange) -> None:
+    """A non-streaming request's answer, read as a stream and sent as one body."""
+    collector = unstream.collector_for(call.path, ex.n)
+    try:
+        while chunk := await resp.read_chunk():
+            if ex.first_byte_at is None:  # the backend's first event: its time to first token
+                ex.first_byte_at = time.monotonic()
+            collector.feed(chunk)
+        body = collector.result()
+    except BackendBroken as exc:
+        raise BackendUnavailable(str(exc), retry_after=2) from None
+    except unstream.UpstreamError as exc:
+        # llama-server reported an error after it started streaming: answer as it would have
+        ex.completed = True
+        _respond(call, 500, json.dumps(exc.body).encode())
+        return
+    except ValueError:
+        raise BackendUnavailable("the backend sent an unreadable stream", retry_after=2) from None
+    ex.completed = True
+    ex.tokens = tokens_from_body(body)
+    _respond(call, 200, body)
