@@ -42,7 +42,7 @@ MAX_HEAD = 64 * 1024
 
 
 class EdgeServer:
-    """Owns the listening socket's connections; ``fast`` decides who answers a request."""
+    """Owns the listening socket's connections; ``unalias_and_is_direct`` decides who answers a request."""
 
     def __init__(self, state: Any, handler: Handler, tunnel: Handler,
                  decorate: Callable[[Call], str], max_body: int,
@@ -61,7 +61,9 @@ class EdgeServer:
         self._sweeper: asyncio.Task[None] | None = None
 
     @staticmethod
-    def fast(call: Call) -> bool:
+    def unalias_and_is_direct(call: Call) -> bool:
+        """Rewrite an alias path (``/chat/completions``) to its ``/v1`` path, then say
+        whether the request handler answers the call (True) or the aiohttp tunnel (False)."""
         if not call.path.startswith("/v1/"):
             alias = ALIASES.get(call.path)  # off the `/v1/` path: its cost is not the hot path's
             if alias is None:
@@ -354,8 +356,8 @@ class HttpConnection(asyncio.Protocol):
 
     def _run(self, call: Call) -> None:
         # a refusal is the handler's, whatever its path: logged and counted as every answer
-        answer = self.server.handler if self.server.fast(call) or call.refusal is not None \
-            else self.server.tunnel
+        direct = self.server.unalias_and_is_direct(call) or call.refusal is not None
+        answer = self.server.handler if direct else self.server.tunnel
         self.current = call
         # a fresh context: nothing (a request id) carries over from the previous request
         self.task = asyncio.get_running_loop().create_task(self._serve(call, answer),
