@@ -26,7 +26,7 @@ from gateway.admin import openapi
 from gateway.admin.catalog import ModelCatalog
 from gateway.edge.client_address import ClientAddress
 from gateway.edge.handover import Finished, Tunnel
-from gateway.edge.server import EdgeServer
+from gateway.edge.server import HttpServer
 from gateway.observe import probes as routes
 from gateway.observe.metrics import BackendCollector, GatewayMetrics, make_registries
 from gateway.observe.model_metrics import ModelStateCollector
@@ -103,7 +103,7 @@ class Served:
     """A listening gateway: the edge server in front, the aiohttp app behind it."""
 
     runner: web.AppRunner
-    edge: EdgeServer
+    edge: HttpServer
     port: int
 
     async def close(self) -> None:
@@ -119,7 +119,7 @@ async def serve(app: web.Application, host: str, port: int, *,
                            access_log_class=Finished)  # the tunnel's end-of-answer signal
     await runner.setup()
     state = app[APP_STATE]
-    server = EdgeServer(state, edge.handle, Tunnel(runner), edge.decorator(state.cors),
+    server = HttpServer(state, edge.handle, Tunnel(runner), edge.decorator(state.cors),
                         max_body=state.config.max_body_bytes)
     try:
         listening = await server.listen(host, port, reuse_port=reuse_port)

@@ -3,7 +3,7 @@
 aiohttp's server cost ~75 µs of CPU per request on the machines we measure on, more
 than the rest of the proxy's hot path together (a bare httptools protocol proxying the
 same request: ~40 µs). So the requests that carry tokens (`/v1/*` and ``ALIASES``, not
-CORS preflights) and refused ones are served here, by the handler given to ``EdgeServer``;
+CORS preflights) and refused ones are served here, by the handler given to ``HttpServer``;
 every other request (probes, /metrics, /admin, preflights) is handed to the aiohttp
 application through ``gateway/edge/handover.py``, with its middlewares and routes as they are.
 
@@ -41,7 +41,7 @@ MAX_HEADERS = 128
 MAX_HEAD = 64 * 1024
 
 
-class EdgeServer:
+class HttpServer:
     """Owns the listening socket's connections; ``unalias_and_is_direct`` decides who answers a request."""
 
     def __init__(self, state: Any, handler: Handler, tunnel: Handler,
@@ -114,7 +114,7 @@ class EdgeServer:
 
 
 class HttpConnection(asyncio.Protocol):
-    def __init__(self, server: EdgeServer) -> None:
+    def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)

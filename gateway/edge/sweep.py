@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway.edge.server import EdgeServer
+    from gateway.edge.server import HttpServer
 
 # after a 413 the unread body is drained for this long, so the client sees the answer
 # rather than a reset; then the connection is closed
@@ -32,8 +32,8 @@ LINGER = 2.0
 STALL_TIMEOUT = 60.0
 
 
-async def sweep(server: EdgeServer) -> None:
-    """Run the passes until cancelled (``EdgeServer.close``)."""
+async def sweep(server: HttpServer) -> None:
+    """Run the passes until cancelled (``HttpServer.close``)."""
     while True:
         # the pass period bounds how late either clock fires: half of the shorter one
         await asyncio.sleep(min(5.0, server.keepalive_timeout / 2, server.stall_timeout / 2))

@@ -31,7 +31,7 @@ async def _handler(edge: Edge, call: Call) -> None:
 
 
 def run_on(loop: str, scenario: Scenario, **timeouts: Any) -> None:
-    """``scenario`` against a server answering as above, built with ``timeouts`` (EdgeServer's
+    """``scenario`` against a server answering as above, built with ``timeouts`` (HttpServer's
     defaults for those not given)."""
     run_edge(loop, scenario, handler=_handler, tunnel=_handler, decorate="",
              **{"keepalive_timeout": 75.0, **timeouts})

@@ -14,7 +14,7 @@ from typing import Any
 import uvloop
 
 from gateway.edge.call import Call
-from gateway.edge.server import EdgeServer
+from gateway.edge.server import HttpServer
 from tests.gateway.http_client import Client
 
 BIG = 4 * 1024 * 1024
@@ -23,7 +23,7 @@ MAX_BODY = 1000
 
 @dataclass
 class Edge:
-    server: EdgeServer
+    server: HttpServer
     port: int
     seen: list[tuple[str, str]] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
@@ -87,9 +87,9 @@ Handler = Callable[[Edge, Call], Awaitable[None]]
 async def started_edge(handler: Handler = _handler, tunnel: Handler = _tunnel,
                        decorate: str = "X-Decorated: yes\r\n", **options: Any
                        ) -> AsyncIterator[Edge]:
-    """A fresh server; ``options``: EdgeServer's keyword arguments (its timeouts)."""
+    """A fresh server; ``options``: HttpServer's keyword arguments (its timeouts)."""
     holder: list[Edge] = []
-    server = EdgeServer(None, lambda c: handler(holder[0], c), lambda c: tunnel(holder[0], c),
+    server = HttpServer(None, lambda c: handler(holder[0], c), lambda c: tunnel(holder[0], c),
                         lambda c: decorate, max_body=MAX_BODY,
                         **{"keepalive_timeout": 0.4, **options})
     listening = await server.listen("127.0.0.1", 0)

@@ -18,7 +18,7 @@ import pytest
 from gateway import stages as gateway_edge
 from gateway.edge.call import refusal_error
 from gateway.edge.handover import Tunnel
-from gateway.edge.server import EdgeServer
+from gateway.edge.server import HttpServer
 from tests.gateway.edge.rendered import run_on
 from tests.gateway.edge.support import Edge
 from tests.gateway.http_client import Client, request
@@ -109,7 +109,7 @@ async def stalling(gateway: Gateway) -> AsyncIterator[int]:
     """A second edge server in front of ``gateway``'s app, wired as gateway/app.py wires
     its own, with a short stall timeout: its port."""
     state = gateway.state
-    server = EdgeServer(state, gateway_edge.handle, Tunnel(gateway.served.runner),
+    server = HttpServer(state, gateway_edge.handle, Tunnel(gateway.served.runner),
                         gateway_edge.decorator(state.cors), max_body=state.config.max_body_bytes,
                         stall_timeout=STALL)
     listening = await server.listen("127.0.0.1", 0)
