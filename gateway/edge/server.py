@@ -9,7 +9,10 @@ application through ``gateway/edge/handover.py``, with its middlewares and route
 
 Per connection, requests are answered one at a time in order (pipelined ones wait
 in ``pending``). Each request runs in its own task, which is cancelled when the client
-goes away: that is what stops backend work for a departed client.
+goes away: that is what stops backend work for a departed client. While a whole request
+waits its turn the connection is not read (as uvicorn does): a pipelining client gets
+one request held beyond the one being answered (and what one read brought with it), not
+as many bodies of MAX_BODY_BYTES as it cares to send.
 """
 
 from __future__ import annotations
@@ -32,8 +35,6 @@ from gateway.edge.write_batch import WriteBatch
 
 log = logging.getLogger("llamagate.gateway.http")
 
-# a pipelining client may queue this many requests before we stop reading from it
-MAX_PENDING = 16
 # the request line and each header field (aiohttp's limits), the number of header fields,
 # and all of a head: past them, 414/431 before anything is buffered without bound
 MAX_LINE = 8190
@@ -305,8 +306,8 @@ class HttpConnection(asyncio.Protocol):
             self._run(call)
         else:
             self.pending.append(call)
-            if len(self.pending) >= MAX_PENDING and self.transport is not None:
-                self.transport.pause_reading()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.pause_reading()  # until the queue is empty again (_serve)
 
     # answering
 
@@ -377,9 +378,9 @@ class HttpConnection(asyncio.Protocol):
         if self.closing:
             return
         if self.pending:
-            if self.transport is not None and len(self.pending) == MAX_PENDING:
-                self.transport.resume_reading()
             self._run(self.pending.popleft())
+            if not self.pending and self.transport is not None:
+                self.transport.resume_reading()  # the last one waiting is answered now
         elif self._continue:
             self._continue = False
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
