@@ -16,11 +16,12 @@ from typing import Any
 
 from aiohttp import web
 
+from backend.readiness import Readiness
 from core import runtime
 from core.config import Config
 from core.entry import config_or_exit
 from core.gpu import gpu_info
-from health.readiness import Verdict, judge
+from health.readiness import judge
 
 VERSION = "0.1.0"
 CONFIG = web.AppKey("config", Config)
@@ -28,7 +29,7 @@ RUNTIME_DIR = web.AppKey("runtime_dir", Path)
 WORKERS_SEEN = web.AppKey("workers_seen", dict[str, bool])
 
 
-def _verdict(app: web.Application) -> tuple[dict[str, Any] | None, list[dict[str, Any]], Verdict]:
+def _verdict(app: web.Application) -> tuple[dict[str, Any] | None, list[dict[str, Any]], Readiness]:
     rdir = app[RUNTIME_DIR]
     serve = runtime.read_state(rdir / runtime.SERVE_FILE)
     workers = runtime.read_workers(rdir)

@@ -11,41 +11,40 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from backend.readiness import DRAINING, Readiness, backend_readiness
 from gateway.observe.metrics import label_backend_metrics
 from gateway.observe.model_metrics import merge_expositions
 from gateway.state import APP_STATE, AppState
+from gateway.upstream.backend import BackendStatus
 
 
-def _ping_status(state: AppState) -> int:
-    status = state.upstream.status
-    if state.draining or status.draining:
-        return 503
-    if status.ready:
-        return 200
-    return 503 if status.state in ("circuit_open", "stopped", "unreachable", "error") else 204
+def verdict(draining: bool, status: BackendStatus) -> Readiness:
+    """This worker's readiness: draining (its own drain or serve's), else the backend's
+    state judged by the rules the health port uses too (backend/readiness.py)."""
+    if draining or status.draining:
+        return DRAINING
+    return backend_readiness(status.state, status.restarts)
 
 
 async def ping(request: web.Request) -> web.Response:
-    return web.Response(status=_ping_status(request.app[APP_STATE]))
+    state = request.app[APP_STATE]
+    return web.Response(status=verdict(state.draining, state.upstream.status).ping)
 
 
 async def health(request: web.Request) -> web.Response:
     state = request.app[APP_STATE]
-    code = _ping_status(state)
-    status = {200: "healthy", 204: "initializing"}.get(code, "unhealthy")
-    if state.draining or state.upstream.status.draining:
-        status = "draining"
+    status = state.upstream.status
+    ready = verdict(state.draining, status)
     body = {
-        "status": status,
-        "backend": {"state": state.upstream.status.state,
-                    "restarts": state.upstream.status.restarts},
+        "status": ready.status,
+        "backend": {"state": status.state, "restarts": status.restarts},
         "models": list(state.models.names),
         "model_states": {n: s.get("state") for n, s in state.models.states.items()},
         "in_flight": state.admission.in_flight,
         "queued": state.admission.queued,
         "auth": state.config.auth_enabled,
     }
-    return web.json_response(body, status=200 if code == 200 else 503 if code == 503 else 200)
+    return web.json_response(body, status=503 if ready.ping == 503 else 200)
 
 
 async def _scrape(state: AppState, model: str | None) -> str:
