@@ -24,8 +24,8 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     NotFound,
-    error_body,
     error_parts,
+    internal_error_body,
 )
 from gateway.exchange import Exchange
 from gateway.observe.record import record
@@ -77,7 +77,7 @@ async def _answer(call: Call, state: AppState, ex: Exchange) -> None:
         if call.started:
             raise
         log.exception("unhandled error")
-        call.respond(500, error_body("internal gateway error", "server_error", "internal_error"))
+        call.respond(500, internal_error_body())
 
 
 async def _authorized(call: Call, state: AppState, ex: Exchange) -> None:

@@ -30,6 +30,7 @@ from backend.models.errors import ModelsError, ProfileError, UnknownModel, Valid
 from backend.models.pull import PullManager
 from backend.models.registry import ModelRegistry
 from backend.router import RouterError, args_to_options
+from gateway.errors import error_body, error_type
 from llamagate.fleet import Fleet, FleetError
 
 log = logging.getLogger("llamagate.control")
@@ -48,10 +49,10 @@ class Owner(Protocol):
     async def models_changed(self) -> None: ...
 
 
-def error(status: int, message: str, code: str, type_: str = "invalid_request_error",
-          **extra: Any) -> web.Response:
-    body = {"error": {"message": message, "type": type_, "code": code, "param": None, **extra}}
-    return web.json_response(body, status=status)
+def error(status: int, message: str, code: str, **extra: Any) -> web.Response:
+    """The OpenAI error envelope, typed by the gateway's table (gateway/errors.py)."""
+    body = error_body(message, error_type(status)[0], code, extra=extra)
+    return web.Response(status=status, body=body, content_type="application/json")
 
 
 @web.middleware
@@ -66,15 +67,14 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except UnknownModel as exc:
         return error(404, str(exc), exc.code)
     except ModelsError as exc:
-        type_ = "server_error" if exc.http_status >= 500 else "invalid_request_error"
-        return error(exc.http_status, str(exc), exc.code, type_)
+        return error(exc.http_status, str(exc), exc.code)
     except FleetError as exc:
         return error(exc.http_status, str(exc), exc.code)
     except RouterError as exc:
-        return error(502, f"the backend refused: {exc}", "backend_error", "server_error")
+        return error(502, f"the backend refused: {exc}", "backend_error")
     except Exception:
         log.exception("control request failed")
-        return error(500, "internal error; see the server log", "internal_error", "server_error")
+        return error(500, "internal error; see the server log", "internal_error")
 
 
 async def _json(request: web.Request) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from gateway.errors import BadRequest, GatewayError, error_body
+from gateway.errors import GatewayError, error_body, error_for
 
 if TYPE_CHECKING:
     from gateway.edge.server import HttpConnection
@@ -25,8 +25,6 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 # edge server serves them as the `/v1` path, so auth, validation, limits and metrics agree
 ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions",
            "/embeddings": "/v1/embeddings", "/models": "/v1/models"}
-_REFUSAL_CODES = {408: "request_timeout", 413: "payload_too_large", 414: "uri_too_long",
-                  431: "request_header_fields_too_large"}
 
 _date = ("", 0)
 
@@ -165,9 +163,7 @@ class Call:
 def refusal_error(refusal: tuple[int, str]) -> GatewayError:
     """The error a refused request (``Call.refusal``) is answered with, by the handler."""
     status, message = refusal
-    error = BadRequest(message, code=_REFUSAL_CODES.get(status, "invalid_request"))
-    error.status = status  # 400, 413, 414 or 431: all the client's fault, as BadRequest's
-    return error
+    return error_for(status, message)  # 400, 408, 413, 414 or 431: typed by gateway/errors.py
 
 
 Handler = Callable[[Call], Awaitable[None]]

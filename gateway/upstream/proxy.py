@@ -22,6 +22,7 @@ from gateway.errors import (
     BackendUnavailable,
     BadGateway,
     BadRequest,
+    GatewayError,
     MethodNotAllowed,
     NotFound,
     RateLimited,
@@ -173,10 +174,10 @@ async def handle(call: Call) -> None:
             raise  # the client went away
         task.uncancel()
         if ex.shutdown:
-            _end_stream(call, ex, "the server is shutting down", "server_error", "shutting_down")
+            _end_stream(call, ex, BackendUnavailable("the server is shutting down",
+                                                     code="shutting_down", retry_after=5))
         elif call.started:  # headers already sent: end the stream with an event
-            _end_stream(call, ex, f"the request exceeded its timeout of {timeout:g}s",
-                        "timeout", "upstream_timeout")
+            _end_stream(call, ex, UpstreamTimeout(f"the request exceeded its timeout of {timeout:g}s"))
         else:
             raise UpstreamTimeout(f"the backend did not answer within {timeout:g}s") from None
     finally:
@@ -262,12 +263,12 @@ async def expire(state: AppState) -> None:
                 task.cancel()
 
 
-def _end_stream(call: Call, ex: Exchange, message: str, type_: str, code: str) -> None:
-    """Close a request cut short by shutdown or its timeout: an SSE error event, or a 503."""
-    ex.error = code
+def _end_stream(call: Call, ex: Exchange, error: GatewayError) -> None:
+    """Close a request cut short by shutdown or its timeout: an SSE error event, or the error."""
+    ex.error = error.code
     if not call.started:
-        raise BackendUnavailable(message, code=code, retry_after=5)
-    call.conn.write(call.frame(sse_error_event(message, type_, code)))
+        raise error
+    call.conn.write(call.frame(sse_error_event(error)))
     call.finish()
 
 

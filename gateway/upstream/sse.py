@@ -16,7 +16,7 @@ import time
 from collections import deque
 
 from gateway.edge.call import Call
-from gateway.errors import sse_error_event
+from gateway.errors import BadGateway, sse_error_event
 from gateway.exchange import Exchange
 from gateway.observe.metering import ChoiceTally, tokens_from_stream
 from gateway.upstream.client import BackendBroken, Response
@@ -68,9 +68,8 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
         except BackendBroken as exc:
             log.warning("backend stream broke: %s", exc)
             ex.error = "backend_stream_error"
-            await call.write(sse_error_event(
-                "the backend stopped in the middle of the stream", "server_error",
-                "backend_disconnected"))
+            await call.write(sse_error_event(BadGateway(
+                "the backend stopped in the middle of the stream", code="backend_disconnected")))
             break
         if not chunk:
             ex.completed = True
