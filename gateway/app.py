@@ -34,6 +34,7 @@ from gateway.policy.admission import Admission
 from gateway.policy.cors import Cors
 from gateway.policy.shared_admission import SharedAdmission
 from gateway.policy.shared_limits import SharedTable
+from gateway.stages import HeadGate
 from gateway.state import APP_STATE, AppState
 from gateway.upstream import proxy
 from gateway.upstream.backend import Upstream
@@ -120,7 +121,7 @@ async def serve(app: web.Application, host: str, port: int, *,
     await runner.setup()
     state = app[APP_STATE]
     server = HttpServer(state, edge.handle, Tunnel(runner), edge.decorator(state.cors),
-                        max_body=state.config.max_body_bytes)
+                        max_body=state.config.max_body_bytes, gate=HeadGate())
     try:
         listening = await server.listen(host, port, reuse_port=reuse_port)
     except BaseException:

@@ -7,6 +7,9 @@ aiohttp middlewares (each middleware layer cost every request a few µs):
 observe (request id, then metrics and the access log) → errors → auth → rate limit →
 proxy (validation → admission → forward → SSE relay).
 
+``HeadGate`` makes the same checks of a head alone (route, key, scope, rate limit) for the
+edge server, before it tells a client waiting with `Expect: 100-continue` to send its body.
+
 Headers every answer carries (request id, fallback model, rate limits, CORS) are
 added by ``decorate`` when the answer's head is written, so errors and streams get
 them too.
@@ -82,32 +85,56 @@ async def _answer(call: Call, state: AppState, ex: Exchange) -> None:
 
 async def _authorized(call: Call, state: AppState, ex: Exchange) -> None:
     if call.refusal is not None:  # any route: unparsable, or its body never read (413)
-        raise refusal_error(call.refusal)
+        raise refusal_error(call.refusal) if call.denied is None else call.denied
+    if call.key is None:
+        _admit(call, state, ex)
+    else:  # its head passed HeadGate: checked and admitted once, not again
+        ex.key_id = call.key.id
+    ticket = call.ticket
+    if ticket is None:
+        await proxy.handle(call)
+        return
+    try:
+        await proxy.handle(call)
+    finally:
+        ratelimit.settle(state, ticket, call.key, ex)
+
+
+def _admit(call: Call, state: AppState, ex: Exchange | None) -> None:
+    """What the head decides: the route, the key (``call.key``; ``ex`` names it), its scope,
+    its rate limit (``call.ticket``); raises the error the request is refused with."""
     # the path checks are for what goes to llama-server: a model's name may hold a `/` (the
     # SDK sends it as %2F), and GET /v1/models/{model} is answered here, never forwarded
     if not proxy.retrieves_model(call) and not is_canonical_target(call.path, call.target):
         raise NotFound("no such route", code="not_found")
     if not state.config.auth_enabled:
-        await proxy.handle(call)
         return
     clients = state.clients
     remote = call.remote if not clients.enabled else clients.of(
         call.remote, [v.decode("latin-1") for k, v in call.raw_headers
                       if k.lower() == b"x-forwarded-for"])
     key = authenticate(call.headers, remote, state)
-    ex.key_id = key.id
+    if ex is not None:
+        ex.key_id = key.id
     if not has_scope(key, SCOPE_INFERENCE):
         raise Forbidden(f"this API key lacks the '{SCOPE_INFERENCE}' scope", code="missing_scope")
+    call.ticket = ratelimit.admit(state, key)
     call.key = key
-    ticket = ratelimit.admit(state, key)
-    if ticket is None:
-        await proxy.handle(call)
-        return
-    call.ticket = ticket
-    try:
-        await proxy.handle(call)
-    finally:
-        ratelimit.settle(state, ticket, key, ex)
+
+
+class HeadGate:
+    """The edge server's ``Gate`` (gateway/edge/server.py): ``_admit`` for a head."""
+
+    def check(self, call: Call) -> GatewayError | None:
+        try:
+            _admit(call, call.state, None)
+        except GatewayError as exc:
+            return exc
+        return None  # call.key and call.ticket go with the request once its body is in
+
+    def release(self, call: Call) -> None:
+        if call.ticket is not None and call.key is not None:  # nothing was sent: nothing used
+            ratelimit.settle(call.state, call.ticket, call.key, Exchange(request_id="-", route="-"))
 
 
 def decorator(cors: Cors) -> Callable[[Call], str]:

@@ -3,22 +3,27 @@
 An answer is either whole (``respond``: head and body in one write) or a stream
 (``start``, ``write``..., ``finish``: chunked, or read-until-close for HTTP/1.0).
 Every head carries the headers the server's ``decorate`` adds (request id, rate
-limits, CORS: gateway/stages.py).
+limits, CORS: gateway/stages.py). Every header value is checked for CR, LF and NUL as
+the head is serialized (``_lines``, ``_decorated``): one that would end its line early
+(a backend's header passed through, a name a client chose) is dropped, never written.
+
+``Connection`` is what a Call needs of its connection, so that this module, and those that
+only handle calls, need not import the server (gateway/edge/server.py implements it).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from gateway.errors import GatewayError, error_body, error_for
 
-if TYPE_CHECKING:
-    from gateway.edge.server import HttpConnection
+log = logging.getLogger("llamagate.gateway.http")
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 # paths without `/v1` that llama-server accepts too (clients whose base URL lacks it): the
@@ -27,6 +32,33 @@ ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/com
            "/embeddings": "/v1/embeddings", "/models": "/v1/models"}
 
 _date = ("", 0)
+
+
+class Host(Protocol):
+    """What a Call needs of the server its connection belongs to."""
+
+    state: Any
+    closing: bool  # shutting down: every answer says `Connection: close`
+    decorate: Callable[[Call], str]  # the header lines every answer carries
+
+
+class Connection(Protocol):
+    """What a Call needs of its connection (gateway/edge/server.py's HttpConnection)."""
+
+    peer: Any
+    closing: bool  # write nothing more
+    paused: bool  # the client is not reading: wait for ``drain``
+
+    @property
+    def server(self) -> Host: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def finished(self, call: Call) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def http_date() -> str:
@@ -43,9 +75,9 @@ class Call:
 
     __slots__ = ("body", "conn", "ex", "headers", "http11", "key", "keep_alive", "method", "path",
                  "query", "raw_headers", "refusal", "state", "status", "target", "ticket",
-                 "too_large", "_done")
+                 "too_large", "denied", "_done")
 
-    def __init__(self, conn: HttpConnection, method: str, target: bytes, headers: dict[str, str],
+    def __init__(self, conn: Connection, method: str, target: bytes, headers: dict[str, str],
                  raw_headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool,
                  http11: bool = True) -> None:
         self.conn = conn
@@ -68,6 +100,9 @@ class Call:
         self.too_large = False  # the body was over MAX_BODY_BYTES and was not read
         # not a request we accept (a 413 too): status, why; the handler answers it
         self.refusal: tuple[int, str] | None = None
+        # refused at its head, before its body was read (`Expect: 100-continue`, the server's
+        # gate): the error it is answered with; ``refusal`` is set too
+        self.denied: GatewayError | None = None
         self._done = False
 
     @property
@@ -86,9 +121,9 @@ class Call:
     def respond(self, status: int, body: bytes, content_type: str | None = "application/json",
                 headers: Mapping[str, str] | None = None) -> None:
         """The whole answer, in one write."""
-        extra = f"Content-Type: {content_type}\r\n" if content_type else ""
+        extra = _lines({"Content-Type": content_type}) if content_type else ""
         if headers:
-            extra += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            extra += _lines(headers)
         if status in (204, 304):  # never a body, so no length either
             body = b""
         else:
@@ -101,7 +136,7 @@ class Call:
     def start(self, status: int, headers: Mapping[str, str], first: bytes = b"") -> None:
         """Begin a streamed answer (chunked; a HTTP/1.0 client reads until close), with
         its ``first`` piece in the same write when it is already at hand."""
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        extra = _lines(headers)
         if self.http11:
             extra += "Transfer-Encoding: chunked\r\n"
         else:
@@ -142,7 +177,7 @@ class Call:
             conn = "" if self.http11 else "Connection: keep-alive\r\n"
         return (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
                 f"Date: {http_date()}\r\nServer: llamagate\r\n{extra}{conn}"
-                f"{server.decorate(self)}\r\n").encode("latin-1")
+                f"{_decorated(server.decorate(self))}\r\n").encode("latin-1")
 
     def settled(self) -> None:
         """Answered by someone else (the aiohttp app, through the tunnel)."""
@@ -158,6 +193,35 @@ class Call:
             self.respond(500, error_body("internal gateway error", "server_error", "internal_error"))
             return
         self.conn.close()
+
+
+def _lines(headers: Mapping[str, str]) -> str:
+    """``headers`` as header lines, without any whose name or value holds CR, LF or NUL."""
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    # each line ends with the one CR LF written here: counted once, not searched per value
+    n = len(headers)
+    if lines.count("\n") == n and lines.count("\r") == n and "\x00" not in lines:
+        return lines
+    return "".join(f"{k}: {v}\r\n" for k, v in headers.items() if _safe(k, v))
+
+
+def _safe(name: str, value: str) -> bool:
+    if any(c in name or c in value for c in ("\r", "\n", "\x00")):
+        log.warning("dropped the header %r: its name or value holds a CR, LF or NUL",
+                    "".join(c for c in name[:64] if c.isprintable()))
+        return False
+    return True
+
+
+def _decorated(lines: str) -> str:
+    """The decorator's header lines, without a broken one (with a bare CR or LF, or a NUL)."""
+    if "\x00" not in lines and lines.count("\r\n") == lines.count("\n") == lines.count("\r"):
+        return lines
+    parts = lines.split("\r\n")
+    kept = [p for p in parts if p and "\r" not in p and "\n" not in p and "\x00" not in p]
+    log.warning("dropped %d header line(s) holding a bare CR or LF, or a NUL",
+                len([p for p in parts if p]) - len(kept))
+    return "".join(f"{p}\r\n" for p in kept)
 
 
 def refusal_error(refusal: tuple[int, str]) -> GatewayError:

@@ -35,6 +35,7 @@ class Tunnel:
         server = self.runner.server
         assert server is not None, "AppRunner.setup() not called"
         conn = call.conn
+        assert isinstance(conn, HttpConnection)  # calls come from the edge server's connections
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         handler = server()
         transport = _Transport(conn, handler, done)

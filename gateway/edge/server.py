@@ -13,6 +13,10 @@ goes away: that is what stops backend work for a departed client. While a whole 
 waits its turn the connection is not read (as uvicorn does): a pipelining client gets
 one request held beyond the one being answered (and what one read brought with it), not
 as many bodies of MAX_BODY_BYTES as it cares to send.
+
+`Expect: 100-continue` is answered once the head passed the ``Gate`` given to the server
+(gateway/stages.py: route, key, scope, rate limit): a client it refuses gets its error
+before it uploads a byte, and the connection is closed with the body unread.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
 
@@ -32,6 +36,7 @@ from gateway.edge import body as request_body
 from gateway.edge.call import ALIASES, Call, Handler
 from gateway.edge.sweep import LINGER, STALL_TIMEOUT, sweep
 from gateway.edge.write_batch import WriteBatch
+from gateway.errors import GatewayError
 
 log = logging.getLogger("llamagate.gateway.http")
 
@@ -40,6 +45,18 @@ log = logging.getLogger("llamagate.gateway.http")
 MAX_LINE = 8190
 MAX_HEADERS = 128
 MAX_HEAD = 64 * 1024
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Gate(Protocol):
+    """The checks a head alone decides, made before a client is told `100 Continue`."""
+
+    def check(self, call: Call) -> GatewayError | None:
+        """The error ``call`` (a head, no body yet) is refused with; None when it may go on,
+        with what it was admitted with kept on the call (key, ticket)."""
+
+    def release(self, call: Call) -> None:
+        """``call`` passed ``check`` but its body never came whole: give back what it took."""
 
 
 class HttpServer:
@@ -47,7 +64,8 @@ class HttpServer:
 
     def __init__(self, state: Any, handler: Handler, tunnel: Handler,
                  decorate: Callable[[Call], str], max_body: int,
-                 keepalive_timeout: float = 75.0, stall_timeout: float = STALL_TIMEOUT) -> None:
+                 keepalive_timeout: float = 75.0, stall_timeout: float = STALL_TIMEOUT,
+                 gate: Gate | None = None) -> None:
         self.state = state
         self.handler = handler
         self.tunnel = tunnel
@@ -55,6 +73,7 @@ class HttpServer:
         self.max_body = max_body
         self.keepalive_timeout = keepalive_timeout
         self.stall_timeout = stall_timeout  # a request partly in, silent this long: 408 (http_sweep)
+        self.gate = gate  # None: `100 Continue` to any head
         self.connections: set[HttpConnection] = set()
         self.batch = WriteBatch()  # a busy loop pass's answers are sent together
         self.closing = False
@@ -82,7 +101,9 @@ class HttpServer:
             self, host, port, reuse_port=reuse_port or None, backlog=backlog)
         self._servers.append(server)
         if self._sweeper is None:
-            self._sweeper = asyncio.create_task(sweep(self), name="http-sweep")
+            self._sweeper = asyncio.create_task(
+                sweep(self.connections, self.keepalive_timeout, self.stall_timeout),
+                name="http-sweep")
         return server
 
     async def stop_listening(self) -> None:
@@ -139,6 +160,7 @@ class HttpConnection(asyncio.Protocol):
         self._host = False
         self._encoded = False  # a Content-Encoding header: the body is decoded when whole
         self._continue = False  # `Expect: 100-continue` to answer when the request's turn comes
+        self._gated: Call | None = None  # the head the gate let through, its body awaited
         self._refused = False
 
     @property
@@ -157,6 +179,7 @@ class HttpConnection(asyncio.Protocol):
         self.server.connections.discard(self)
         if self.transport is not None:
             self.server.batch.drop(self.transport)
+        self._release_gated()
         if self.tunnel is not None:
             self.tunnel.connection_lost(exc)
         if self.task is not None and self.current is not None and not self.current._done:
@@ -241,10 +264,10 @@ class HttpConnection(asyncio.Protocol):
             elif len(name) == 16 and name.lower() == b"content-encoding":
                 self._encoded = True
         if expect and self.parser.get_http_version() == "1.1":
-            if self.idle:
-                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            else:  # the answers before it must go out first
+            if not self.idle:  # the answers before it must go out first
                 self._continue = True
+            elif not self._go_on():
+                raise httptools.HttpParserError("refused at its head")  # stops the parser
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -275,7 +298,40 @@ class HttpConnection(asyncio.Protocol):
         call = self._call(body, self.parser.should_keep_alive())
         if self._encoded:  # decoded (or refused) before anyone reads or forwards it
             request_body.decode_call(call, self.server.max_body)
+        gated = self._gated
+        if gated is not None:
+            if call.refusal is None:  # admitted at its head: not checked, nor charged, again
+                self._gated = None
+                call.key, call.ticket = gated.key, gated.ticket
+            else:
+                self._release_gated()
         self._dispatch(call)
+
+    def _go_on(self) -> bool:
+        """`100 Continue` for the head now in, once it passed the gate; else its refusal is
+        answered, the connection to close after it, its body never read (False)."""
+        gate = self.server.gate
+        if gate is not None:
+            call = self._call(b"", keep_alive=False)
+            if self.server.unalias_and_is_direct(call):  # the others are the tunnel's to check
+                error = gate.check(call)
+                if error is not None:
+                    self._refused = True
+                    call.refusal = (error.status, error.message)
+                    call.denied = error
+                    self._dispatch(call)
+                    return False
+                self._gated = call
+        self.write(CONTINUE)
+        return True
+
+    def _release_gated(self) -> None:
+        gated = self._gated
+        if gated is not None:
+            self._gated = None
+            gate = self.server.gate
+            if gate is not None:
+                gate.release(gated)
 
     def _call(self, body: bytes, keep_alive: bool) -> Call:
         # first value wins for a repeated header, as aiohttp's headers.get() gave
@@ -296,6 +352,7 @@ class HttpConnection(asyncio.Protocol):
         if self._refused:
             return
         self._refused = True
+        self._release_gated()
         call = self._call(b"", keep_alive=False)
         call.too_large = True
         call.refusal = (413, "request body is too large (MAX_BODY_BYTES)")
@@ -324,7 +381,8 @@ class HttpConnection(asyncio.Protocol):
 
     def finished(self, call: Call) -> None:
         """``call``'s answer is all written: close now if it was the last one."""
-        if call.too_large and not self.closing and self.transport is not None:
+        if (call.too_large or call.denied is not None) and not self.closing \
+                and self.transport is not None:
             self._linger()
         elif not call.keep_alive or self.server.closing:
             self.close()
@@ -383,7 +441,7 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.resume_reading()  # the last one waiting is answered now
         elif self._continue:
             self._continue = False
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._go_on()
 
     def stalled(self) -> None:
         """Nothing more of a partly received request came for the stall timeout."""
@@ -396,6 +454,7 @@ class HttpConnection(asyncio.Protocol):
         if self._refused:
             return
         self._refused = True
+        self._release_gated()
         # a head read whole gives its method, path and id; of a broken one nothing is trusted
         call = self._call(b"", False) if whole_head else Call(self, "-", b"/", {}, [], b"", False)
         call.refusal = (status, message)

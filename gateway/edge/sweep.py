@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from gateway.edge.server import HttpServer
+from collections.abc import Set
+from typing import Protocol
 
 # after a 413 the unread body is drained for this long, so the client sees the answer
 # rather than a reset; then the connection is closed
@@ -32,13 +30,31 @@ LINGER = 2.0
 STALL_TIMEOUT = 60.0
 
 
-async def sweep(server: HttpServer) -> None:
-    """Run the passes until cancelled (``HttpServer.close``)."""
+class Swept(Protocol):
+    """What a pass needs of a connection (gateway/edge/server.py's HttpConnection)."""
+
+    closing: bool
+    closed_at: float  # when it began to close
+    receiving: bool  # a request is partly in
+    idle_since: float  # the last read, or the last answer sent
+
+    @property
+    def idle(self) -> bool: ...  # answering nothing, and nothing waiting
+
+    def stalled(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+async def sweep(connections: Set[Swept], keepalive_timeout: float, stall_timeout: float) -> None:
+    """Run the passes over the server's ``connections`` until cancelled (``HttpServer.close``)."""
     while True:
         # the pass period bounds how late either clock fires: half of the shorter one
-        await asyncio.sleep(min(5.0, server.keepalive_timeout / 2, server.stall_timeout / 2))
+        await asyncio.sleep(min(5.0, keepalive_timeout / 2, stall_timeout / 2))
         now = time.monotonic()
-        for conn in list(server.connections):
+        for conn in list(connections):
             if conn.closing:
                 if conn.closed_at < now - LINGER - 1:
                     conn.abort()  # closed, but its last bytes never left
@@ -47,7 +63,7 @@ async def sweep(server: HttpServer) -> None:
             elif conn.receiving:
                 # idle_since is the time of the last read, or of the last answer sent
                 # (a client may hold its body until a deferred `100 Continue`)
-                if conn.idle_since < now - server.stall_timeout:
+                if conn.idle_since < now - stall_timeout:
                     conn.stalled()
-            elif conn.idle_since < now - server.keepalive_timeout:
+            elif conn.idle_since < now - keepalive_timeout:
                 conn.close()
