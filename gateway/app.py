@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -19,25 +18,23 @@ from aiohttp import web
 
 from core import runtime
 from core.config import Config
-from gateway import keys_wiring
-from gateway import middlewares as pipeline
-from gateway import stages as edge
+from gateway import keys_wiring, pipeline
 from gateway.admin import openapi
 from gateway.admin.catalog import ModelCatalog
 from gateway.edge.client_address import ClientAddress
-from gateway.edge.handover import Finished, Tunnel
 from gateway.edge.server import HttpServer
-from gateway.observe import probes as routes
+from gateway.observe import probes
 from gateway.observe.metrics import BackendCollector, GatewayMetrics, make_registries
 from gateway.observe.model_metrics import ModelStateCollector
 from gateway.policy.admission import Admission
 from gateway.policy.cors import Cors
 from gateway.policy.shared_admission import SharedAdmission
 from gateway.policy.shared_limits import SharedTable
-from gateway.stages import HeadGate
+from gateway.router import ANY, PUBLIC, Router
 from gateway.state import APP_STATE, AppState
 from gateway.upstream import proxy
 from gateway.upstream.backend import Upstream
+from keys.model import SCOPE_INFERENCE, SCOPE_METRICS
 
 
 @dataclass(frozen=True)
@@ -77,13 +74,7 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     app[APP_STATE] = state
     state.cors = Cors(config.cors_origins)
     state.clients = ClientAddress(config.trusted_proxies)
-    pipeline.install(app, state.cors)
-    app.router.add_get("/ping", routes.ping)
-    app.router.add_get("/health", routes.health)
-    app.router.add_get("/metrics", routes.metrics)
-    app.router.add_get("/openapi.json", openapi.handler(
-        admin=config.auth_enabled, models_admin=wiring.control_socket is not None))
-    # /v1/* is answered by gateway/stages.py, before aiohttp (see Served below)
+    _routes(state.router, config, wiring)
     # keyring, limits, usage, audit, /admin routes (models, pulls and profiles via the socket)
     shared = wiring.limits_file if config.auth_enabled else None  # several workers
     keys_wiring.install(
@@ -99,9 +90,20 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     return app
 
 
+def _routes(router: Router, config: Config, wiring: Wiring) -> None:
+    """The gateway's own routes; keys_wiring adds /admin/* when auth is on."""
+    router.add(["GET"], "/ping", probes.ping, PUBLIC)
+    router.add(["GET"], "/health", probes.health, PUBLIC)
+    router.add(["GET"], "/metrics", probes.metrics, SCOPE_METRICS)
+    router.add(["GET"], "/openapi.json", openapi.handler(
+        admin=config.auth_enabled, models_admin=wiring.control_socket is not None), PUBLIC)
+    # every method: llama-server routes them (and answers the ones it has not)
+    router.add([ANY], "/v1/*", proxy.handle, SCOPE_INFERENCE)
+
+
 @dataclass
 class Served:
-    """A listening gateway: the edge server in front, the aiohttp app behind it."""
+    """A listening gateway: the HTTP server, and the app that owns its resources' lifecycle."""
 
     runner: web.AppRunner
     edge: HttpServer
@@ -114,14 +116,15 @@ class Served:
 
 async def serve(app: web.Application, host: str, port: int, *,
                 reuse_port: bool = False) -> Served:
-    """Start the app (its startup and cleanup contexts) and listen on host:port."""
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0,
-                           access_log=logging.getLogger("aiohttp.access"),
-                           access_log_class=Finished)  # the tunnel's end-of-answer signal
+    """Start the app (its startup and cleanup contexts) and listen on host:port.
+
+    aiohttp serves no request here: the app owns every resource and background task
+    (cleanup_ctx), and the one pipeline (gateway/pipeline.py) answers every request."""
+    runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     state = app[APP_STATE]
-    server = HttpServer(state, edge.handle, Tunnel(runner), edge.decorator(state.cors),
-                        max_body=state.config.max_body_bytes, gate=HeadGate())
+    server = HttpServer(state, pipeline.handle, pipeline.decorator(state.cors),
+                        max_body=state.config.max_body_bytes, gate=pipeline.HeadGate())
     try:
         listening = await server.listen(host, port, reuse_port=reuse_port)
     except BaseException:

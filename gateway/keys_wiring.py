@@ -21,10 +21,10 @@ from aiohttp import web
 
 from gateway.admin import control_client
 from gateway.admin import routes as admin
-from gateway.policy.auth import AddressThrottle
-from gateway.policy.ratelimit import RateLimiter
+from gateway.policy.buckets import RateLimiter
 from gateway.policy.shared_limits import SharedTable, limiters
 from gateway.policy.shared_throttle import SharedAddressThrottle
+from gateway.policy.throttle import AddressThrottle
 from gateway.state import AppState
 from keys.model import Limits
 from keys.reloader import KeyReloader
@@ -59,11 +59,9 @@ def install(app: web.Application, state: AppState, control_socket: Path | None =
         state.auth_failures = throttle
         app.on_cleanup.append(lambda app: _close(throttle))
     auditor = admin.Auditor(config.usage_db)
-    app.add_routes(admin.routes(state.keys, state.usage, auditor))
+    admin.install(state.router, state.keys, state.usage, auditor)
     if control_socket is not None:
-        table, session_ctx = control_client.routes(control_socket, auditor)
-        app.add_routes(table)
-        app.cleanup_ctx.append(session_ctx)
+        app.cleanup_ctx.append(control_client.install(state.router, control_socket, auditor))
     app.cleanup_ctx.append(_keys_ctx(state.keys, config.keys_reload_interval))
     app.cleanup_ctx.append(_usage_ctx(state.usage, auditor))
 

@@ -37,8 +37,9 @@ CHECKED = "LLAMAGATE_NATIVE_CHECKED"
 # the modules every proxied request runs through, in the order it meets them
 COMPILED: tuple[str, ...] = (
     "gateway.edge.server", "gateway.edge.call", "gateway.edge.write_batch",
-    "gateway.observe.request_id", "gateway.stages", "gateway.observe.record",
-    "gateway.policy.auth", "gateway.policy.ratelimit", "gateway.policy.admission",
+    "gateway.observe.request_id", "gateway.pipeline", "gateway.router", "gateway.observe.record",
+    "gateway.policy.auth", "gateway.policy.ratelimit", "gateway.policy.buckets",
+    "gateway.policy.throttle", "gateway.policy.admission",
     "gateway.policy.validation", "gateway.upstream.proxy", "gateway.upstream.client",
     "gateway.upstream.connection", "gateway.upstream.sse", "gateway.upstream.fold",
     "gateway.observe.metering", "gateway.policy.cors",
@@ -92,7 +93,7 @@ def use_native(root: Path = _ROOT) -> bool:
         os.environ[CHECKED] = manifest  # for the children: checked once per process tree
     # mypyc's runtime library is a top-level module of the build: found here before anywhere
     sys.path.insert(0, str(build))
-    sys.meta_path.insert(0, CompiledFinder(build, COMPILED))  # type: ignore[arg-type]
+    sys.meta_path.insert(0, CompiledFinder(build, COMPILED))
     return True
 
 

@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -17,14 +16,13 @@ from gateway.edge.client_address import ClientAddress
 from gateway.exchange import Exchange
 from gateway.observe.metrics import GatewayMetrics
 from gateway.policy.admission import Slots
+from gateway.policy.buckets import RateLimiter
 from gateway.policy.cors import Cors
+from gateway.policy.throttle import AddressThrottle
+from gateway.router import Router
 from gateway.upstream.backend import Upstream
 from keys.reloader import KeyReloader
 from keys.usage_recorder import UsageRecorder
-
-if TYPE_CHECKING:  # both read APP_STATE from here
-    from gateway.policy.auth import AddressThrottle
-    from gateway.policy.ratelimit import RateLimiter
 
 
 @dataclass
@@ -60,6 +58,7 @@ class AppState:
     cors: Cors = field(default_factory=lambda: Cors(()))
     # who the client is behind TRUSTED_PROXIES (gateway/edge/client_address.py)
     clients: ClientAddress = field(default_factory=lambda: ClientAddress(()))
+    router: Router = field(default_factory=Router)  # every route on the port (gateway/app.py)
 
     def drain_deadline_now(self) -> None:
         self.drain_now.set()

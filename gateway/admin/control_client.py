@@ -10,7 +10,7 @@
     DELETE /admin/jobs/{id}               cancel a pull
     GET    /admin/profile, PUT /admin/profile   {"profile": name}
 
-The admin scope is checked by gateway/policy/auth.py before these run. The request is
+The admin scope is checked by the pipeline (gateway/pipeline.py) before these run. The request is
 forwarded to llamagate/control.py over the runtime directory's Unix socket, and every
 change is appended to the audit log with the acting key's id.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from urllib.parse import quote
 
@@ -27,9 +27,10 @@ import aiohttp
 from aiohttp import web
 
 from gateway.admin.routes import Auditor, actor_of
+from gateway.edge.call import Call
 from gateway.errors import BackendUnavailable
-
-_SESSION = web.AppKey("control_session", aiohttp.ClientSession)
+from gateway.router import Handler, Router
+from keys.model import SCOPE_ADMIN
 
 # admin path → control path; "{x}" segments are filled from the match
 _ROUTES: list[tuple[str, str, str, str | None]] = [
@@ -48,19 +49,22 @@ _ROUTES: list[tuple[str, str, str, str | None]] = [
 ]
 
 
-def routes(socket_path: Path, audit: Auditor
-           ) -> tuple[list[web.RouteDef], Callable[[web.Application],
-                                                   contextlib.AbstractAsyncContextManager[None]]]:
-    """The admin routes and the cleanup context that owns their Unix-socket session."""
+def install(router: Router, socket_path: Path, audit: Auditor
+            ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    """Add the admin routes to ``router``; returns the cleanup context that owns their
+    Unix-socket session."""
+    sessions: list[aiohttp.ClientSession] = []  # the one session, while the app runs
 
-    def forward(target: str, action: str | None) -> Callable[[web.Request], object]:
-        async def handler(request: web.Request) -> web.Response:
-            path = target.format(**{k: _segment(v) for k, v in request.match_info.items()})
-            body = await request.read()
-            session = request.app[_SESSION]
+    def forward(target: str, action: str | None) -> Handler:
+        async def handler(call: Call) -> None:
+            path = target.format(**{k: _segment(v) for k, v in call.params.items()})
+            body = call.body
+            if not sessions:
+                raise BackendUnavailable("model management is unavailable (not started)",
+                                         retry_after=5)
             try:
-                async with session.request(
-                        request.method, f"http://control{path}", data=body or None,
+                async with sessions[0].request(
+                        call.method, f"http://control{path}", data=body or None,
                         headers={"Content-Type": "application/json"} if body else None,
                         timeout=aiohttp.ClientTimeout(total=120)) as resp:
                     payload = await resp.read()
@@ -69,33 +73,36 @@ def routes(socket_path: Path, audit: Auditor
                 raise BackendUnavailable(f"model management is unavailable ({type(exc).__name__})",
                                          retry_after=5) from None
             if action is not None:
-                await audit.record(actor_of(request), action, _target(request, body),
+                await audit.record(actor_of(call), action, _target(call.params, body),
                                    {"status": status, **_summary(body)})
-            return web.Response(status=status, body=payload, content_type="application/json")
+            call.respond(status, payload)
         return handler
 
-    table = [web.route(method, admin, forward(target, action))  # type: ignore[arg-type]
-             for method, admin, target, action in _ROUTES]
+    for method, admin, target, action in _ROUTES:
+        router.add([method], admin, forward(target, action), SCOPE_ADMIN)
 
     @contextlib.asynccontextmanager
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path))
                                          ) as session:
-            app[_SESSION] = session
-            yield
+            sessions.append(session)
+            try:
+                yield
+            finally:
+                sessions.clear()
 
-    return table, ctx
+    return ctx
 
 
 def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def _target(request: web.Request, body: bytes) -> str | None:
-    if "name" in request.match_info:
-        return request.match_info["name"]
-    if "id" in request.match_info:
-        return request.match_info["id"]
+def _target(params: Mapping[str, str], body: bytes) -> str | None:
+    if "name" in params:
+        return params["name"]
+    if "id" in params:
+        return params["id"]
     summary = _summary(body)
     return str(summary.get("repo") or summary.get("profile") or "") or None
 

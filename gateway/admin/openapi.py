@@ -6,9 +6,11 @@ that its paths and methods are exactly the routes the app registers.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from aiohttp import web
+from gateway.edge.call import Call
+from gateway.router import Handler
 
 _ERROR = {"description": "OpenAI-shaped error",
           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -109,10 +111,10 @@ def document(admin: bool, models_admin: bool = False) -> dict[str, Any]:
     }
 
 
-def handler(admin: bool, models_admin: bool = False) -> Any:
-    body = document(admin, models_admin)
+def handler(admin: bool, models_admin: bool = False) -> Handler:
+    body = json.dumps(document(admin, models_admin)).encode()  # the same document every time
 
-    async def openapi(request: web.Request) -> web.Response:
-        return web.json_response(body)
+    async def openapi(call: Call) -> None:
+        call.respond(200, body)
 
     return openapi

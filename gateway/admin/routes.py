@@ -20,15 +20,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from aiohttp import web
-
+from gateway.edge.call import Call
 from gateway.errors import BadRequest
-from gateway.policy.auth import key_of
+from gateway.router import Router, query_of, reply_json
 from keys.audit import AuditLog
 from keys.db import open_db
 from keys.durations import parse_instant
 from keys.errors import KeysError
-from keys.model import ApiKey
+from keys.model import SCOPE_ADMIN, ApiKey
 from keys.reloader import KeyReloader
 from keys.usage_recorder import UsageRecorder
 
@@ -75,8 +74,8 @@ def describe_key(key: ApiKey) -> dict[str, object]:
     }
 
 
-def _instant(request: web.Request, name: str) -> float | None:
-    raw = request.query.get(name, "").strip()
+def _instant(query: Mapping[str, str], name: str) -> float | None:
+    raw = query.get(name, "").strip()
     if not raw:
         return None
     with contextlib.suppress(ValueError):
@@ -90,33 +89,34 @@ def _instant(request: web.Request, name: str) -> float | None:
                          param=name) from None
 
 
-def actor_of(request: web.Request) -> str:
-    key = key_of(request)
+def actor_of(call: Call) -> str:
+    key: ApiKey | None = call.key
     return "-" if key is None else key.id
 
 
-def routes(keys: KeyReloader, usage: UsageRecorder, audit: Auditor) -> list[web.RouteDef]:
-    async def reload(request: web.Request) -> web.Response:
+def install(router: Router, keys: KeyReloader, usage: UsageRecorder, audit: Auditor) -> None:
+    async def reload(call: Call) -> None:
         result = keys.reload()
-        await audit.record(actor_of(request), "reload", None, {
+        await audit.record(actor_of(call), "reload", None, {
             "ok": result.ok, "keys": result.key_count, "file_missing": result.file_missing})
         body = {"ok": result.ok, "keys": result.key_count, "error": result.error,
                 "file_missing": result.file_missing}
         # A bad file keeps the last good keys: report it as a server-side failure.
-        return web.json_response(body, status=200 if result.ok else 500)
+        reply_json(call, body, status=200 if result.ok else 500)
 
-    async def list_keys(request: web.Request) -> web.Response:
-        await audit.record(actor_of(request), "list_keys")
-        return web.json_response({"object": "list",
-                                  "data": [describe_key(k) for k in keys.keyring]})
+    async def list_keys(call: Call) -> None:
+        await audit.record(actor_of(call), "list_keys")
+        reply_json(call, {"object": "list", "data": [describe_key(k) for k in keys.keyring]})
 
-    async def read_usage(request: web.Request) -> web.Response:
-        key_id = request.query.get("key") or None
-        since, until = _instant(request, "since"), _instant(request, "until")
-        await audit.record(actor_of(request), "read_usage", key_id, {"since": since, "until": until})
+    async def read_usage(call: Call) -> None:
+        query = query_of(call)
+        key_id = query.get("key") or None
+        since, until = _instant(query, "since"), _instant(query, "until")
+        await audit.record(actor_of(call), "read_usage", key_id, {"since": since, "until": until})
         await usage.flush()  # so the answer includes requests finished a moment ago
         rows = await usage.usage(key_id, since, until)
-        return web.json_response({"object": "list", "data": [asdict(r) for r in rows]})
+        reply_json(call, {"object": "list", "data": [asdict(r) for r in rows]})
 
-    return [web.post("/admin/keys/reload", reload), web.get("/admin/keys", list_keys),
-            web.get("/admin/usage", read_usage)]
+    router.add(["POST"], "/admin/keys/reload", reload, SCOPE_ADMIN)
+    router.add(["GET"], "/admin/keys", list_keys, SCOPE_ADMIN)
+    router.add(["GET"], "/admin/usage", read_usage, SCOPE_ADMIN)

@@ -1,7 +1,7 @@
 """Request bodies sent compressed (``Content-Encoding: gzip`` or ``deflate``), decoded on the
 edge server (gateway/edge/server.py) before anything reads them.
 
-Validation, the tunnel to the aiohttp app and the backend (gateway/upstream/backend.py forwards
+Validation, the handlers and the backend (gateway/upstream/backend.py forwards
 the body and its Content-Type only) all see the plain body, so the header goes with the
 coding. What a body may expand to is bounded by MAX_BODY_BYTES, as a plain body is: a
 few KiB of gzip can inflate to gigabytes, so output is cut at the limit, never held whole.

@@ -3,7 +3,7 @@
 An answer is either whole (``respond``: head and body in one write) or a stream
 (``start``, ``write``..., ``finish``: chunked, or read-until-close for HTTP/1.0).
 Every head carries the headers the server's ``decorate`` adds (request id, rate
-limits, CORS: gateway/stages.py). Every header value is checked for CR, LF and NUL as
+limits, CORS: gateway/pipeline.py). Every header value is checked for CR, LF and NUL as
 the head is serialized (``_lines``, ``_decorated``): one that would end its line early
 (a backend's header passed through, a name a client chose) is dropped, never written.
 
@@ -73,7 +73,7 @@ def http_date() -> str:
 class Call:
     """One request and the means to answer it: a whole body, or a chunked stream."""
 
-    __slots__ = ("body", "conn", "ex", "headers", "http11", "key", "keep_alive", "method", "path",
+    __slots__ = ("body", "conn", "ex", "headers", "http11", "key", "keep_alive", "method", "params", "path",
                  "query", "raw_headers", "refusal", "state", "status", "target", "ticket",
                  "too_large", "denied", "_done")
 
@@ -93,9 +93,10 @@ class Call:
         self.body = body
         self.keep_alive = keep_alive
         self.status = 0  # once the head is sent
-        self.ex: Any = None  # what the handler keeps per request (gateway/stages.py)
+        self.ex: Any = None  # what the handler keeps per request (gateway/pipeline.py)
         self.key: Any = None
         self.ticket: Any = None
+        self.params: dict[str, str] = {}  # a route template's segments (gateway/router.py)
         self.state: Any = conn.server.state
         self.too_large = False  # the body was over MAX_BODY_BYTES and was not read
         # not a request we accept (a 413 too): status, why; the handler answers it
@@ -178,10 +179,6 @@ class Call:
         return (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
                 f"Date: {http_date()}\r\nServer: llamagate\r\n{extra}{conn}"
                 f"{_decorated(server.decorate(self))}\r\n").encode("latin-1")
-
-    def settled(self) -> None:
-        """Answered by someone else (the aiohttp app, through the tunnel)."""
-        self._done = True
 
     def abandon(self) -> None:
         """The handler ended without finishing its answer: the connection cannot be reused."""

@@ -2,10 +2,10 @@
 
 aiohttp's server cost ~75 µs of CPU per request on the machines we measure on, more
 than the rest of the proxy's hot path together (a bare httptools protocol proxying the
-same request: ~40 µs). So the requests that carry tokens (`/v1/*` and ``ALIASES``, not
-CORS preflights) and refused ones are served here, by the handler given to ``HttpServer``;
-every other request (probes, /metrics, /admin, preflights) is handed to the aiohttp
-application through ``gateway/edge/handover.py``, with its middlewares and routes as they are.
+same request: ~40 µs). So every request on the port, refused ones included, is served
+here and answered by the one handler given to ``HttpServer``: the pipeline
+(gateway/pipeline.py). An alias path (``ALIASES``: `/chat/completions` for
+`/v1/chat/completions`) is rewritten to its `/v1` path as the request is made.
 
 Per connection, requests are answered one at a time in order (pipelined ones wait
 in ``pending``). Each request runs in its own task, which is cancelled when the client
@@ -15,7 +15,7 @@ one request held beyond the one being answered (and what one read brought with i
 as many bodies of MAX_BODY_BYTES as it cares to send.
 
 `Expect: 100-continue` is answered once the head passed the ``Gate`` given to the server
-(gateway/stages.py: route, key, scope, rate limit): a client it refuses gets its error
+(gateway/pipeline.py: route, key, scope, rate limit): a client it refuses gets its error
 before it uploads a byte, and the connection is closed with the body unread.
 """
 
@@ -60,15 +60,14 @@ class Gate(Protocol):
 
 
 class HttpServer:
-    """Owns the listening socket's connections; ``unalias_and_is_direct`` decides who answers a request."""
+    """Owns the listening socket's connections; ``handler`` answers every request."""
 
-    def __init__(self, state: Any, handler: Handler, tunnel: Handler,
+    def __init__(self, state: Any, handler: Handler,
                  decorate: Callable[[Call], str], max_body: int,
                  keepalive_timeout: float = 75.0, stall_timeout: float = STALL_TIMEOUT,
                  gate: Gate | None = None) -> None:
         self.state = state
         self.handler = handler
-        self.tunnel = tunnel
         self.decorate = decorate
         self.max_body = max_body
         self.keepalive_timeout = keepalive_timeout
@@ -79,18 +78,6 @@ class HttpServer:
         self.closing = False
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
-
-    @staticmethod
-    def unalias_and_is_direct(call: Call) -> bool:
-        """Rewrite an alias path (``/chat/completions``) to its ``/v1`` path, then say
-        whether the request handler answers the call (True) or the aiohttp tunnel (False)."""
-        if not call.path.startswith("/v1/"):
-            alias = ALIASES.get(call.path)  # off the `/v1/` path: its cost is not the hot path's
-            if alias is None:
-                return False
-            call.path = alias  # the tunnel forwards call.target, so a preflight keeps its path
-        # CORS preflights go to the aiohttp side, where the CORS stage answers them
-        return call.method != "OPTIONS" or "access-control-request-method" not in call.headers
 
     def __call__(self) -> HttpConnection:
         return HttpConnection(self)
@@ -147,7 +134,6 @@ class HttpConnection(asyncio.Protocol):
         self.receiving = False  # a request is partly in
         self.task: asyncio.Task[None] | None = None
         self.current: Call | None = None
-        self.tunnel: Any = None  # aiohttp's protocol, while it answers (gateway/edge/handover.py)
         self.pending: collections.deque[Call] = collections.deque()
         self.idle_since = time.monotonic()
         self._drain: asyncio.Future[None] | None = None
@@ -180,8 +166,6 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is not None:
             self.server.batch.drop(self.transport)
         self._release_gated()
-        if self.tunnel is not None:
-            self.tunnel.connection_lost(exc)
         if self.task is not None and self.current is not None and not self.current._done:
             self.task.cancel()  # the client left: stop the backend's work for it
         self.pending.clear()
@@ -210,15 +194,9 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
-        tunnel = self.tunnel
-        if tunnel is not None and not tunnel.writing_paused:
-            tunnel.pause_writing()
 
     def resume_writing(self) -> None:
         self.paused = False
-        tunnel = self.tunnel
-        if tunnel is not None and tunnel.writing_paused:
-            tunnel.resume_writing()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
@@ -313,15 +291,14 @@ class HttpConnection(asyncio.Protocol):
         gate = self.server.gate
         if gate is not None:
             call = self._call(b"", keep_alive=False)
-            if self.server.unalias_and_is_direct(call):  # the others are the tunnel's to check
-                error = gate.check(call)
-                if error is not None:
-                    self._refused = True
-                    call.refusal = (error.status, error.message)
-                    call.denied = error
-                    self._dispatch(call)
-                    return False
-                self._gated = call
+            error = gate.check(call)
+            if error is not None:
+                self._refused = True
+                call.refusal = (error.status, error.message)
+                call.denied = error
+                self._dispatch(call)
+                return False
+            self._gated = call
         self.write(CONTINUE)
         return True
 
@@ -343,8 +320,13 @@ class HttpConnection(asyncio.Protocol):
             # and compiled (gateway/native.py) that mismatch would raise
             url: Any = httptools.parse_url(target)
             target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
-        return Call(self, self.parser.get_method().decode("latin-1"), target, headers, self._headers,
+        call = Call(self, self.parser.get_method().decode("latin-1"), target, headers, self._headers,
                     body, keep_alive, self.parser.get_http_version() == "1.1")
+        if not call.path.startswith("/v1/"):  # off the `/v1/` path: its cost is not the hot path's
+            alias = ALIASES.get(call.path)
+            if alias is not None:
+                call.path = alias
+        return call
 
     def _too_large(self) -> None:
         """Answered 413 by the handler (logged, counted); the unread body is drained a moment,
@@ -414,9 +396,7 @@ class HttpConnection(asyncio.Protocol):
         asyncio.get_running_loop().call_later(LINGER, self.close)
 
     def _run(self, call: Call) -> None:
-        # a refusal is the handler's, whatever its path: logged and counted as every answer
-        direct = self.server.unalias_and_is_direct(call) or call.refusal is not None
-        answer = self.server.handler if direct else self.server.tunnel
+        answer = self.server.handler
         self.current = call
         # a fresh context: nothing (a request id) carries over from the previous request
         self.task = asyncio.get_running_loop().create_task(self._serve(call, answer),

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from urllib.parse import quote
 
 import aiohttp
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backend.readiness import DRAINING, Readiness, backend_readiness
+from gateway.edge.call import Call
 from gateway.observe.metrics import label_backend_metrics
 from gateway.observe.model_metrics import merge_expositions
-from gateway.state import APP_STATE, AppState
+from gateway.router import reply_json
+from gateway.state import AppState
 from gateway.upstream.backend import BackendStatus
 
 
@@ -26,13 +26,13 @@ def verdict(draining: bool, status: BackendStatus) -> Readiness:
     return backend_readiness(status.state, status.restarts)
 
 
-async def ping(request: web.Request) -> web.Response:
-    state = request.app[APP_STATE]
-    return web.Response(status=verdict(state.draining, state.upstream.status).ping)
+async def ping(call: Call) -> None:
+    state: AppState = call.state
+    call.respond(verdict(state.draining, state.upstream.status).ping, b"", content_type=None)
 
 
-async def health(request: web.Request) -> web.Response:
-    state = request.app[APP_STATE]
+async def health(call: Call) -> None:
+    state: AppState = call.state
     status = state.upstream.status
     ready = verdict(state.draining, status)
     body = {
@@ -44,7 +44,7 @@ async def health(request: web.Request) -> web.Response:
         "queued": state.admission.queued,
         "auth": state.config.auth_enabled,
     }
-    return web.json_response(body, status=503 if ready.ping == 503 else 200)
+    reply_json(call, body, status=503 if ready.ping == 503 else 200)
 
 
 async def _scrape(state: AppState, model: str | None) -> str:
@@ -79,18 +79,18 @@ async def _backend_metrics(state: AppState) -> str:
                              for t, n in zip(texts, loaded, strict=True) if t)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    state = request.app[APP_STATE]
+async def metrics(call: Call) -> None:
+    state: AppState = call.state
     ours = generate_latest(state.exposed_registry).decode()
     theirs = await _backend_metrics(state)
-    if "application/json" in request.headers.get("Accept", ""):
+    if "application/json" in call.headers.get("accept", ""):
         families = {}
         for family in text_string_to_metric_families(ours + theirs):
             families[family.name] = {
                 "type": family.type, "help": family.documentation,
                 "samples": [{"name": s.name, "labels": s.labels, "value": s.value}
                             for s in family.samples]}
-        return web.Response(body=json.dumps(families), content_type="application/json")
-    return web.Response(body=(ours + theirs).encode(),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+        reply_json(call, families)
+        return
+    call.respond(200, (ours + theirs).encode(), content_type=CONTENT_TYPE_LATEST)
 

@@ -1,47 +1,20 @@
-"""The outermost stage: opens each request's record (its id, see request_id.py) and,
-when the response is finished (streams included), writes one JSON access line and
-one set of metric observations."""
+"""The observe stage's end: when an answer is finished (streams included), one JSON access
+line and one set of metric observations (gateway/pipeline.py opens the record)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
 
-from aiohttp import web
-from aiohttp.typedefs import Handler
-
-from core.logs import info_fields, request_id_var
+from core.logs import info_fields
 from gateway.exchange import Exchange
 from gateway.observe.metrics import GatewayMetrics
-from gateway.observe.request_id import open_exchange
-from gateway.state import APP_STATE
 
 access_log = logging.getLogger("llamagate.access")
 
 # probes and scrapes must not flood the log or the request metrics
-_QUIET = frozenset({"/ping", "/health", "/health/live", "/health/ready", "/metrics"})
-
-
-async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    ex = open_exchange(request)
-    token = request_id_var.set(ex.request_id)
-    try:
-        if request.path in _QUIET:
-            return await handler(request)
-        status = 499  # client closed the request, unless we learn otherwise
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except (asyncio.CancelledError, ConnectionResetError):
-            ex.error = ex.error or "client_disconnected"
-            raise
-        finally:
-            record(request.app[APP_STATE].metrics, ex, status, request.method)
-    finally:
-        request_id_var.reset(token)
+QUIET = frozenset({"/ping", "/health", "/health/live", "/health/ready", "/metrics"})
 
 
 def record(metrics: GatewayMetrics, ex: Exchange, status: int, method: str) -> None:

@@ -1,8 +1,5 @@
-"""Request ids: taken from the client's X-Request-ID when sane, else generated;
-echoed on the response and put in the logging context.
-
-`open_exchange` is called first thing for every request, by the observe
-middleware (one middleware for both stages: a layer fewer on every request).
+"""Request ids: taken from the client's X-Request-ID when sane, else generated; echoed on
+every answer (gateway/pipeline.py's decorator) and put in the logging context.
 """
 
 from __future__ import annotations
@@ -11,9 +8,6 @@ import os
 import re
 from collections.abc import Mapping
 
-from aiohttp import web
-
-from gateway.exchange import EXCHANGE, Exchange
 from gateway.policy import validation
 
 _SAFE = re.compile(r"[A-Za-z0-9._:\-]{1,128}").fullmatch
@@ -35,22 +29,3 @@ def request_id_of(headers: Mapping[str, str]) -> str:
     if rid is not None and _SAFE(rid):
         return rid
     return os.urandom(16).hex()  # what uuid4().hex gives, without building a UUID
-
-
-def open_exchange(request: web.Request) -> Exchange:
-    """Start the request's record, which every later stage fills in."""
-    ex = Exchange(request_id=request_id_of(request.headers), route=route_label(request.path))
-    request[EXCHANGE] = ex
-    return ex
-
-
-async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every response, streamed or not, carries the id (and says
-    when a fallback model answered, and names the server without its software versions:
-    one hook for all, as each hook costs every request)."""
-    response.headers["Server"] = "llamagate"  # as on the edge server's own answers
-    ex = request.get(EXCHANGE)
-    if ex is not None:
-        response.headers["X-Request-ID"] = ex.request_id
-        if ex.fallback is not None:
-            response.headers["X-Model-Fallback"] = ex.fallback

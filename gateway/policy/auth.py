@@ -1,10 +1,10 @@
 """Authentication and authorization of every request by API key.
 
-Which scope a request needs is decided by the route the router matched (its template, which
-we wrote), never by the path string the client sent: `/admin/...` routes need `admin`,
-`/metrics` needs `metrics` (unless METRICS_PUBLIC), every other route `inference`, so a route
-added later is closed until someone opens it. Only the probe routes are public; a path that
-matches no route still needs a valid key before it gets its 404.
+Which scope a request needs is decided by the route that matched in gateway/router.py's
+table (its template, which we wrote), never by the path string the client sent:
+`/admin/...` routes need `admin`, `/metrics` needs `metrics` (unless METRICS_PUBLIC), every
+other route `inference`. Only the probe routes are public; a path that matches no route
+still needs a valid key before it gets its 404 (gateway/pipeline.py).
 Paths that are not in canonical form (empty, `.` or `..` segments, characters that were
 percent-encoded delimiters) are refused with 404 before anything else, because the proxy
 forwards `/v1/...` paths to llama-server and its HTTP client would resolve `..` there.
@@ -16,28 +16,21 @@ key being looked at, while other addresses are unaffected. Logs carry key ids, n
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import json
 import logging
 import re
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-from aiohttp import web
-from aiohttp.typedefs import Handler
-
-from gateway.errors import Forbidden, NotFound, RateLimited, Unauthorized
-from gateway.exchange import Exchange, exchange_of
-from gateway.state import APP_STATE, AppState
-from keys.keyring import AuthFailure, Keyring, allows_model, has_scope
-from keys.model import SCOPE_ADMIN, SCOPE_INFERENCE, SCOPE_METRICS, ApiKey
+from gateway.errors import Forbidden, RateLimited, Unauthorized
+from gateway.exchange import Exchange
+from gateway.state import AppState
+from keys.keyring import AuthFailure, Keyring, allows_model
+from keys.model import ApiKey
 
 log = logging.getLogger("llamagate.auth")
 
 PUBLIC = frozenset({"/ping", "/health", "/health/live", "/health/ready", "/openapi.json"})
-_KEY = web.RequestKey("llamagate.api_key", ApiKey)
 _EMPTY = Keyring()
 # RFC 3986 path characters once decoded, minus "%" (a second decoding layer), "?" and "#"
 # (an encoded query or fragment would be re-parsed as one on the way to the backend).
@@ -49,50 +42,6 @@ _FAILURES = {
     AuthFailure.EXPIRED: ("this API key has expired", "expired_api_key"),
     AuthFailure.DISABLED: ("this API key is disabled", "disabled_api_key"),
 }
-
-
-class AddressThrottle:
-    """Failed authentications per client address: ``per_minute`` of them, then 429.
-
-    A GCRA (one float per address: when its failure budget is whole again). At most
-    ``max_addresses`` are tracked, least recently failing dropped first, so a spray from
-    many addresses cannot grow memory without bound. An IPv6 client is counted by its /64,
-    which one host or subscriber usually has whole: per address, it could try 2^64 of them.
-    """
-
-    def __init__(self, per_minute: int, *, max_addresses: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = 60.0 / per_minute
-        self.tolerance = 60.0 - self.interval  # a burst of per_minute failures is let through
-        self.max_addresses = max_addresses
-        self.clock = clock
-        self._clear_at: OrderedDict[str, float] = OrderedDict()
-
-    def retry_after(self, address: str) -> float:
-        """Seconds until ``address`` may try again; 0 when it may now."""
-        clear_at = self._clear_at.get(counted_as(address))
-        return 0.0 if clear_at is None else max(0.0, clear_at - self.clock() - self.tolerance)
-
-    def failure(self, address: str) -> None:
-        address = counted_as(address)
-        now = self.clock()
-        self._clear_at[address] = max(self._clear_at.pop(address, now), now) + self.interval
-        if len(self._clear_at) > self.max_addresses:
-            self._clear_at.popitem(last=False)
-
-
-@functools.lru_cache(maxsize=4096)  # an IPv6 address's /64 costs ~20 µs to work out
-def counted_as(address: str) -> str:
-    """The throttle's unit for ``address``: itself, or an IPv6 address's /64."""
-    if ":" not in address:
-        return address  # IPv4, or no address ("-")
-    try:
-        ip = ipaddress.IPv6Address(address)
-    except ValueError:
-        return address
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 # the paths nearly every request has, known canonical without a look at each character
@@ -132,26 +81,6 @@ def presented_secret(headers: Mapping[str, str]) -> str | None:
     return headers.get("x-api-key", "").strip() or None
 
 
-def required_scope(request: web.Request, metrics_public: bool) -> str | None:
-    """The scope the matched handler needs; "" for a public one; None when no route matched."""
-    resource = request.match_info.route.resource
-    if resource is None:
-        return None  # 404/405 to come: any valid key may learn that
-    canonical = resource.canonical
-    if canonical in PUBLIC or (canonical == "/metrics" and metrics_public):
-        return ""
-    if canonical == "/admin" or canonical.startswith("/admin/"):
-        return SCOPE_ADMIN
-    if canonical == "/metrics":
-        return SCOPE_METRICS
-    return SCOPE_INFERENCE
-
-
-def key_of(request: web.Request) -> ApiKey | None:
-    """The authenticated key of this request; None with auth off or on a public route."""
-    return request.get(_KEY)
-
-
 def authenticate(headers: Mapping[str, str], remote: str | None, state: AppState) -> ApiKey:
     """Return the request's key or raise 401 (or 429 for an address that keeps failing)."""
     throttle = state.auth_failures
@@ -174,27 +103,6 @@ def authenticate(headers: Mapping[str, str], remote: str | None, state: AppState
     log.info("authentication failed", extra={"reason": reason.value, "remote": address})
     message, code = _FAILURES[reason]
     raise Unauthorized(message, code=code)
-
-
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Routes off the token path (those are checked in gateway/stages.py)."""
-    if not is_canonical(request.path):
-        raise NotFound("no such route", code="not_found")
-    state = request.app[APP_STATE]
-    if not state.config.auth_enabled:
-        return await handler(request)
-    scope = required_scope(request, state.config.metrics_public)
-    if scope == "":
-        return await handler(request)
-    clients = state.clients
-    remote = request.remote if not clients.enabled else clients.of(
-        request.remote, request.headers.getall("X-Forwarded-For", ()))
-    key = authenticate(request.headers, remote, state)
-    exchange_of(request).key_id = key.id
-    if scope is not None and not has_scope(key, scope):
-        raise Forbidden(f"this API key lacks the '{scope}' scope", code="missing_scope")
-    request[_KEY] = key
-    return await handler(request)
 
 
 def may_use(key: ApiKey | None, model: str) -> bool:

@@ -1,18 +1,16 @@
 """CORS for browser clients: exact origin match, header sets computed once.
 
-Off when CORS_ORIGINS is empty. Preflight OPTIONS is answered by the middleware
-with 204, before auth, since browsers never send credentials on a preflight.
-Headers on real responses are added in `on_response_prepare`, so streamed and
-error responses get them too. `*` is answered literally and then never
+Off when CORS_ORIGINS is empty. A preflight OPTIONS is answered 204 by the pipeline
+(gateway/pipeline.py) before auth, since browsers never send credentials on a preflight.
+Headers on real answers are added when their head is written, so streamed and
+error answers get them too. `*` is answered literally and then never
 together with Allow-Credentials.
 """
 
 from __future__ import annotations
 
 import re
-
-from aiohttp import web
-from aiohttp.typedefs import Handler
+from collections.abc import Mapping
 
 _ALLOW_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
 # for a preflight that names no headers, or names them in a way we do not reflect
@@ -47,6 +45,11 @@ def allow_headers(requested: str | None) -> str:
     return ", ".join(names)
 
 
+def is_preflight(method: str, headers: Mapping[str, str]) -> bool:
+    """A CORS preflight: OPTIONS asking for a method (``headers``: names in lower case)."""
+    return method == "OPTIONS" and "access-control-request-method" in headers
+
+
 class Cors:
     def __init__(self, origins: tuple[str, ...]) -> None:
         self.allowed = frozenset(origins)
@@ -60,36 +63,20 @@ class Cors:
     def _allowed(self, origin: str | None) -> bool:
         return origin is not None and (self.wildcard or origin in self.allowed)
 
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            origin = request.headers.get("Origin")
-            if not self._allowed(origin):
-                return web.Response(status=204, headers={"Vary": "Origin"})
-            assert origin is not None
-            # the allowed headers are the requested ones: a cache must key on them too
-            headers = {"Vary": "Origin, Access-Control-Request-Headers",
-                       **self._origin_headers(origin),
-                       "Access-Control-Allow-Methods": _ALLOW_METHODS,
-                       "Access-Control-Allow-Headers": allow_headers(
-                           request.headers.get("Access-Control-Request-Headers")),
-                       "Access-Control-Max-Age": "600"}
-            return web.Response(status=204, headers=headers)
-        return await handler(request)
-
-    async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
-        if not self.allowed:
-            return  # CORS off: nothing to add on the hot path
-        headers = response.headers
-        vary = headers.get("Vary")
-        # the preflight answer already varies on Origin: one `Vary: Origin`, not one per layer
-        if vary is None:
-            headers["Vary"] = "Origin"
-        elif "origin" not in vary.lower():
-            headers["Vary"] = f"{vary}, Origin"
-        response.headers.update(self._answer_headers(request.headers.get("Origin")))
+    def preflight(self, origin: str | None, requested: str | None) -> tuple[int, dict[str, str]]:
+        """The answer to a preflight: 204, with the CORS headers when the origin is allowed."""
+        if not self._allowed(origin):
+            return 204, {"Vary": "Origin"}
+        assert origin is not None
+        # the allowed headers are the requested ones: a cache must key on them too
+        return 204, {"Vary": "Origin, Access-Control-Request-Headers",
+                     **self._origin_headers(origin),
+                     "Access-Control-Allow-Methods": _ALLOW_METHODS,
+                     "Access-Control-Allow-Headers": allow_headers(requested),
+                     "Access-Control-Max-Age": "600"}
 
     def lines(self, origin: str | None) -> str:
-        """The same headers as ``on_prepare``, as header lines, for the edge server's answers."""
+        """The headers every answer (not a preflight) to ``origin`` carries, as header lines."""
         if not self.allowed:
             return ""
         return "Vary: Origin\r\n" + "".join(

@@ -26,7 +26,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from gateway.policy.ratelimit import KeyLimiter, MakeLimiter, TokenBucket
+from gateway.policy.buckets import KeyLimiter, MakeLimiter, TokenBucket
 from keys.model import Limits
 
 log = logging.getLogger("llamagate.gateway.limits")

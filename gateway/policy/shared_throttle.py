@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from gateway.policy.auth import AddressThrottle, counted_as
+from gateway.policy.throttle import AddressThrottle, counted_as
 
 BUCKETS = 4096
 WAYS = 8

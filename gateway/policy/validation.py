@@ -42,7 +42,6 @@ class RequestInfo:
     model: str | None
     stream: bool
     max_tokens: int | None
-    include_usage: bool
     body: dict[str, Any] | None
     n: int = 1  # choices per prompt
     tasks: int = 1  # what llama-server runs and ends with a final event each: n per prompt
@@ -198,11 +197,9 @@ def validate(path: str, raw: bytes) -> RequestInfo:
     n = body.get("n")
     if n is not None and (not _is_int(n) or not 1 <= n <= 128):
         raise BadRequest("'n' must be an integer from 1 to 128", param="n")
-    opts = body.get("stream_options")
-    include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
     n = n or 1
     prompt = body.get("prompt") if path == "/v1/completions" else None
     # several prompts: strings or token lists (a list of token ids is one prompt)
     prompts = len(prompt) if isinstance(prompt, list) and not _is_int(prompt[0]) else 1
     return RequestInfo(model=model, stream=stream, max_tokens=max_tokens,
-                       include_usage=include_usage, body=body, n=n, tasks=n * prompts)
+                       body=body, n=n, tasks=n * prompts)

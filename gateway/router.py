@@ -1,0 +1,110 @@
+"""Every route on the gateway port: its methods, the scope it needs, and its handler.
+
+One table, read by the one pipeline (gateway/pipeline.py) for every request. The scope is
+decided by the route that matched, which we wrote, never by the path string the client sent:
+a route added later is closed until someone gives it a scope.
+
+A route is an exact path, a template whose `{name}` segments match one path segment each
+(the value arrives decoded in ``call.params``), or a prefix (``/v1/``) that takes every path
+under it. A GET route answers HEAD too. Exact paths are one dict lookup; templates are
+tried in the order they were added.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, unquote
+
+from gateway.edge.call import Call
+
+Handler = Callable[[Call], Awaitable[None]]
+
+# scopes (keys/model.py names them): "" is public, "metrics" may be made public by config
+PUBLIC = ""
+ANY = "*"  # a route that takes every method (the proxy: llama-server decides)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    template: str
+    methods: frozenset[str]
+    scope: str
+    handler: Handler
+    matcher: re.Pattern[str] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """What the table says of a request: its route, or why none (404/405 with Allow)."""
+
+    route: Route | None
+    params: dict[str, str]
+    allow: frozenset[str] = frozenset()  # the methods the path has, when it is not this one
+
+
+_NO_ROUTE = Match(None, {})
+_SEGMENT = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class Router:
+    def __init__(self) -> None:
+        self._exact: dict[str, list[Route]] = {}
+        self._templates: list[Route] = []
+        self._prefixes: list[tuple[str, Route]] = []
+
+    def add(self, methods: Iterable[str], template: str, handler: Handler, scope: str) -> None:
+        allowed = frozenset(m.upper() for m in methods)
+        if "GET" in allowed:
+            allowed |= {"HEAD"}
+        if template.endswith("*"):
+            prefix = template[:-1]
+            self._prefixes.append((prefix, Route(template, allowed, scope, handler)))
+        elif "{" in template:
+            pattern = "^" + _SEGMENT.sub(r"(?P<\1>[^/]+)", re.escape(template).replace(r"\{", "{")
+                                         .replace(r"\}", "}")) + "$"
+            self._templates.append(Route(template, allowed, scope, handler, re.compile(pattern)))
+        else:
+            self._exact.setdefault(template, []).append(Route(template, allowed, scope, handler))
+
+    def match(self, method: str, path: str, target: bytes) -> Match:
+        """``path`` decoded; ``target`` as sent: a template matches its raw segments, so a
+        value may hold an encoded `/` (a model's name does), decoded in ``params``."""
+        candidates = self._exact.get(path)
+        params: dict[str, str] = {}
+        if candidates is None:
+            candidates = []
+            raw = target.partition(b"?")[0].decode("latin-1") if self._templates else ""
+            for route in self._templates:
+                assert route.matcher is not None
+                found = route.matcher.match(raw)
+                if found is not None:
+                    candidates.append(route)
+                    params = params or {k: unquote(v) for k, v in found.groupdict().items()}
+            if not candidates:
+                for prefix, route in self._prefixes:
+                    if path.startswith(prefix):
+                        candidates = [route]
+                        break
+        if not candidates:
+            return _NO_ROUTE
+        for route in candidates:
+            if method in route.methods or ANY in route.methods:
+                return Match(route, params)
+        return Match(None, params, frozenset().union(*(r.methods for r in candidates)))
+
+    def routes(self) -> list[Route]:
+        """Every route, for the OpenAPI document and the test that pins the table."""
+        return [r for rs in self._exact.values() for r in rs] + self._templates + \
+            [r for _, r in self._prefixes]
+
+
+def query_of(call: Call) -> dict[str, str]:
+    """The query's parameters, each name's first value."""
+    return {k: v[0] for k, v in parse_qs(call.query).items()} if call.query else {}
+
+
+def reply_json(call: Call, body: object, status: int = 200) -> None:
+    call.respond(status, json.dumps(body).encode())
