@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from core.logs import JsonFormatter
 from llamagate.tiny_model import write_model
+from tests.support.keytool import KeyTool
 from tests.support.service import Service
 
 
@@ -22,3 +25,17 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
                         "AUTH_ENABLED": "false"})
     with svc.running():
         yield svc
+
+
+@pytest.fixture
+def keytool(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Iterator[KeyTool]:
+    """The key store under tmp_path/data (where `auth_config` and start_gateway's DATA_DIR
+    put it); after the test, no secret it created may be in a log record."""
+    caplog.set_level(logging.DEBUG)
+    tool = KeyTool(tmp_path / "data" / "keys.json", tmp_path / "data" / "usage.db")
+    yield tool
+    # Formatted as the service formats them, so `extra` fields are searched too.
+    formatter = JsonFormatter("test")
+    text = "\n".join(formatter.format(r) for r in caplog.records)
+    for secret in tool.secrets:
+        assert secret not in text, "a secret reached a log record"

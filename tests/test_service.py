@@ -10,7 +10,8 @@ import openai
 import pytest
 import requests
 
-from tests.support.service import Service, gated_llama_server, wait_for
+from tests.support.service import Service, gated_llama_server
+from tests.support.wait import wait_for
 
 
 def client(svc: Service) -> openai.OpenAI:
@@ -84,8 +85,8 @@ def test_ping_goes_204_then_200_and_outage_gets_503(tmp_path: Path, tiny_model: 
                              "LLAMA_SERVER_PATH": str(gated_llama_server(tmp_path, gate))}).start()
     try:
         # held in loading: the health port says initializing, the gateway refuses politely
-        assert wait_for(lambda: svc.ping(), what="the health port") == 204
-        wait_for(svc.gateway_up, what="the gateway port")
+        assert wait_for(lambda: svc.ping(), "the health port", within=30) == 204
+        wait_for(svc.gateway_up, "the gateway port", within=30)
         assert svc.ping() == 204
         r = requests.post(f"{svc.url}/v1/completions", json={"prompt": "a", "max_tokens": 2},
                           timeout=10)
@@ -98,7 +99,7 @@ def test_ping_goes_204_then_200_and_outage_gets_503(tmp_path: Path, tiny_model: 
         gate.unlink()
         pid = svc.health()["backend"]["pid"]
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: svc.health()["backend"]["state"] != "ready", what="the outage")
+        wait_for(lambda: svc.health()["backend"]["state"] != "ready", "the outage", within=30)
         r = requests.post(f"{svc.url}/v1/completions", json={"prompt": "a", "max_tokens": 2},
                           timeout=10)
         assert r.status_code == 503
@@ -131,7 +132,7 @@ def test_an_open_circuit_says_when_the_backend_is_tried_again(tmp_path: Path,
             return (r.status_code, int(r.headers["Retry-After"])) if "circuit_open" in r.text \
                 else None
 
-        status, retry_after = wait_for(refused, what="the gateway to see the open circuit")
+        status, retry_after = wait_for(refused, "the gateway to see the open circuit", within=30)
         assert status == 503 and 50 <= retry_after <= 60, retry_after
     finally:
         assert svc.stop() == 0

@@ -1,23 +1,25 @@
-"""Fixtures for the gateway tests: a fake backend, the gateway app served on
-127.0.0.1 in front of it (layer 2), and an HTTP client session."""
+"""Fixtures for the gateway tests: the fake llama-server (tests/support/fake_llama.py), the
+gateway app served on 127.0.0.1 in front of it (layer 2), and an HTTP client session."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.gateway.fake_upstream import FakeUpstream
-from tests.gateway.support import Gateway, serve_gateway
+from tests.support.fake_llama import METERED, FakeLlama
+from tests.support.gateway import Gateway, serve_gateway
 
 StartGateway = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeUpstream]:
-    upstream = FakeUpstream()
+async def fake() -> AsyncIterator[FakeLlama]:
+    """The fake llama-server with default switches: one model, streams of `events` events."""
+    upstream = FakeLlama()
     await upstream.start()
     try:
         yield upstream
@@ -26,23 +28,30 @@ async def fake() -> AsyncIterator[FakeUpstream]:
 
 
 @pytest.fixture
-async def start_gateway(fake: FakeUpstream, tmp_path: Path) -> AsyncIterator[StartGateway]:
+async def metered_fake() -> AsyncIterator[FakeLlama]:
+    """The fake with token counts a test can do sums with (fake_llama.METERED)."""
+    upstream = FakeLlama(METERED)
+    await upstream.start()
+    try:
+        yield upstream
+    finally:
+        await upstream.close()
+
+
+@pytest.fixture
+async def start_gateway(fake: FakeLlama, tmp_path: Path) -> AsyncIterator[StartGateway]:
     """`await start_gateway(MAX_QUEUE_SIZE="1", ...)`: a gateway in front of `fake`,
     configured from those settings (auth off unless given, files under tmp_path);
     stopped after the test."""
-    started: list[Gateway] = []
+    async with contextlib.AsyncExitStack() as stack:
+        async def start(**env: str) -> Gateway:
+            settings = {"DATA_DIR": str(tmp_path / "data"), **env}
+            return await stack.enter_async_context(serve_gateway(fake.url, settings))
 
-    async def start(**env: str) -> Gateway:
-        gateway = await serve_gateway(fake.url, {"DATA_DIR": str(tmp_path / "data"), **env})
-        started.append(gateway)
-        return gateway
-
-    try:
-        yield start
-    finally:
-        fake.release.set()  # held requests end, so the gateways stop at once
-        for gateway in reversed(started):
-            await gateway.stop()
+        try:
+            yield start
+        finally:
+            fake.release.set()  # held requests end, so the gateways stop at once
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.gateway.fake_upstream import FakeUpstream
-from tests.gateway.support import Gateway, assert_openai_error, serve_gateway
+from tests.support.fake_llama import FakeLlama
+from tests.support.gateway import Gateway, assert_openai_error, serve_gateway
 
 
-async def test_unknown_route_is_404_openai_shaped(gateway: Gateway, fake: FakeUpstream,
+async def test_unknown_route_is_404_openai_shaped(gateway: Gateway, fake: FakeLlama,
                                                   http: aiohttp.ClientSession) -> None:
     for path in ("/nope", "/v2/chat/completions", "/"):
         async with http.post(gateway.url + path, json={"x": 1}) as r:
@@ -34,12 +34,11 @@ async def test_wrong_method_is_405_openai_shaped(gateway: Gateway,
 
 
 async def test_unexpected_exception_is_500_without_a_trace(
-        fake: FakeUpstream, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
+        fake: FakeLlama, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
     async def boom(request: web.Request) -> web.Response:
         raise RuntimeError("internal detail /srv/secret/path")
 
-    gateway = await serve_gateway(fake.url, {}, extra_routes=[web.get("/boom", boom)])
-    try:
+    async with serve_gateway(fake.url, {}, extra_routes=[web.get("/boom", boom)]) as gateway:
         with caplog.at_level(logging.ERROR, logger="llamagate"):
             async with http.get(gateway.url + "/boom") as r:
                 assert r.status == 500
@@ -50,5 +49,3 @@ async def test_unexpected_exception_is_500_without_a_trace(
         # the detail goes to the log, for operators
         assert any(rec.exc_info and "internal detail" in str(rec.exc_info[1])
                    for rec in caplog.records if rec.name.startswith("llamagate"))
-    finally:
-        await gateway.stop()

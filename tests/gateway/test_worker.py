@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.gateway.support import Samples
+from tests.support.metrics import Samples
 from tests.support.service import Service
 
 N = 24

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import requests
 
-from tests.support.service import Service, wait_for
+from tests.support.service import Service
+from tests.support.wait import wait_for
 
 
 def _start(tmp: Path, model: Path, **env: str) -> Service:
@@ -37,12 +38,12 @@ def test_sigstop_gateway_makes_ping_503_fast_and_sigcont_recovers(tmp_path: Path
         os.kill(worker, signal.SIGSTOP)
         try:
             stopped_at = time.monotonic()
-            wait_for(lambda: svc.ping() == 503, timeout=2.0, what="/ping 503 after SIGSTOP")
+            wait_for(lambda: svc.ping() == 503, "/ping 503 after SIGSTOP", within=2.0)
             assert time.monotonic() - stopped_at < 2.0
             assert svc.health()["reason"] == "gateway worker not responding"
         finally:
             os.kill(worker, signal.SIGCONT)
-        wait_for(lambda: svc.ping() == 200, timeout=5.0, what="recovery after SIGCONT")
+        wait_for(lambda: svc.ping() == 200, "recovery after SIGCONT", within=5.0)
     finally:
         assert svc.stop() == 0
 
@@ -57,13 +58,13 @@ def test_sigterm_lets_a_running_stream_finish(tmp_path: Path, tiny_model: Path) 
         assert b"chat.completion.chunk" in first
         assert svc.proc is not None
         svc.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: svc.ping() == 503, timeout=2.0, what="/ping 503 on SIGTERM")
+        wait_for(lambda: svc.ping() == 503, "/ping 503 on SIGTERM", within=2.0)
 
         def refused() -> list[requests.Response]:
             r = requests.post(f"{svc.url}/v1/completions", json={"prompt": "a", "max_tokens": 1},
                               timeout=5)
             return [r] if r.status_code == 503 else []
-        [r] = wait_for(refused, timeout=5.0, what="new requests refused while draining")
+        [r] = wait_for(refused, "new requests refused while draining", within=5.0)
         assert "Retry-After" in r.headers
         assert r.json()["error"]["code"] == "shutting_down"
         rest = [line.decode() for line in lines if line.startswith(b"data: ")]
@@ -111,6 +112,6 @@ def _idle(svc: Service) -> None:
             except requests.RequestException:
                 pass
         return svc.proc is not None and svc.proc.poll() is not None
-    wait_for(exited_while_probing, timeout=20.0, what="idle shutdown")
+    wait_for(exited_while_probing, "idle shutdown", within=20.0)
     assert svc.proc.returncode == 0
     assert "IDLE_SHUTDOWN_SECONDS" in svc.log()

@@ -14,7 +14,8 @@ import requests
 
 from health.readiness import STALE_AFTER
 from tests.health.processes import metric, runtime_dir
-from tests.support.service import Service, wait_for
+from tests.support.service import Service
+from tests.support.wait import wait_for
 
 
 def _start(tmp: Path, model: Path, **env: str) -> Service:
@@ -29,13 +30,13 @@ def _kill_and_see_it_replaced(svc: Service, pid: int, workers: int) -> None:
     def replaced() -> bool:
         pids = svc.health()["workers"]
         return len([p for p in pids if p != pid]) == workers
-    wait_for(replaced, timeout=20.0, what="serve to restart the worker")
+    wait_for(replaced, "serve to restart the worker", within=20.0)
 
     def ready_past_stale() -> bool:
         # the dead worker's last heartbeat has aged past STALE_AFTER: were it still read,
         # it would be a hung worker and /ping 503
         return time.monotonic() - killed_at > 2 * STALE_AFTER and svc.ping() == 200
-    wait_for(ready_past_stale, timeout=10.0, what="/ping 200 after the restart")
+    wait_for(ready_past_stale, "/ping 200 after the restart", within=10.0)
     body = svc.health()
     assert body["status"] == "healthy" and pid not in body["workers"]
     r = requests.post(f"{svc.url}/v1/completions", json={"prompt": "a", "max_tokens": 2},
@@ -81,7 +82,7 @@ def test_a_killed_workers_request_leaves_the_in_flight_gauge(tmp_path: Path,
                 if state.get("in_flight"):
                     return int(state["pid"])
             return None
-        busy = wait_for(busy_worker, timeout=5.0, what="the worker holding the stream")
+        busy = wait_for(busy_worker, "the worker holding the stream", within=5.0)
         _kill_and_see_it_replaced(svc, busy, 2)
         stream.close()
         assert in_flight() == 0

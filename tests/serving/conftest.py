@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.gateway_auth.fakes import KeyTool
+from tests.support.keytool import KeyTool
 
 from .support import HubThread
 

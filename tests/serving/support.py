@@ -13,9 +13,10 @@ import requests
 from gguf import GGUFWriter
 
 from llamagate.tiny_model import write_model
-from tests.gateway_auth.fakes import KeyTool
-from tests.models.fakehub import FakeHub
-from tests.support.service import Service, wait_for
+from tests.backend.models.fakehub import FakeHub
+from tests.support.keytool import KeyTool
+from tests.support.service import Service
+from tests.support.wait import wait_for
 
 PROMPT = [{"role": "user", "content": "Tell me about the weather"}]
 
@@ -69,7 +70,7 @@ def wait_state(svc: Service, secret: str, model: str, state: str, timeout: float
     def reached() -> dict[str, Any] | None:
         entry = serving_states(svc, secret).get(model)
         return entry if entry is not None and entry["state"] == state else None
-    found: dict[str, Any] = wait_for(reached, timeout, f"{model} to be {state}")
+    found: dict[str, Any] = wait_for(reached, f"{model} to be {state}", within=timeout)
     return found
 
 

@@ -15,7 +15,8 @@ import requests
 from backend.argv import ServerSpec, build_argv
 from core import runtime
 from tests.health.processes import children, cmdline, runtime_dir
-from tests.support.service import Service, free_port, llama_server, wait_for
+from tests.support.service import Service, free_port, llama_server
+from tests.support.wait import wait_for
 
 from .support import chat
 
@@ -51,8 +52,8 @@ def test_a_late_backend_is_picked_up_with_its_models_and_its_key_stays_off_argv(
     svc = Service(tmp_path, {"BACKEND_URL": f"http://127.0.0.1:{port}", "BACKEND_API_KEY": key,
                              "AUTH_ENABLED": "false"}).start()
     try:
-        wait_for(svc.gateway_up, what="the gateway port")
-        wait_for(lambda: svc.ping() == 503, what="the backend seen unreachable")
+        wait_for(svc.gateway_up, "the gateway port", within=30)
+        wait_for(lambda: svc.ping() == 503, "the backend seen unreachable", within=30)
         # before its list is known no name is accepted, so none becomes a label value
         r = chat(svc, "client-chosen-name")
         assert r.status_code == 503 and "Retry-After" in r.headers, r.text
@@ -71,7 +72,7 @@ def test_a_late_backend_is_picked_up_with_its_models_and_its_key_stays_off_argv(
         assert "no-such-model" not in metrics
 
         # back from an outage serving another model: the list is read again
-        wait_for(lambda: svc.ping() == 503, what="the outage to be seen")
+        wait_for(lambda: svc.ping() == 503, "the outage to be seen", within=30)
         with external(tmp_path, tiny_model, port, key_file, "tiny-2"):
             svc.wait_ready()
             assert chat(svc, "tiny-2").status_code == 200

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.gateway.support import Samples, promtool_check
-from tests.gateway_auth.fakes import KeyTool
-from tests.support.service import Service, wait_for
+from tests.support.keytool import KeyTool
+from tests.support.metrics import Samples, promtool_check
+from tests.support.service import Service
+from tests.support.wait import wait_for
 
 from .support import (
     admin,
@@ -104,7 +105,7 @@ def test_a_failed_load_cools_down_and_the_fallback_answers(svc: Service, ops: st
     def via_fallback() -> requests.Response | None:
         r = chat(svc, "broken", ops)
         return r if r.headers.get("X-Model-Fallback") == "alpha" else None
-    r: requests.Response = wait_for(via_fallback, 10, "requests for broken to get the fallback")
+    r: requests.Response = wait_for(via_fallback, "requests for broken to get the fallback", within=10)
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "alpha"
     assert r.json()["choices"][0]["message"]["content"] == direct.json()["choices"][0]["message"]["content"]
@@ -131,7 +132,7 @@ def test_without_a_fallback_a_cooling_model_is_refused(svc: Service, ops: str) -
     def refused() -> list[requests.Response]:
         r = chat(svc, "nofb", ops)  # (a Response is falsy unless 2xx: return it in a list)
         return [r] if r.status_code == 503 else []
-    [r] = wait_for(refused, 10, "requests for nofb to be refused")
+    [r] = wait_for(refused, "requests for nofb to be refused", within=10)
     error = r.json()["error"]
     assert error["code"] == "model_unavailable" and "nofb" in error["message"]
     assert "X-Model-Fallback" not in r.headers
@@ -150,7 +151,7 @@ def test_model_state_metrics(svc: Service, ops: str) -> None:
         ready = all(samples.get_value("llamagate_model_state", model=m, state="loaded") == 1
                     for m in ("alpha", "beta"))
         return text if ready else None
-    text: str = wait_for(scrape, 10, "/metrics to show alpha and beta loaded")
+    text: str = wait_for(scrape, "/metrics to show alpha and beta loaded", within=10)
     samples = Samples.parse(text)
     assert samples.get_value("llamagate_model_state", model="broken", state="cooldown") == 1
     assert samples.get_value("llamagate_model_state", model="broken", state="loaded") == 0
@@ -168,7 +169,7 @@ def test_an_operator_load_retries_at_once(svc: Service, ops: str) -> None:
     assert r.status_code == 202, r.text
     # the retry fails again, and starts a new, full cooldown
     wait_for(lambda: (s := serving_states(svc, ops)["broken"])["state"] == "cooldown"
-             and s["cooldown_until"] > before["cooldown_until"], 10, "a new cooldown")
+             and s["cooldown_until"] > before["cooldown_until"], "a new cooldown", within=10)
 
 
 def put_profile(svc: Service, ops: str, name: str | None) -> requests.Response:
@@ -228,7 +229,7 @@ def test_switching_profiles_changes_the_served_models(
     r = put_profile(svc, ops, "solo")
     assert r.status_code == 200, r.text
     assert r.json()["profile"] == "solo" and list(r.json()["models"]) == ["alpha"]
-    wait_for(lambda: v1_model_ids(svc, ops) == ["alpha"], 10, "/v1/models to follow the switch")
+    wait_for(lambda: v1_model_ids(svc, ops) == ["alpha"], "/v1/models to follow the switch", within=10)
     assert svc.health()["profile"] == "solo"
     assert chat(svc, "alpha", ops).status_code == 200
     assert chat(svc, "beta", ops).status_code == 404

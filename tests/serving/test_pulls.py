@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from llamagate.tiny_model import write_model
-from tests.gateway_auth.fakes import KeyTool
-from tests.models.fakehub import FakeHub
-from tests.support.service import Service, wait_for
+from tests.backend.models.fakehub import FakeHub
+from tests.support.keytool import KeyTool
+from tests.support.service import Service
+from tests.support.wait import wait_for
 
 from .support import HubThread, admin, auth_env, service_dir
 
@@ -90,7 +91,7 @@ def wait_job(svc: Service, ops: str, job_id: str, state: str, timeout: float = 3
         current = job(svc, ops, job_id)
         assert current["state"] == state or current["state"] in ("queued", "running"), current
         return current if current["state"] == state else None
-    found: dict[str, Any] = wait_for(reached, timeout, f"job {job_id} to be {state}")
+    found: dict[str, Any] = wait_for(reached, f"job {job_id} to be {state}", within=timeout)
     return found
 
 
@@ -119,7 +120,7 @@ def test_a_pull_reports_progress_then_serves_the_new_model(
         assert current["state"] in ("queued", "running"), current
         done, total = current["bytes_done"], current["bytes_total"]
         return current if current["state"] == "running" and total and 0 < done < total else None
-    progress = wait_for(in_progress, 20, "a progress report")
+    progress = wait_for(in_progress, "a progress report", within=20)
     assert progress["bytes_total"] == len(data)
 
     finished = wait_job(svc, ops, first["id"], "done")
@@ -134,7 +135,7 @@ def test_a_pull_reports_progress_then_serves_the_new_model(
     def registered() -> dict[str, Any] | None:
         entries = admin(svc, "GET", "/admin/models", ops).json()["data"]
         return next((e for e in entries if e["name"] == "pulled"), None)
-    entry = wait_for(registered, 10, "the pulled model in /admin/models")
+    entry = wait_for(registered, "the pulled model in /admin/models", within=10)
     assert entry["status"] == "ok" and entry["path"] == str(models_dir / "pulled.gguf")
     assert entry["metadata"]["architecture"] == "llama"
     # a later pull of the same file is a new job (the first one is over)
@@ -146,13 +147,13 @@ def test_a_pull_reports_progress_then_serves_the_new_model(
 def test_a_pull_can_be_cancelled(svc: Service, ops: str, hub: HubThread, models_dir: Path) -> None:
     throttle(hub.hub, 16 * 1024, 0.05)  # 4 MiB at ~320 KB/s: far from done when cancelled
     started = pull(svc, ops, "org/big", "cancel.gguf")
-    wait_for(lambda: partials(models_dir), 20, "the download to start")
+    wait_for(lambda: partials(models_dir), "the download to start", within=20)
     r = admin(svc, "DELETE", f"/admin/jobs/{started['id']}", ops)
     throttle(hub.hub, 64 * 1024, 0)
     assert r.status_code == 200, r.text
     assert r.json()["state"] == "cancelled"
     assert job(svc, ops, started["id"])["state"] == "cancelled"
-    wait_for(lambda: not partials(models_dir), 10, "the partial file to be deleted")
+    wait_for(lambda: not partials(models_dir), "the partial file to be deleted", within=10)
     assert not (models_dir / "cancel.gguf").exists()
     # cancelling a finished job changes nothing
     r = admin(svc, "DELETE", f"/admin/jobs/{started['id']}", ops)
@@ -205,7 +206,7 @@ def test_pulls_are_audited_with_the_acting_key(
         svc: Service, keytool: KeyTool, ops_key: tuple[str, str]) -> None:
     def entries() -> list[dict[str, Any]]:
         return [e for e in json.loads(keytool.ok("audit", "--json")) if e["actor"] == ops_key[0]]
-    wait_for(lambda: {"pull", "cancel_pull"} <= {e["action"] for e in entries()}, 10, "audit entries")
+    wait_for(lambda: {"pull", "cancel_pull"} <= {e["action"] for e in entries()}, "audit entries", within=10)
     pulls = [e for e in entries() if e["action"] == "pull"]
     assert {(e["target"], e["detail"].get("file")) for e in pulls} >= {
         ("org/tiny-gguf", "pulled.gguf"), ("org/big", "cancel.gguf"), ("org/nope", "model.gguf")}
@@ -220,8 +221,8 @@ def test_a_pull_survives_kill_9_of_the_serve_process(
     throttle(hub.hub, 16 * 1024, 0.02)  # ~800 KB/s: about 5 s for the whole file
     started = pull(svc, ops, "org/big", "resume.gguf")
     partial = models_dir / ".partial" / f"{digest}.part"
-    wait_for(lambda: partial.exists() and partial.stat().st_size >= BIG // 4, 30,
-             "a quarter of the file on disk")
+    wait_for(lambda: partial.exists() and partial.stat().st_size >= BIG // 4,
+             "a quarter of the file on disk", within=30)
     assert svc.proc is not None
     os.kill(svc.proc.pid, signal.SIGKILL)
     assert svc.wait_exit(10) == -signal.SIGKILL

@@ -17,9 +17,10 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from llamagate.tiny_model import write_model
-from tests.gateway_auth.fakes import KeyTool
 from tests.health.processes import children, cmdline
-from tests.support.service import Service, wait_for
+from tests.support.keytool import KeyTool
+from tests.support.service import Service
+from tests.support.wait import wait_for
 
 from .support import (
     admin,
@@ -114,8 +115,8 @@ def test_loading_a_second_model_unloads_the_least_recently_used(
     assert chat(svc, "beta", app).status_code == 200
     wait_state(svc, ops, "alpha", "unloaded")
     assert serving_states(svc, ops)["beta"]["state"] == "loaded"
-    wait_for(lambda: health_states(svc) == {"alpha": "unloaded", "beta": "loaded"}, 10,
-             "/health to show alpha unloaded, beta loaded")
+    wait_for(lambda: health_states(svc) == {"alpha": "unloaded", "beta": "loaded"},
+             "/health to show alpha unloaded, beta loaded", within=10)
 
 
 def test_a_request_for_an_unloaded_model_waits_for_it(
@@ -185,8 +186,8 @@ def test_load_and_unload_by_hand(svc: Service, ops: str) -> None:
     assert r.status_code == 202, r.text
     wait_state(svc, ops, "beta", "unloaded")
     assert admin(svc, "POST", "/admin/models/beta/unload", ops).status_code == 202  # idempotent
-    wait_for(lambda: health_states(svc) == {"alpha": "unloaded", "beta": "unloaded"}, 10,
-             "/health to show both unloaded")
+    wait_for(lambda: health_states(svc) == {"alpha": "unloaded", "beta": "unloaded"},
+             "/health to show both unloaded", within=10)
 
 
 def test_changes_are_audited_with_the_acting_key(
@@ -200,7 +201,7 @@ def test_changes_are_audited_with_the_acting_key(
         return {(e["action"], e["target"]) for e in entries()}
 
     wait_for(lambda: {("edit_model", "alpha"), ("load_model", "beta"), ("unload_model", "beta")}
-             <= actions(), 10, "the audit entries")
+             <= actions(), "the audit entries", within=10)
     refused = [e for e in entries() if e["action"] == "edit_model" and e["detail"]["status"] == 400]
     assert refused, entries()
     # reads are not audited, and the refused inference key did nothing auditable
@@ -215,13 +216,13 @@ def test_a_rescan_changes_the_served_set(svc: Service, ops: str, keytool: KeyToo
     r = admin(svc, "POST", "/admin/models/rescan", ops)
     assert r.status_code == 200, r.text
     assert "gamma" in [e["name"] for e in r.json()["data"]]
-    wait_for(lambda: v1_model_ids(svc, ops) == ["alpha", "beta", "gamma"], 10, "gamma to be served")
+    wait_for(lambda: v1_model_ids(svc, ops) == ["alpha", "beta", "gamma"], "gamma to be served", within=10)
     r = chat(svc, "gamma", ops)
     assert r.status_code == 200 and r.json()["model"] == "gamma"
 
     (models_dir / "gamma.gguf").unlink()
     assert admin(svc, "POST", "/admin/models/rescan", ops).status_code == 200
-    wait_for(lambda: v1_model_ids(svc, ops) == ["alpha", "beta"], 10, "gamma to be gone")
+    wait_for(lambda: v1_model_ids(svc, ops) == ["alpha", "beta"], "gamma to be gone", within=10)
     assert chat(svc, "gamma", ops).status_code == 404
     assert "gamma" not in health_states(svc)
 
@@ -247,11 +248,11 @@ def test_a_client_that_hangs_up_frees_the_slot_through_the_router(
                  b"Authorization: Bearer " + ops.encode() + b"\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
     try:
-        wait_for(lambda: _processing(svc, ops, "beta") == 1, 30, "the generation to run")
+        wait_for(lambda: _processing(svc, ops, "beta") == 1, "the generation to run", within=30)
     finally:
         sock.close()
     hung_up = time.monotonic()
-    wait_for(lambda: _processing(svc, ops, "beta") == 0, 10, "the slot to be freed")
+    wait_for(lambda: _processing(svc, ops, "beta") == 0, "the slot to be freed", within=10)
     assert time.monotonic() - hung_up < 1.0, "the router's child still generated 1 s after the hang-up"
 
 

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.support.service import Service, wait_for
+from tests.support.service import Service
+from tests.support.wait import wait_for
 
 from .support import chat, health_states, write_models
 
@@ -31,8 +32,8 @@ def test_an_idle_model_is_unloaded_after_the_ttl(svc: Service) -> None:
     assert health_states(svc) == {"alpha": "unloaded", "beta": "unloaded"}
     assert chat(svc, "beta").status_code == 200
     last_use = time.time()
-    wait_for(lambda: health_states(svc)["beta"] == "loaded", 10, "beta to be loaded")
-    wait_for(lambda: health_states(svc)["beta"] == "unloaded", 20, "beta to be unloaded by the TTL")
+    wait_for(lambda: health_states(svc)["beta"] == "loaded", "beta to be loaded", within=10)
+    wait_for(lambda: health_states(svc)["beta"] == "unloaded", "beta to be unloaded by the TTL", within=20)
     # not before the TTL ran out (the serve process notices within its 0.25 s poll)
     assert time.time() - last_use >= TTL
     assert health_states(svc)["alpha"] == "unloaded"  # never loaded, nothing to unload
@@ -42,19 +43,19 @@ def test_use_keeps_a_model_loaded(svc: Service) -> None:
     """Last use reaches the serve process through the gateway workers' heartbeats: a model
     asked for more often than the TTL stays loaded well past the TTL since it loaded."""
     assert chat(svc, "alpha").status_code == 200
-    wait_for(lambda: health_states(svc)["alpha"] == "loaded", 10, "alpha to be loaded")
+    wait_for(lambda: health_states(svc)["alpha"] == "loaded", "alpha to be loaded", within=10)
     started = time.monotonic()
     while time.monotonic() - started < 2.5 * TTL:
         time.sleep(0.4)  # pacing between requests, not synchronisation
         assert health_states(svc)["alpha"] == "loaded"
         assert chat(svc, "alpha").status_code == 200
-    wait_for(lambda: health_states(svc)["alpha"] == "unloaded", 20, "alpha to be unloaded once idle")
+    wait_for(lambda: health_states(svc)["alpha"] == "unloaded", "alpha to be unloaded once idle", within=20)
 
 
 def test_a_long_request_is_use_not_idleness(svc: Service) -> None:
     """Last use is when a request started; a generation running longer than the TTL must
     not have its model unloaded under it (the stream would just stop)."""
-    wait_for(lambda: health_states(svc)["beta"] == "unloaded", 20, "beta to be idle")
+    wait_for(lambda: health_states(svc)["beta"] == "unloaded", "beta to be idle", within=20)
     started = time.monotonic()
     outlived_ttl = False
     with requests.post(f"{svc.url}/v1/completions", stream=True, timeout=60,
@@ -68,4 +69,4 @@ def test_a_long_request_is_use_not_idleness(svc: Service) -> None:
                 assert health_states(svc)["beta"] == "loaded"
                 break  # proven; leaving cancels the rest of the generation
     assert outlived_ttl, f"the stream ended after {time.monotonic() - started:.1f}s"
-    wait_for(lambda: health_states(svc)["beta"] == "unloaded", 20, "beta to be unloaded once idle")
+    wait_for(lambda: health_states(svc)["beta"] == "unloaded", "beta to be unloaded once idle", within=20)

@@ -24,8 +24,8 @@ from gateway.errors import BackendUnavailable
 from gateway.observe.metrics import label_backend_metrics
 from gateway.observe.model_metrics import merge_expositions
 from llamagate.fleet import Fleet, FleetError, merge_last_used
-from tests.gateway.support import promtool_check
-from tests.models.pulling import until
+from tests.support.metrics import promtool_check
+from tests.support.wait import wait_until
 
 # --- backend/router.py ---------------------------------------------------------------
 
@@ -253,9 +253,9 @@ async def test_fleet_watch_survives_router_errors(tmp_path: Path, tiny_model: Pa
     f.on_change = lambda: changes.append(f.states["m"].state)
     task = asyncio.create_task(f.watch(cast(RouterClient, router), no_detail))
     try:
-        await until(lambda: changes == ["loaded"], "the first reading")
+        await wait_until(lambda: changes == ["loaded"], "the first reading", within=15)
         clock.now += 6  # idle past the TTL: each poll tries to unload, and fails
-        await until(lambda: router.unloads >= 2, "a second unload attempt, a poll later")
+        await wait_until(lambda: router.unloads >= 2, "a second unload attempt, a poll later", within=15)
         assert router.loads == 1 and not task.done()
     finally:
         task.cancel()

@@ -1,21 +1,26 @@
-"""Runs the real service (`llamagate serve`) as a subprocess on free ports."""
+"""Runs the real service (`llamagate serve`) as a subprocess on free ports, and finds the
+llama-server binary for the tests that run it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import requests
 
 from backend.binary import find_llama_server
+from tests.support.fake_llama import FakeLlama
+from tests.support.keytool import KeyTool
+from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,18 +34,6 @@ def free_port() -> int:
 def llama_server() -> Path:
     explicit = os.environ.get("LLAMA_SERVER_PATH")
     return find_llama_server(Path(explicit) if explicit else None)
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll `cond` until it returns a truthy value; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def gated_llama_server(tmp: Path, gate: Path) -> Path:
@@ -102,7 +95,7 @@ class Service:
             if self.proc.poll() is not None:
                 raise AssertionError(f"service exited with {self.proc.returncode}:\n{self.log()}")
             return self.ping() == 200
-        wait_for(ready, timeout, "the service to be ready")
+        wait_for(ready, "the service to be ready", within=timeout)
         return self
 
     @contextlib.contextmanager
@@ -138,3 +131,25 @@ class Service:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+@contextlib.asynccontextmanager
+async def two_worker_service(tmp_path: Path, backend: FakeLlama, keys: KeyTool,
+                             **env: str) -> AsyncIterator[Service]:
+    """The real service with GATEWAY_WORKERS=2 before ``backend``, auth on with ``keys``,
+    the access log on (``worker_pids`` reads it); stopped after the block."""
+    svc = Service(tmp_path, {"BACKEND_URL": backend.url, "AUTH_ENABLED": "true",
+                             "AUTH_KEYS_FILE": str(keys.keys_file), "USAGE_DB": str(keys.usage_db),
+                             "GATEWAY_WORKERS": "2", "LOG_LEVEL": "info", **env})
+    await asyncio.to_thread(svc.start)
+    try:
+        await asyncio.to_thread(svc.wait_ready)
+        yield svc
+    finally:
+        await asyncio.to_thread(svc.stop)
+
+
+def worker_pids(svc: Service) -> set[int]:
+    """The gateway workers that answered requests, from the service's access log."""
+    return {json.loads(line)["worker_pid"] for line in svc.log().splitlines()
+            if '"logger":"llamagate.access"' in line}

@@ -15,7 +15,7 @@ import uvloop
 
 from gateway.edge.call import Call
 from gateway.edge.server import HttpServer
-from tests.gateway.http_client import Client
+from tests.support.rawhttp import Client
 
 BIG = 4 * 1024 * 1024
 MAX_BODY = 1000

@@ -12,9 +12,9 @@ import pytest
 
 from tests.gateway.edge.rendered import run_on
 from tests.gateway.edge.support import MAX_BODY, Edge
-from tests.gateway.fake_upstream import MODEL, FakeUpstream
-from tests.gateway.http_client import Answer, Client, request
-from tests.gateway.support import Gateway, assert_openai_error
+from tests.support.fake_llama import MODEL, FakeLlama
+from tests.support.gateway import Gateway, assert_openai_error
+from tests.support.rawhttp import Answer, Client, request
 
 TEXT = b'{"text": "' + b"compressible " * 40 + b'"}'  # 530 bytes: under MAX_BODY (1000)
 
@@ -121,7 +121,7 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello " * 50}]
 
 
 async def test_a_gzip_chat_request_reaches_the_backend_decoded(
-        gateway: Gateway, fake: FakeUpstream) -> None:
+        gateway: Gateway, fake: FakeLlama) -> None:
     client = await Client.connect(gateway.port)
     try:
         await client.send(request("POST", "/v1/chat/completions", gzip.compress(json.dumps(CHAT).encode()),
@@ -136,7 +136,7 @@ async def test_a_gzip_chat_request_reaches_the_backend_decoded(
 
 
 async def test_an_unsupported_coding_is_refused_by_the_gateway_before_the_backend(
-        gateway: Gateway, fake: FakeUpstream) -> None:
+        gateway: Gateway, fake: FakeLlama) -> None:
     client = await Client.connect(gateway.port)
     try:
         await client.send(request("POST", "/v1/chat/completions", json.dumps(CHAT).encode(),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from tests.gateway.edge.support import BIG, Edge, Run
-from tests.gateway.http_client import chunked, request
-from tests.gateway.support import wait_until
+from tests.support.rawhttp import chunked, request
+from tests.support.wait import wait_until
 
 
 def test_keep_alive_serves_fast_and_handed_over_requests_in_turn(run: Run) -> None:
@@ -127,7 +127,7 @@ def test_a_large_stream_to_a_slow_reader_arrives_intact(run: Run) -> None:
         client = await edge.connect()
         await client.send(request("GET", "/v1/big"))
         # the client reads nothing yet: the server's buffer fills and it must wait for the reader
-        await wait_until(lambda: any(c.paused for c in edge.server.connections), 10, "a paused writer")
+        await wait_until(lambda: any(c.paused for c in edge.server.connections), "a paused writer", within=10)
         answer = await client.answer(within=20)
         piece = bytes(range(256)) * 256
         assert len(answer.body) == BIG

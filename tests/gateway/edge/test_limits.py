@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from tests.gateway.edge.support import Edge, Run
-from tests.gateway.http_client import Client, chunked, request
-from tests.gateway.support import wait_until
+from tests.support.rawhttp import Client, chunked, request
+from tests.support.wait import wait_until
 
 
 @pytest.mark.parametrize("send", [
@@ -153,7 +153,7 @@ def test_close_lets_a_running_request_finish(run: Run) -> None:
     async def scenario(edge: Edge) -> None:
         client = await edge.connect()
         await client.send(request("POST", "/v1/slow", b""))
-        await wait_until(lambda: ("fast", "/v1/slow") in edge.seen, 5, "the request to start")
+        await wait_until(lambda: ("fast", "/v1/slow") in edge.seen, "the request to start", within=5)
         await edge.server.close(grace=5)
         answer = await client.answer()
         assert (answer.status, answer.body) == (200, b"slow")
@@ -168,8 +168,8 @@ def test_a_head_split_over_reads_is_not_counted_with_its_body(run: Run) -> None:
         body = b"x" * 150_000  # over the 64 KiB head limit, arriving in the head's last read
         data = request("POST", "/v1/length", body)
         await client.send(data[:20])
-        await wait_until(lambda: any(c.receiving for c in edge.server.connections), 5,
-                         "the first part of the head to be read")
+        await wait_until(lambda: any(c.receiving for c in edge.server.connections),
+                         "the first part of the head to be read", within=5)
         await client.send(data[20:])
         answer = await client.answer()
         assert (answer.status, answer.body) == (200, b"150000")
@@ -180,8 +180,8 @@ def test_close_cuts_off_a_client_that_stopped_reading(run: Run) -> None:
     async def scenario(edge: Edge) -> None:
         client = await edge.connect()
         await client.send(request("GET", "/v1/big"))  # the client never reads it
-        await wait_until(lambda: any(c.paused for c in edge.server.connections), 10,
-                         "a paused writer")
+        await wait_until(lambda: any(c.paused for c in edge.server.connections), "a paused writer",
+                         within=10)
         await edge.server.close(grace=0.2)
         assert edge.server.connections == set()  # aborted, not left waiting on the reader
     run(scenario)

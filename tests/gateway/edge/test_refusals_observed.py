@@ -13,9 +13,10 @@ import aiohttp
 import pytest
 
 from tests.gateway.conftest import StartGateway
-from tests.gateway.fake_upstream import FakeUpstream
-from tests.gateway.http_client import Answer, Client, request
-from tests.gateway.support import Gateway, assert_openai_error, scrape
+from tests.support.fake_llama import FakeLlama
+from tests.support.gateway import Gateway, assert_openai_error
+from tests.support.metrics import scrape
+from tests.support.rawhttp import Answer, Client, request
 
 GENERATED = re.compile(r"[0-9a-f]{32}").fullmatch
 APP = "https://app.example"
@@ -54,7 +55,7 @@ async def _refused(gateway: Gateway, send: bytes) -> Answer:
 
 @pytest.mark.parametrize(("send", "status", "code", "why", "route"), REFUSALS, ids=IDS)
 async def test_a_refusal_is_answered_logged_and_counted(
-        gateway: Gateway, fake: FakeUpstream, http: aiohttp.ClientSession,
+        gateway: Gateway, fake: FakeLlama, http: aiohttp.ClientSession,
         caplog: pytest.LogCaptureFixture,
         send: bytes, status: int, code: str, why: str, route: str) -> None:
     caplog.set_level(logging.INFO, logger="llamagate.access")

@@ -21,8 +21,9 @@ from gateway.edge.handover import Tunnel
 from gateway.edge.server import HttpServer
 from tests.gateway.edge.rendered import run_on
 from tests.gateway.edge.support import Edge
-from tests.gateway.http_client import Client, request
-from tests.gateway.support import Gateway, assert_openai_error, scrape
+from tests.support.gateway import Gateway, assert_openai_error
+from tests.support.metrics import scrape
+from tests.support.rawhttp import Client, request
 
 STALL = 0.3
 # the server's clocks start a moment before the client's: bounds allow for that much
