@@ -39,6 +39,7 @@ class Upstream:
     def __init__(self, base_url: str, api_key: str | None, pool_size: int) -> None:
         self.base_url = base_url.rstrip("/")
         self.auth_header = f"Bearer {api_key}" if api_key else None
+        self._api_key = api_key
         self.status = BackendStatus()
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
@@ -59,7 +60,7 @@ class Upstream:
 
     async def open(self) -> None:
         auth = {"Authorization": self.auth_header} if self.auth_header else {}
-        self._pool = BackendPool(self.base_url, self._pool_size, headers=auth)
+        self._pool = BackendPool(self.base_url, self._pool_size, headers=auth, secret=self._api_key)
         # the health poll and metrics scrapes only: a few connections are plenty
         connector = aiohttp.TCPConnector(limit=4, keepalive_timeout=60, enable_cleanup_closed=True)
         # Timeouts are set per request by the caller; no automatic decompression

@@ -14,10 +14,11 @@ The contract the proxy relies on:
   (unless the backend answered ``Connection: close``); ``Response.close()`` on an
   unfinished one closes the connection, which is how llama-server learns that
   the client left and frees the slot;
-- a pooled connection that the backend closed before sending any byte of an
-  answer is retried once, on a new connection: that is llama-server dropping an
-  idle keep-alive connection as our request was on its way, so it never began
-  the work. Nothing else is retried.
+- a request is sent again, once, on a new connection only when it provably never
+  left: its connection was found closed before the write, or the write failed before
+  one byte went out. A request whose bytes were sent is never repeated, even when the
+  connection closes with no byte of an answer: the backend may have begun the work.
+  What makes that rare is ``IDLE_SECONDS``.
 
     BackendError
      ├── BackendConnectError   no connection could be made
@@ -27,28 +28,36 @@ The contract the proxy relies on:
 from __future__ import annotations
 
 import asyncio
-import collections
 import ssl
 import time
 from urllib.parse import urlsplit
 
-from gateway.edge.write_batch import WriteBatch
 from gateway.upstream.connection import (
     BackendBroken,
     BackendConnectError,
     BackendError,
     Connection,
+    Places,
     Response,
 )
 
 __all__ = ["BackendBroken", "BackendConnectError", "BackendError", "BackendPool", "Response"]
 
+# How long a connection may idle in the pool and still carry a request. llama-server's
+# HTTP library (cpp-httplib) closes keep-alive connections idle for 5 s
+# (CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND); a request written as it closes one is lost and,
+# having left, is not sent again (see above). Staying under its limit, a pooled
+# connection is never one the backend is about to close.
+IDLE_SECONDS = 4.0
 
-class BackendPool:
-    """Keep-alive connections to one backend, at most ``size`` of them open."""
+
+class BackendPool(Places):
+    """Keep-alive connections to one backend, at most ``size`` of them open. ``secret``: the
+    backend's key, which no response header passed on may carry."""
 
     def __init__(self, base_url: str, size: int, headers: dict[str, str] | None = None,
-                 idle_timeout: float = 30.0) -> None:
+                 idle_timeout: float = IDLE_SECONDS, secret: str | None = None) -> None:
+        super().__init__(size, idle_timeout, (secret or "").encode("latin-1", "replace"))
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -56,30 +65,10 @@ class BackendPool:
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self.prefix = parts.path.rstrip("/")
-        self.size = size
-        self.idle_timeout = idle_timeout
         host_header = parts.netloc.rpartition("@")[2]
         self._fixed = "".join(f"{k}: {v}\r\n" for k, v in
                               {"Host": host_header, "Accept-Encoding": "identity",
                                **(headers or {})}.items())
-        self._idle: list[Connection] = []
-        self._open = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._closed = False
-        self.batch = WriteBatch()  # requests sent while the loop is busy go out together
-
-    @property
-    def open_connections(self) -> int:
-        return self._open
-
-    @property
-    def idle_connections(self) -> int:
-        return len(self._idle)
-
-    @property
-    def waiting(self) -> int:
-        """Requests waiting for a connection (the pool is at its size)."""
-        return sum(not w.done() for w in self._waiters)
 
     async def request(self, method: str, target: str, body: bytes = b"",
                       headers: str = "") -> Response:
@@ -96,6 +85,7 @@ class BackendPool:
             data += body
         is_head = method == "HEAD"
         conn = await self._acquire(fresh=False)
+        retried = False
         while True:
             resp = Response(conn, is_head)
             conn.send(resp, data)
@@ -105,9 +95,8 @@ class BackendPool:
                         raise resp._error
                     await resp._arm()
             except BackendBroken:
-                # a reused connection closed before any answer: the backend dropped it
-                # as idle, so the request never started; once, on a new connection
-                if conn.uses > 1 and not resp._got_bytes:
+                if resp._unsent and not retried:  # it never left: once, on a new connection
+                    retried = True
                     conn.close()
                     conn = await self._acquire(fresh=True)
                     continue
@@ -173,29 +162,3 @@ class BackendPool:
                 raise BackendConnectError(f"cannot reach the backend ({type(exc).__name__})") from exc
             raise
         return conn
-
-    def put(self, conn: Connection) -> None:
-        """A connection whose response was read to its end goes back to the idle set."""
-        if self._closed:
-            conn.close()
-            return
-        conn.idle_since = time.monotonic()
-        self._idle.append(conn)
-        self._wake()
-
-    def forget(self, conn: Connection) -> None:
-        """A connection closed (by us or the backend): free its place. Idempotent."""
-        if not conn.counted:
-            return
-        conn.counted = False
-        self._open -= 1
-        if conn in self._idle:
-            self._idle.remove(conn)
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return

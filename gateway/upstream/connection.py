@@ -1,22 +1,39 @@
-"""One keep-alive connection to the backend and the response it carries
-(the pool that owns them is gateway/upstream/client.py, with the contract the proxy
-relies on). The connection is an asyncio Protocol; httptools parses each read in
-one pass and hands body bytes to the response as they arrive.
+"""One keep-alive connection to the backend, the response it carries, and the pool's
+bookkeeping the connection updates (``Places``; the pool that builds on it is
+gateway/upstream/client.py, with the contract the proxy relies on). The connection is an
+asyncio Protocol; httptools parses each read in one pass and hands body bytes to the
+response as they arrive.
+
+A response's headers are kept as the client will get them: 1xx heads are skipped for
+the final one, and what must not cross the gateway is left out (see ``_DROPPED``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
-from typing import TYPE_CHECKING, cast
+import time
+from typing import cast
 
 import httptools
 
-if TYPE_CHECKING:
-    from gateway.upstream.client import BackendPool
+from gateway.edge.write_batch import WriteBatch
 
 # body bytes of an unread stream buffered here before reading from the backend pauses
 _PAUSE_AT = 1 << 18
+# response headers not passed on (lower case): the hop-by-hop ones (RFC 9110 7.6.1; also
+# those a Connection header names), the framing and identity the gateway writes itself (it
+# re-frames every answer; Content-Type is passed on as its own field), and the backend's
+# challenge for the gateway's own credentials (a 401 from it is the operator's to fix)
+_DROPPED = frozenset({
+    b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+    b"content-length", b"content-type", b"date", b"server", b"x-request-id", b"x-model-fallback",
+    b"www-authenticate", b"authorization"})
+# and the header families the gateway's own stages write: proxies', CORS, rate limits
+_DROPPED_PREFIXES = (b"proxy-", b"access-control-", b"x-ratelimit-")
+# Connection options that name no header
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
 
 
 class BackendError(Exception):
@@ -31,11 +48,54 @@ class BackendBroken(BackendError):
     pass
 
 
-class Response:
-    """One backend response; ``status`` and ``content_type`` are set when it is returned."""
+class Places:
+    """What a pool's connections update as they go idle or close: the idle ones, how many are
+    open (each holds one of ``size`` places) and the requests waiting for a place."""
 
-    __slots__ = ("_chunks", "_conn", "_error", "_framed", "_got_bytes", "_head", "_headers_done",
-                 "_read_all", "_size", "_waiter", "complete", "content_type", "keep_alive", "status")
+    def __init__(self, size: int, idle_timeout: float, secret: bytes) -> None:
+        self.size = size
+        self.idle_timeout = idle_timeout  # seconds a connection may idle and still be reused
+        self.secret = secret  # the backend's key: a response header carrying it is dropped
+        self.batch = WriteBatch()  # requests sent while the loop is busy go out together
+        self._idle: list[Connection] = []
+        self._open = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._closed = False
+
+    def put(self, conn: Connection) -> None:
+        """A connection whose response was read to its end goes back to the idle set."""
+        if self._closed:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self._idle.append(conn)
+        self._wake()
+
+    def forget(self, conn: Connection) -> None:
+        """A connection closed (by us or the backend): free its place. Idempotent."""
+        if not conn.counted:
+            return
+        conn.counted = False
+        self._open -= 1
+        if conn in self._idle:
+            self._idle.remove(conn)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+class Response:
+    """One backend response; ``status``, ``content_type`` and ``headers`` (those passed on to
+    the client, None when there are none) are set when it is returned."""
+
+    __slots__ = ("_chunks", "_conn", "_error", "_framed", "_head", "_headers_done", "_hop",
+                 "_read_all", "_size", "_unsent", "_waiter", "complete", "content_type", "headers",
+                 "keep_alive", "status")
 
     def __init__(self, conn: Connection, head: bool) -> None:
         self._conn: Connection | None = conn
@@ -45,11 +105,13 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._error: BackendBroken | None = None
         self._headers_done = False
-        self._got_bytes = False
+        self._unsent = False  # the request provably never left: it may be sent again
+        self._hop: list[bytes] | None = None  # headers the Connection header names
         self._framed = False  # Content-Length or chunked; otherwise the body ends at EOF
         self._read_all = False
         self.status = 0
         self.content_type = ""
+        self.headers: dict[str, str] | None = None
         self.keep_alive = False
         self.complete = False
 
@@ -118,13 +180,12 @@ class Response:
 class Connection(asyncio.Protocol):
     """One keep-alive connection; it parses the response of the request it carries."""
 
-    def __init__(self, pool: BackendPool) -> None:
+    def __init__(self, pool: Places) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.resp: Response | None = None
         self.counted = True  # holds one of the pool's places
-        self.uses = 0
         self.idle_since = 0.0
         self.paused = False
 
@@ -141,7 +202,6 @@ class Connection(asyncio.Protocol):
         if resp is None:  # nothing may arrive unasked on an idle connection
             self.close()
             return
-        resp._got_bytes = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -184,17 +244,46 @@ class Connection(asyncio.Protocol):
         resp = self.resp
         assert resp is not None
         lower = name.lower()
-        if lower == b"content-type":
-            resp.content_type = value.decode("latin-1")
-        elif lower == b"content-length" or lower == b"transfer-encoding":
-            resp._framed = True
+        if lower in _DROPPED or lower.startswith(_DROPPED_PREFIXES):
+            if lower == b"content-type":
+                resp.content_type = value.decode("latin-1")
+            elif lower == b"content-length" or lower == b"transfer-encoding":
+                resp._framed = True
+            elif lower == b"connection":
+                named = [o for o in value.lower().replace(b" ", b"").split(b",")
+                         if o and o not in _CONNECTION_OPTIONS]
+                if named:
+                    resp._hop = named if resp._hop is None else resp._hop + named
+            return
+        secret = self.pool.secret
+        if secret and secret in value:
+            return
+        headers = resp.headers
+        key, text = name.decode("latin-1"), value.decode("latin-1")
+        if headers is None:
+            resp.headers = {key: text}
+        elif key in headers:
+            # the write API takes one value a name: a repeated field joins as a list
+            headers[key] += ", " + text
+        else:
+            headers[key] = text
 
     def on_headers_complete(self) -> None:
         resp = self.resp
         assert resp is not None
-        resp.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if status < 200:
+            if status == 101:  # no request here asks to switch protocols
+                raise BackendBroken("the backend switched protocols unasked")
+            # an interim answer (100 Continue, 103 Early Hints): the final one follows
+            resp.content_type, resp.headers, resp._hop, resp._framed = "", None, None, False
+            return
+        resp.status = status
         resp.keep_alive = self.parser.should_keep_alive()
         resp._headers_done = True
+        if resp._hop is not None and resp.headers is not None:
+            for name in [k for k in resp.headers if k.lower().encode("latin-1") in resp._hop]:
+                del resp.headers[name]
         if resp._head:
             # llhttp would wait for the body the headers announce; end here and do not
             # reuse a connection whose parser is mid-message
@@ -210,17 +299,23 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         resp = self.resp
         assert resp is not None
-        resp.complete = True
+        if resp._headers_done:  # else the end of an interim answer
+            resp.complete = True
 
     # -- the pool's side -------------------------------------------------------------
     def send(self, resp: Response, data: bytes) -> None:
-        assert self.transport is not None
+        transport = self.transport
+        assert transport is not None
         self.resp = resp
-        self.uses += 1
-        if self.transport.is_closing():  # closed by the backend; connection_lost is on its way
+        if transport.is_closing():  # closed by the backend; connection_lost is on its way
+            resp._unsent = True
             resp._fail("the backend connection broke (closed by the backend)")
             return
-        self.pool.batch.write(self.transport, data)
+        self.pool.batch.write(transport, data)
+        if transport.is_closing():
+            # the write failed at once (a write the batch holds has not been tried): the
+            # transport had nothing left to send before it, so no byte of this one left
+            resp._unsent = True
 
     @property
     def usable(self) -> bool:

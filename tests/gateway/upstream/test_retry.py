@@ -1,0 +1,122 @@
+"""What the pool retries: only a request that provably never reached the backend. And
+pooled connections are not kept idle as long as llama-server keeps them (cpp-httplib
+closes them after 5 s), so a request rarely meets one the backend is closing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+
+import aiohttp
+import pytest
+import uvloop
+
+from gateway.upstream.backend import Upstream
+from gateway.upstream.client import BackendBroken, BackendPool
+from tests.support.fake_llama import FakeLlama
+from tests.support.gateway import Gateway, assert_openai_error
+
+COMPLETIONS = "/v1/completions"
+JSON = "Content-Type: application/json\r\n"
+BODY = json.dumps({"prompt": "a", "max_tokens": 2}).encode()
+# cpp-httplib's CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND, llama-server's idle keep-alive limit
+BACKEND_KEEPALIVE = 5.0
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+Scenario = Callable[[FakeLlama, BackendPool], Awaitable[None]]
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Scenario], None]]:
+    """`run(scenario)`: on a fresh loop of the parameter's kind, with a fake backend and a
+    pool of two connections to it."""
+    def run(scenario: Scenario) -> None:
+        async def main() -> None:
+            fake = FakeLlama()
+            await fake.start()
+            pool = BackendPool(fake.url, 2)
+            try:
+                await scenario(fake, pool)
+            finally:
+                pool.close()
+                await fake.close()
+        with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
+            runner.run(main())
+    yield run
+
+
+async def completion(pool: BackendPool) -> int:
+    resp = await pool.request("POST", COMPLETIONS, BODY, JSON)
+    await resp.read()
+    return resp.status
+
+
+def test_a_request_sent_on_a_reused_connection_is_not_retried(
+        run: Callable[[Scenario], None]) -> None:
+    async def scenario(fake: FakeLlama, pool: BackendPool) -> None:
+        assert await completion(pool) == 200
+        fake.switches.drop_requests = 1  # it reads the request, then closes unanswered
+        with pytest.raises(BackendBroken):
+            await completion(pool)
+        first, dropped = fake.requests(COMPLETIONS)  # the backend had it: not sent again
+        assert dropped.dropped and dropped.peer == first.peer
+        assert await completion(pool) == 200  # and the pool goes on, on a new connection
+        assert fake.requests(COMPLETIONS)[-1].peer != first.peer
+    run(scenario)
+
+
+def test_a_request_whose_write_fails_at_once_is_sent_on_a_new_connection(
+        run: Callable[[Scenario], None]) -> None:
+    async def scenario(fake: FakeLlama, pool: BackendPool) -> None:
+        assert await completion(pool) == 200
+        [idle] = pool._idle
+        assert idle.transport is not None
+        # the send direction is shut (through a duplicate of its descriptor: uvloop's
+        # transport sockets refuse shutdown): the request's write fails before one byte leaves
+        fd = idle.transport.get_extra_info("socket").fileno()
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:
+            dup.shutdown(socket.SHUT_WR)
+        assert await completion(pool) == 200
+        first, second = fake.requests(COMPLETIONS)
+        assert second.peer != first.peer and not second.dropped
+    run(scenario)
+
+
+def test_a_connection_idle_past_the_pool_s_idle_time_is_not_reused(
+        run: Callable[[Scenario], None]) -> None:
+    async def scenario(fake: FakeLlama, pool: BackendPool) -> None:
+        short = BackendPool(fake.url, 2, idle_timeout=0.0)
+        try:
+            assert await completion(short) == 200
+            assert await completion(short) == 200
+        finally:
+            short.close()
+        first, second = fake.requests(COMPLETIONS)
+        assert second.peer != first.peer
+    run(scenario)
+
+
+async def test_the_proxy_pool_idles_connections_less_than_llama_server_keeps_them(
+        fake: FakeLlama) -> None:
+    upstream = Upstream(fake.url, None, 4)
+    await upstream.open()
+    try:
+        assert 0 < upstream.pool.idle_timeout < BACKEND_KEEPALIVE
+    finally:
+        await upstream.close()
+
+
+async def test_the_gateway_answers_503_when_a_sent_request_goes_unanswered(
+        gateway: Gateway, fake: FakeLlama, http: aiohttp.ClientSession) -> None:
+    for drop in (0, 1):
+        fake.switches.drop_requests = drop
+        async with http.post(gateway.url + COMPLETIONS, data=BODY,
+                             headers={"Content-Type": "application/json"}) as r:
+            if drop:
+                assert r.status == 503
+                assert_openai_error(await r.json(), "service_unavailable", "backend_unavailable")
+            else:
+                assert r.status == 200
+    assert [s.dropped for s in fake.requests(COMPLETIONS)] == [False, True]
