@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gateway.upstream.events import EventParser
+
 _decoder = json.JSONDecoder()
 # the OpenAI stream chunks whose final events carry one choice's counts each
 _CHUNKS = frozenset({"chat.completion.chunk", "text_completion"})
@@ -81,14 +83,14 @@ def merged_usage(usages: list[dict[str, Any]], n: int) -> dict[str, Any]:
             "total_tokens": prompt + completion}
 
 
-def _finals(data: str) -> list[tuple[int, int]]:
-    """The counts of each choice's final event among the SSE events in `data`."""
+def _finals(events: list[bytes]) -> list[tuple[int, int]]:
+    """The counts of each choice's final event among SSE events' data."""
     counts = []
-    for line in data.splitlines():
-        if line.startswith("data:") and ('"usage"' in line or '"timings"' in line):
+    for data in events:
+        if b'"usage"' in data or b'"timings"' in data:
             try:
-                event = json.loads(line[5:])
-            except ValueError:  # the cut-off start of a stream's tail
+                event = json.loads(data)
+            except ValueError:
                 continue
             counted = _final_counts(event) if isinstance(event, dict) else None
             if counted is not None:
@@ -154,15 +156,15 @@ class ChoiceTally:
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self._rest = b""  # the unfinished last line of the chunks so far
+        self._events = EventParser()
         self.counts: list[tuple[int, int]] = []
 
     def feed(self, chunk: bytes) -> None:
-        data = self._rest + chunk
-        end = data.rfind(b"\n") + 1
-        self._rest = data[end:]
-        if b'"usage"' in data or b'"timings"' in data:
-            self.counts += _finals(data[:end].decode("utf-8", "replace"))
+        self.counts += _finals(self._events.feed(chunk))
+
+    def end(self) -> None:
+        """The stream ended: its last event counts, though no blank line closed it."""
+        self.counts += _finals(self._events.end())
 
     def result(self) -> tuple[int, int] | None:
         return combined(self.counts, self.n) if self.counts else None

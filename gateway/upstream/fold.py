@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from gateway.observe.metering import merged_usage
+from gateway.upstream.events import EventParser
 
 # the OpenAI routes, then llama-server's OpenAI Responses one, whose final event carries the
 # whole response. Not its Anthropic Messages one: that stream sometimes lacks its first
@@ -56,19 +57,12 @@ class _Events:
     """Whole SSE events out of reads that may split them; each one's `data` as JSON."""
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._parser = EventParser()
 
     def feed(self, chunk: bytes) -> None:
         """Take bytes as they arrive; events may be split across reads."""
-        self._buffer += chunk
-        while True:
-            end = self._buffer.find(b"\n\n")
-            if end < 0:
-                return
-            event, self._buffer = self._buffer[:end], self._buffer[end + 2:]
-            data = b"".join(line[5:].lstrip(b" ") for line in event.split(b"\n")
-                            if line.startswith(b"data:"))
-            if data and data != b"[DONE]":
+        for data in self._parser.feed(chunk):
+            if data != b"[DONE]":
                 obj = json.loads(data)
                 if isinstance(obj, dict):
                     self.event(obj)

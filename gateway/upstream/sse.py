@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Mapping
 
 from gateway.edge.call import Call
 from gateway.errors import BadGateway, sse_error_event
 from gateway.exchange import Exchange
 from gateway.observe.metering import ChoiceTally, tokens_from_stream
 from gateway.upstream.client import BackendBroken, Response
+from gateway.upstream.events import boundary
 
 log = logging.getLogger("llamagate.gateway.sse")
 
@@ -34,15 +36,21 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+_OURS = frozenset(name.lower() for name in SSE_HEADERS)
+
+
+def _headers(upstream: Response) -> Mapping[str, str]:
+    """The stream's head: the backend's end-to-end headers, and ours (which win)."""
+    passed = upstream.headers
+    if passed is None:
+        return SSE_HEADERS
+    return {**{k: v for k, v in passed.items() if k.lower() not in _OURS}, **SSE_HEADERS}
 
 
 def split(data: bytes) -> tuple[bytes, bytes]:
     """``data`` as (its whole events, the unfinished end of one to hold back)."""
-    if data.endswith(b"\n\n"):
-        return data, b""
-    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
-    end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-    if len(data) - end > _HOLD_MAX:
+    end = boundary(data)
+    if end == len(data) or len(data) - end > _HOLD_MAX:
         return data, b""
     return data[:end], data[end:]
 
@@ -55,7 +63,7 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
     first = await upstream.read_chunk() if upstream.has_data else b""
     head = first  # an Anthropic stream's input tokens are in its first event
     first, held = split(first)
-    call.start(upstream.status, SSE_HEADERS, first)
+    call.start(upstream.status, _headers(upstream), first)
     if head:
         ex.first_byte_at = time.monotonic()
         tail.append(first)
@@ -77,12 +85,12 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
                 await call.write(held)
                 tail.append(held)
                 if tally is not None:
-                    tally.feed(held + b"\n")
+                    tally.feed(held)
             break
         if ex.first_byte_at is None:
             ex.first_byte_at = time.monotonic()
             head = chunk
-        if held or not chunk.endswith(b"\n\n"):
+        if held or boundary(chunk) != len(chunk):
             chunk, held = split(held + chunk)
             if not chunk:
                 continue
@@ -92,6 +100,7 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
         if tally is not None:
             tally.feed(chunk)
     if tally is not None:  # a broken stream's tally lacks tasks: the reservation is the charge
+        tally.end()
         ex.tokens = tally.result() if ex.completed else None
     else:
         ex.tokens = tokens_from_stream(head, b"".join(tail))
