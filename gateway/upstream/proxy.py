@@ -15,7 +15,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 
 from gateway.edge.call import Call
 from gateway.errors import (
@@ -33,7 +33,7 @@ from gateway.exchange import Exchange
 from gateway.observe.metering import tokens_from_body
 from gateway.policy import auth, ratelimit, validation
 from gateway.policy.admission import AdmissionClosed, QueueFull, QueueTimeout
-from gateway.policy.validation import model_of, prompt_of, validate
+from gateway.policy.validation import RequestInfo, model_of, prompt_of, validate
 from gateway.state import AppState
 from gateway.upstream import fold as unstream
 from gateway.upstream import sse
@@ -41,17 +41,11 @@ from gateway.upstream.client import BackendBroken, BackendError, Response
 
 log = logging.getLogger("llamagate.gateway.proxy")
 
-# the request's body for another model (a fallback after a failed load)
-Retarget = Callable[[str], bytes]
-OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 # validated, metered and limited: the OpenAI ones, and llama-server's Anthropic Messages,
 # OpenAI Responses and rerank endpoints, which run the same models on the same slots
 INFERENCE_ROUTES = validation.ROUTES
 # generation routes whose bodies are forms (an audio file): metered, not validated
 METERED_FORMS = frozenset({"/v1/audio/transcriptions"})
-# what the edge server answers here, as (path, method); "*": any method but OPTIONS
-ROUTES = frozenset({(p, "POST") for p in OPENAI_ROUTES}
-                   | {("/v1/models", "GET"), ("/v1/{path}", "*")})
 # how often the sweeper looks for requests past their timeout: a per-request timer costs
 # every request ~10 µs (uvloop timer handles); this bounds how late a timeout fires
 SWEEP_INTERVAL = 0.05
@@ -71,84 +65,19 @@ def request_timeout(raw: str | None, default: float) -> float:
 
 
 async def handle(call: Call) -> None:
+    """validate → resolve the model → admit → forward → relay (streamed or folded) → meter."""
+    if _answered_here(call):
+        return
     state: AppState = call.state
     ex: Exchange = call.ex
-    raw = call.body
-    retarget: Retarget | None = None
-    if call.method == "GET" and call.path == "/v1/models" and state.models.mode == "router":
-        # several models: our own listing (the router's would show paths and argv)
-        _respond(call, 200, json.dumps(state.models.listing()).encode(), "application/json")
-        return
-    if retrieves_model(call):
-        _retrieve_model(call, state, call.path.removeprefix("/v1/models/"))
-        return
-    if call.path in INFERENCE_ROUTES and call.method != "POST":
-        # llama-server would answer its own 404 (with a numeric code): the route exists
-        raise MethodNotAllowed(f"{call.path} takes POST, not {call.method}",
-                               headers={"Allow": "POST"})
+    info = None
     if call.method == "POST" and call.path in INFERENCE_ROUTES:
-        info = validate(call.path, raw)
-        ex.inference, ex.stream, ex.max_tokens = True, info.stream, info.max_tokens
-        ex.n, ex.tasks = info.n, info.tasks
-        if state.config.log_prompts:
-            ex.prompt = prompt_of(call.path, info.body)
-        model = state.models.resolve(info.model)
-        if model is None:  # ex.model stays "-": a client must not mint metric label values
-            raise NotFound(f"model '{info.model}' does not exist; available: "
-                           f"{', '.join(state.models.names)}", code="model_not_found", param="model")
-        ex.model = model
-        key = call.key
-        auth.check_model(key, ex, call.method, state)  # the model asked for, before any fallback
-        # 503 while it cools down, or its fallback (only one the key may use too)
-        routed = state.models.route(model, lambda m: auth.may_use(key, m))
-        ex.model = routed
-        if routed != model:
-            ex.fallback = routed
-        if not info.stream and call.path in unstream.ROUTES and info.body is not None and (
-                info.max_tokens is None or info.tasks > 1
-                or info.max_tokens >= state.config.stream_to_backend_min_tokens):
-            # see gateway/upstream/fold.py; short answers skip it: llama-server streams cost it
-            # per token, and what a short one can run on for after a hang-up is bounded.
-            # Several tasks never do: llama-server's own body counts one task's tokens
-            raw = unstream.stream_body({**info.body, "model": routed}, call.path)
-            ex.unstream = True
-        elif ex.fallback is not None:
-            raw = json.dumps({**(info.body or {}), "model": routed}).encode()
-        if state.models.mode == "router" and info.body is not None:
-            body = info.body
-
-            def retarget(model: str) -> bytes:
-                changed = {**body, "model": model}
-                return (unstream.stream_body(changed, call.path) if ex.unstream
-                        else json.dumps(changed).encode())
-        state.activity.touch()
-    elif call.method == "POST" and raw:
-        # any other route whose body names a model (count_tokens, and whatever llama-server
-        # adds) runs that model: it must be one served, and one the key may use
-        named = model_of(raw, call.headers.get("content-type"))
-        if named is not None or call.path in METERED_FORMS:
-            model = state.models.resolve(named)
-            if model is None:
-                raise NotFound(f"model '{named}' does not exist; available: "
-                               f"{', '.join(state.models.names)}", code="model_not_found",
-                               param="model")
-            ex.model = model
-        if call.path in METERED_FORMS:
-            ex.inference = True  # it generates, and its answer carries usage
-            state.activity.touch()
-    auth.check_model(call.key, ex, call.method, state)  # 403 for a model outside the allowlist
-    ratelimit.reserve_tokens(state, call.ticket, ex)  # tokens/min; the edge settles it
-    timeout = request_timeout(call.headers.get("x-request-timeout"), state.config.request_timeout)
-    status = state.upstream.status
-    if not status.ready:
-        status = state.upstream.refresh()
-    if state.draining or status.draining:
-        raise BackendUnavailable("the server is shutting down", code="shutting_down", retry_after=5)
-    if not status.ready:
-        # a crash-looping backend's circuit stays open for a minute: say when it is tried again
-        wait = 5.0 if status.retry_at is None else max(1.0, status.retry_at - time.time())
-        raise BackendUnavailable(f"the backend is not ready ({status.state})", retry_after=wait)
-
+        info = validate(call.path, call.body)
+        _resolve_model(call, state, ex, info)
+    else:
+        _resolve_named_model(call, state, ex)
+    raw = _forwarded_body(call, state, ex, info)
+    timeout = _may_proceed(call, state, ex)
     loop = asyncio.get_running_loop()
     # the timeout counts queueing too (expire() below enforces it): a client's deadline is
     # end to end, and a request whose client has given up should not take a slot
@@ -168,24 +97,120 @@ async def handle(call: Call) -> None:
             _leave(state, ex)
             raise
     try:
-        await _exchange(call, state, ex, raw, retarget)
+        await _exchange(call, state, ex, raw, info)
     except asyncio.CancelledError:
         if not (ex.shutdown or ex.timed_out):
             raise  # the client went away
         task.uncancel()
-        if ex.shutdown:
-            _end_stream(call, ex, BackendUnavailable("the server is shutting down",
-                                                     code="shutting_down", retry_after=5))
-        elif call.started:  # headers already sent: end the stream with an event
-            _end_stream(call, ex, UpstreamTimeout(f"the request exceeded its timeout of {timeout:g}s"))
-        else:
-            raise UpstreamTimeout(f"the backend did not answer within {timeout:g}s") from None
+        _cut_short(call, ex, timeout)
     finally:
         if not reads:
             state.admission.release()
             if counted:
                 metrics.in_flight.dec()
         _leave(state, ex)
+
+
+def _answered_here(call: Call) -> bool:
+    """What the gateway answers itself, or refuses before anything else."""
+    state: AppState = call.state
+    if call.method == "GET" and call.path == "/v1/models" and state.models.mode == "router":
+        # several models: our own listing (the router's would show paths and argv)
+        _respond(call, 200, json.dumps(state.models.listing()).encode(), "application/json")
+        return True
+    if retrieves_model(call):
+        _retrieve_model(call, state, call.path.removeprefix("/v1/models/"))
+        return True
+    if call.path in INFERENCE_ROUTES and call.method != "POST":
+        # llama-server would answer its own 404 (with a numeric code): the route exists
+        raise MethodNotAllowed(f"{call.path} takes POST, not {call.method}",
+                               headers={"Allow": "POST"})
+    return False
+
+
+def _resolve_model(call: Call, state: AppState, ex: Exchange, info: RequestInfo) -> None:
+    """An inference request's model: one served, one the key may use, or its fallback."""
+    ex.inference, ex.stream, ex.max_tokens = True, info.stream, info.max_tokens
+    ex.n, ex.tasks = info.n, info.tasks
+    if state.config.log_prompts:
+        ex.prompt = prompt_of(call.path, info.body)
+    model = state.models.resolve(info.model)
+    if model is None:  # ex.model stays "-": a client must not mint metric label values
+        raise NotFound(f"model '{info.model}' does not exist; available: "
+                       f"{', '.join(state.models.names)}", code="model_not_found", param="model")
+    ex.model = model
+    key = call.key
+    auth.check_model(key, ex, call.method, state)  # the model asked for, before any fallback
+    # 503 while it cools down, or its fallback (only one the key may use too)
+    routed = state.models.route(model, lambda m: auth.may_use(key, m))
+    ex.model = routed
+    if routed != model:
+        ex.fallback = routed
+    state.activity.touch()
+
+
+def _resolve_named_model(call: Call, state: AppState, ex: Exchange) -> None:
+    """Any other route whose body names a model (count_tokens, and whatever llama-server adds)
+    runs that model: it must be one served, and one the key may use."""
+    if call.method != "POST" or not call.body:
+        return
+    named = model_of(call.body, call.headers.get("content-type"))
+    if named is not None or call.path in METERED_FORMS:
+        model = state.models.resolve(named)
+        if model is None:
+            raise NotFound(f"model '{named}' does not exist; available: "
+                           f"{', '.join(state.models.names)}", code="model_not_found",
+                           param="model")
+        ex.model = model
+    if call.path in METERED_FORMS:
+        ex.inference = True  # it generates, and its answer carries usage
+        state.activity.touch()
+
+
+def _forwarded_body(call: Call, state: AppState, ex: Exchange, info: RequestInfo | None) -> bytes:
+    """The body as the backend gets it: the client's, byte for byte, unless it is fetched as
+    a stream (to be folded) or goes to a fallback model."""
+    if info is None:
+        return call.body
+    if not info.stream and call.path in unstream.ROUTES and info.body is not None and (
+            info.max_tokens is None or info.tasks > 1
+            or info.max_tokens >= state.config.stream_to_backend_min_tokens):
+        # see gateway/upstream/fold.py; short answers skip it: llama-server streams cost it
+        # per token, and what a short one can run on for after a hang-up is bounded.
+        # Several tasks never do: llama-server's own body counts one task's tokens
+        ex.unstream = True
+        return unstream.stream_body({**info.body, "model": ex.model}, call.path)
+    if ex.fallback is not None:
+        return json.dumps({**(info.body or {}), "model": ex.model}).encode()
+    return call.body
+
+
+def _may_proceed(call: Call, state: AppState, ex: Exchange) -> float:
+    """The key's allowlist and limits, the backend's readiness; the request's timeout."""
+    auth.check_model(call.key, ex, call.method, state)  # 403 for a model outside the allowlist
+    ratelimit.reserve_tokens(state, call.ticket, ex)  # tokens/min; the edge settles it
+    timeout = request_timeout(call.headers.get("x-request-timeout"), state.config.request_timeout)
+    status = state.upstream.status
+    if not status.ready:
+        status = state.upstream.refresh()
+    if state.draining or status.draining:
+        raise BackendUnavailable("the server is shutting down", code="shutting_down", retry_after=5)
+    if not status.ready:
+        # a crash-looping backend's circuit stays open for a minute: say when it is tried again
+        wait = 5.0 if status.retry_at is None else max(1.0, status.retry_at - time.time())
+        raise BackendUnavailable(f"the backend is not ready ({status.state})", retry_after=wait)
+    return timeout
+
+
+def _cut_short(call: Call, ex: Exchange, timeout: float) -> None:
+    """A request cancelled by shutdown or its timeout: a final event, a 503 or a 504."""
+    if ex.shutdown:
+        _end_stream(call, ex, BackendUnavailable("the server is shutting down",
+                                                 code="shutting_down", retry_after=5))
+    elif call.started:  # headers already sent: end the stream with an event
+        _end_stream(call, ex, UpstreamTimeout(f"the request exceeded its timeout of {timeout:g}s"))
+    else:
+        raise UpstreamTimeout(f"the backend did not answer within {timeout:g}s") from None
 
 
 def retrieves_model(call: Call) -> bool:
@@ -272,8 +297,8 @@ def _end_stream(call: Call, ex: Exchange, error: GatewayError) -> None:
     call.finish()
 
 
-def _respond(call: Call, status: int, body: bytes, content_type: str | None = "application/json"
-             ) -> None:
+def _respond(call: Call, status: int, body: bytes, content_type: str | None = "application/json",
+             headers: Mapping[str, str] | None = None) -> None:
     """A whole answer; the key's limits are settled first, so its headers include this one."""
     key = call.key
     if key is not None:
@@ -281,19 +306,30 @@ def _respond(call: Call, status: int, body: bytes, content_type: str | None = "a
             body = auth.filter_models(body, key)
         if call.ticket is not None:
             ratelimit.settle(call.state, call.ticket, key, call.ex)
-    call.respond(status, body, content_type)
+    call.respond(status, body, content_type, headers)
 
 
 async def _send(call: Call, state: AppState, ex: Exchange, raw: bytes) -> Response:
+    # a HEAD is asked as the GET it stands for (as nginx's proxy_cache_convert_head does):
+    # its answer is the GET's head, whose length only the GET's body gives (a key's filtered
+    # model list among them); the edge writes no body for a HEAD
+    method = "GET" if call.method == "HEAD" else call.method
     try:
-        return await state.upstream.send(call.method, call.path_qs, raw,
+        return await state.upstream.send(method, call.path_qs, raw,
                                          call.headers.get("content-type"), ex.request_id)
     except BackendError as exc:  # its message says which: no connection, or one that broke
         raise BackendUnavailable(str(exc), retry_after=2) from None
 
 
+def _retargeted(call: Call, ex: Exchange, info: RequestInfo, model: str) -> bytes:
+    """The request's body for another model (a fallback after a failed load)."""
+    changed = {**(info.body or {}), "model": model}
+    return (unstream.stream_body(changed, call.path) if ex.unstream
+            else json.dumps(changed).encode())
+
+
 async def _after_failed_load(call: Call, state: AppState, ex: Exchange, resp: Response,
-                             retarget: Retarget) -> Response:
+                             info: RequestInfo) -> Response:
     """llama-server's router answers the request that finds its model unloadable with a 500
     ("failed to load"); the requests after it meet the cooldown (gateway/admin/catalog.py). Serve
     this one as those will be: by the model's fallback, or a 503 with Retry-After."""
@@ -321,7 +357,7 @@ async def _after_failed_load(call: Call, state: AppState, ex: Exchange, resp: Re
             tried.add(fallback)
             state.models.touch(fallback)  # the fleet counts a failure only after a use
             ex.model = ex.fallback = fallback
-            resp = await _send(call, state, ex, retarget(fallback))
+            resp = await _send(call, state, ex, _retargeted(call, ex, info, fallback))
             if resp.status != 500:
                 return resp
     except BackendBroken as exc:
@@ -333,35 +369,41 @@ async def _after_failed_load(call: Call, state: AppState, ex: Exchange, resp: Re
 
 
 async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,
-                    retarget: Retarget | None = None) -> None:
+                    info: RequestInfo | None) -> None:
+    """forward → relay (streamed, folded or whole) → meter."""
     resp = await _send(call, state, ex, raw)
     if resp.status == 401:
         _backend_refused_key(resp)
-    if resp.status == 500 and retarget is not None:
-        resp = await _after_failed_load(call, state, ex, resp, retarget)
+    if resp.status == 500 and info is not None and info.body is not None \
+            and state.models.mode == "router":
+        resp = await _after_failed_load(call, state, ex, resp, info)
     try:
-        is_sse = resp.status == 200 and resp.content_type.startswith("text/event-stream")
-        if ex.stream and is_sse:
-            await sse.relay(call, resp, ex)
-            return
-        if ex.unstream and is_sse:
-            await _collect(call, resp, ex)
-            return
+        if resp.status == 200 and resp.content_type.startswith("text/event-stream"):
+            if ex.stream:
+                await sse.relay(call, resp, ex)
+                return
+            if ex.unstream:
+                await _fold(call, resp, ex)
+                return
         try:
             body = await resp.read()
         except BackendBroken as exc:
             raise BackendUnavailable(str(exc), retry_after=2) from None
-        # no first_byte_at: llama-server sends a whole answer's head with its last token,
-        # so this request has no time to first token to observe
-        ex.completed = True
-        if ex.inference and resp.status == 200:
-            ex.tokens = tokens_from_body(body)
-        elif ex.inference and 400 <= resp.status < 500:
-            ex.tokens = (0, 0)  # refused before any work: its reservation is not a charge
-        _respond(call, resp.status, body, resp.content_type or None)
+        _meter_whole(ex, resp.status, body)
+        _respond(call, resp.status, body, resp.content_type or None, resp.headers)
     finally:
         if not ex.completed:
             resp.close()  # unfinished: drop the connection so llama-server stops the work
+
+
+def _meter_whole(ex: Exchange, status: int, body: bytes) -> None:
+    # no first_byte_at: llama-server sends a whole answer's head with its last token,
+    # so this request has no time to first token to observe
+    ex.completed = True
+    if ex.inference and status == 200:
+        ex.tokens = tokens_from_body(body)
+    elif ex.inference and 400 <= status < 500:
+        ex.tokens = (0, 0)  # refused before any work: its reservation is not a charge
 
 
 def _backend_refused_key(resp: Response) -> None:
@@ -379,7 +421,7 @@ def _backend_refused_key(resp: Response) -> None:
 _refused_key_logged = False
 
 
-async def _collect(call: Call, resp: Response, ex: Exchange) -> None:
+async def _fold(call: Call, resp: Response, ex: Exchange) -> None:
     """A non-streaming request's answer, read as a stream and sent as one body."""
     collector = unstream.collector_for(call.path, ex.n)
     try:
@@ -399,4 +441,4 @@ async def _collect(call: Call, resp: Response, ex: Exchange) -> None:
         raise BackendUnavailable("the backend sent an unreadable stream", retry_after=2) from None
     ex.completed = True
     ex.tokens = tokens_from_body(body)
-    _respond(call, 200, body)
+    _respond(call, 200, body, headers=resp.headers)
