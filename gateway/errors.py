@@ -3,7 +3,6 @@ OpenAI-shaped error JSON.
 
     GatewayError                      status  type
      ├── BadRequest                   400     invalid_request_error
-     │    └── PayloadTooLarge         413     invalid_request_error
      ├── Unauthorized                 401     authentication_error
      ├── Forbidden                    403     permission_error
      ├── NotFound                     404     invalid_request_error
@@ -72,10 +71,6 @@ class GatewayError(Exception):
 
 class BadRequest(GatewayError):
     status, type, code = (400, *ERROR_TYPES[400])
-
-
-class PayloadTooLarge(BadRequest):
-    status, code = 413, "payload_too_large"
 
 
 class Unauthorized(GatewayError):
