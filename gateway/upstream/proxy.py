@@ -70,7 +70,7 @@ async def handle(call: Call) -> None:
         return
     state: AppState = call.state
     ex: Exchange = call.ex
-    info = None
+    info: RequestInfo | None = None
     if call.method == "POST" and call.path in INFERENCE_ROUTES:
         info = validate(call.path, call.body)
         _resolve_model(call, state, ex, info)
