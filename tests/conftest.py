@@ -11,6 +11,15 @@ from llamagate.tiny_model import write_model
 from tests.support.keytool import KeyTool
 from tests.support.service import Service
 
+# Fixtures that run the real llama-server: a test using one gets the `llama_server` marker.
+LLAMA_SERVER_FIXTURES = frozenset({"service"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if LLAMA_SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.llama_server)
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:

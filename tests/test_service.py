@@ -13,6 +13,8 @@ import requests
 from tests.support.service import Service, gated_llama_server
 from tests.support.wait import wait_for
 
+pytestmark = pytest.mark.llama_server  # every test here runs the real binary
+
 
 def client(svc: Service) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{svc.url}/v1", api_key="unused", max_retries=0)

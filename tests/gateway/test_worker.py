@@ -31,6 +31,7 @@ def _answered_by(svc: Service) -> set[int]:
             if '"logger":"llamagate.access"' in line}
 
 
+@pytest.mark.llama_server
 def test_two_workers_report_the_totals_of_both(two_workers: Service) -> None:
     completion_tokens = 0
     for i in range(N):

@@ -8,10 +8,13 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.support.service import Service
 from tests.support.wait import wait_for
+
+pytestmark = pytest.mark.llama_server  # every test here runs the real binary
 
 
 def _start(tmp: Path, model: Path, **env: str) -> Service:

@@ -17,6 +17,8 @@ from tests.health.processes import metric, runtime_dir
 from tests.support.service import Service
 from tests.support.wait import wait_for
 
+pytestmark = pytest.mark.llama_server  # every test here runs the real binary
+
 
 def _start(tmp: Path, model: Path, **env: str) -> Service:
     base = {"MODEL_PATH": str(model), "MODEL_NAME": "tiny", "AUTH_ENABLED": "false"}

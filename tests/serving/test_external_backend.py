@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import requests
 
 from backend.argv import ServerSpec, build_argv
@@ -19,6 +20,8 @@ from tests.support.service import Service, free_port, llama_server
 from tests.support.wait import wait_for
 
 from .support import chat
+
+pytestmark = pytest.mark.llama_server  # every test here runs the real binary
 
 
 @contextlib.contextmanager

@@ -28,6 +28,8 @@ from .support import (
     write_models,
 )
 
+pytestmark = pytest.mark.llama_server  # every test here runs the real binary
+
 COOLDOWN = 30
 PROFILES = """\
 profiles:

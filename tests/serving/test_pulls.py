@@ -22,6 +22,8 @@ from tests.support.wait import wait_for
 
 from .support import HubThread, admin, auth_env, service_dir
 
+pytestmark = pytest.mark.llama_server  # every test here runs the real binary
+
 BIG = 4 * 1024 * 1024
 
 

@@ -34,6 +34,8 @@ from .support import (
     write_models,
 )
 
+pytestmark = pytest.mark.llama_server  # every test here runs the real binary
+
 
 @pytest.fixture(scope="module")
 def keys(keytool: KeyTool) -> dict[str, tuple[str, str]]:

@@ -13,6 +13,8 @@ from tests.support.wait import wait_for
 
 from .support import chat, health_states, write_models
 
+pytestmark = pytest.mark.llama_server  # every test here runs the real binary
+
 TTL = 2
 
 

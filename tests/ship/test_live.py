@@ -20,6 +20,8 @@ from tests.ship.metric_names import exposed_names, queried_names
 from tests.ship.project import DASHBOARD, DOCKERFILES, PROMETHEUS, dockerfile, yaml_file
 from tests.support.service import Service, free_port
 
+pytestmark = pytest.mark.llama_server  # every test here runs the real binary
+
 
 def dashboard_queries() -> dict[str, list[str]]:
     """Panel (or template variable) title → its PromQL expressions."""

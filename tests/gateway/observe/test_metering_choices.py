@@ -186,6 +186,7 @@ async def gateway(backend_url: tuple[str, str]) -> AsyncIterator[Gateway]:
         yield gw
 
 
+@pytest.mark.llama_server
 @pytest.mark.parametrize("max_tokens", [100, 7])  # 7: under STREAM_TO_BACKEND_MIN_TOKENS
 async def test_a_non_stream_answer_with_two_choices_is_metered_whole(
         gateway: Gateway, http: aiohttp.ClientSession, max_tokens: int) -> None:
@@ -207,6 +208,7 @@ async def test_a_non_stream_answer_with_two_choices_is_metered_whole(
         reply.usage.prompt_tokens)
 
 
+@pytest.mark.llama_server
 @pytest.mark.parametrize("include_usage", [True, False])
 async def test_a_stream_with_two_choices_is_metered_whole(
         gateway: Gateway, http: aiohttp.ClientSession, include_usage: bool) -> None:

@@ -20,6 +20,8 @@ from tests.support.rawhttp import exchange
 from tests.support.service import Service
 from tests.support.wait import wait_for
 
+pytestmark = pytest.mark.llama_server  # every test here runs the real binary
+
 MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 

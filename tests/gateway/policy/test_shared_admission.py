@@ -119,6 +119,7 @@ async def test_without_the_hub_a_request_is_refused_not_hung(tmp_path: Path) -> 
         await a.acquire()
 
 
+@pytest.mark.llama_server
 async def test_two_workers_refuse_past_one_shared_queue(fake: FakeLlama, tmp_path: Path,
                                                         http: aiohttp.ClientSession) -> None:
     svc = Service(tmp_path, {"BACKEND_URL": fake.url, "AUTH_ENABLED": "false",

@@ -166,6 +166,7 @@ def test_two_processes_never_overdraw_a_bucket(tmp_path: Path) -> None:
         table.close()
 
 
+@pytest.mark.llama_server
 async def test_two_workers_grant_a_key_its_limit_once(metered_fake: FakeLlama, tmp_path: Path) -> None:
     keys = KeyTool(tmp_path / "data" / "keys.json", tmp_path / "data" / "usage.db")
     _, secret = keys.generate("limited", "--rpm", "4")

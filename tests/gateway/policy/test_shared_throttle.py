@@ -71,6 +71,7 @@ def test_a_full_bucket_gives_up_the_address_whose_budget_returns_first(two_worke
     assert all(b.retry_after(x) > 0 for x in addresses[1:])
 
 
+@pytest.mark.llama_server
 async def test_two_workers_throttle_an_address_once(metered_fake: FakeLlama, tmp_path: Path) -> None:
     keys = KeyTool(tmp_path / "data" / "keys.json", tmp_path / "data" / "usage.db")
     keys.generate("someone")

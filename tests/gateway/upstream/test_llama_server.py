@@ -23,6 +23,8 @@ from tests.support.metrics import promtool_check, scrape
 from tests.support.rawhttp import Client, json_request
 from tests.support.service import free_port, llama_server
 
+pytestmark = pytest.mark.llama_server  # every test here runs the real binary
+
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "tell me a story"}]
 # far more than the tiny model generates in a test's lifetime: with context shift
 # on, llama-server keeps going until the request is cancelled
