@@ -41,7 +41,8 @@ COMPILED: tuple[str, ...] = (
     "gateway.policy.auth", "gateway.policy.ratelimit", "gateway.policy.buckets",
     "gateway.policy.throttle", "gateway.policy.admission",
     "gateway.policy.validation", "gateway.upstream.proxy", "gateway.upstream.client",
-    "gateway.upstream.connection", "gateway.upstream.sse", "gateway.upstream.fold",
+    "gateway.upstream.connection", "gateway.upstream.events", "gateway.upstream.sse",
+    "gateway.upstream.fold",
     "gateway.observe.metering", "gateway.policy.cors",
     # subclasses of compiled classes (an interpreted class cannot inherit from a compiled one)
     "gateway.policy.shared_limits", "gateway.policy.shared_throttle",
