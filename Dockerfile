@@ -56,6 +56,7 @@ RUN export UV_PYTHON_INSTALL_DIR=/opt/python UV_PYTHON_PREFERENCE=only-managed \
  && /opt/venv/bin/pip install --no-cache-dir --quiet --upgrade pip
 WORKDIR /src
 COPY pyproject.toml requirements.lock ./
+COPY core ./core
 COPY llamagate ./llamagate
 COPY gateway ./gateway
 COPY health ./health

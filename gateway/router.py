@@ -70,13 +70,15 @@ class Router:
             self._exact.setdefault(template, []).append(Route(template, allowed, scope, handler))
 
     def match(self, method: str, path: str, target: bytes) -> Match:
-        """``path`` decoded; ``target`` as sent: a template matches its raw segments, so a
-        value may hold an encoded `/` (a model's name does), decoded in ``params``."""
-        candidates = self._exact.get(path)
+        """``path`` decoded; ``target`` as sent. Exact paths and templates match the path as
+        sent, so a template's value may hold an encoded `/` (a model's name does), decoded in
+        ``params``; a prefix (the proxy's `/v1/`) matches the decoded path it forwards."""
+        # as sent: `/admin%2Fkeys` is no route, though it decodes to one
+        raw = path if b"%" not in target else target.partition(b"?")[0].decode("latin-1")
+        candidates = self._exact.get(raw)
         params: dict[str, str] = {}
         if candidates is None:
             candidates = []
-            raw = target.partition(b"?")[0].decode("latin-1") if self._templates else ""
             for route in self._templates:
                 assert route.matcher is not None
                 found = route.matcher.match(raw)

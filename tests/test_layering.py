@@ -69,7 +69,7 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_graph_is_read() -> None:
     g = graph()
-    assert "gateway.upstream.proxy" in g["gateway.stages"]  # the reader sees what is there
+    assert "gateway.upstream.proxy" in g["gateway.pipeline"]  # the reader sees what is there
     assert "core.config" in g["llamagate.serve"]
 
 

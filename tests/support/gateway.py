@@ -17,9 +17,12 @@ from aiohttp import web
 
 from core.config import Config, load_config
 from gateway.app import Served, Wiring, create_app, serve
+from gateway.router import PUBLIC, Handler
 from gateway.state import APP_STATE, AppState
 from tests.support.fake_llama import BACKEND_KEY, MODEL
 from tests.support.wait import wait_until
+
+ExtraRoute = tuple[list[str], str, Handler]
 
 
 @dataclass
@@ -48,19 +51,20 @@ class Gateway:
 @contextlib.asynccontextmanager
 async def serve_gateway(backend_url: str, settings: Config | Mapping[str, str], *,
                         models: tuple[str, ...] = (MODEL,), backend_key: str | None = BACKEND_KEY,
-                        ready: bool = True, extra_routes: list[web.RouteDef] | None = None,
+                        ready: bool = True, extra_routes: list[ExtraRoute] | None = None,
                         clock: Callable[[], float] | None = None) -> AsyncIterator[Gateway]:
     """The gateway app on a free port of 127.0.0.1 for the block, stopped after it.
 
     ``settings``: a Config, or environment variables read as `load_config` reads them (auth
-    off unless they say otherwise); ``extra_routes``: test-only handlers added to the app;
+    off unless they say otherwise); ``extra_routes``: test-only public routes (methods, path, handler) added to its table;
     ``clock``: the app's clock (time.time unless given); ``ready``: wait for the backend's
     first /health answer before the block."""
     config = settings if isinstance(settings, Config) else load_config(
         {"AUTH_ENABLED": "false", **settings})
     app = create_app(config, Wiring(backend_url=backend_url, backend_key=backend_key,
                                     runtime_dir=None, models=models))
-    app.add_routes(extra_routes or [])
+    for methods, path, handler in extra_routes or []:
+        app[APP_STATE].router.add(methods, path, handler, PUBLIC)
     if clock is not None:
         app[APP_STATE].clock = clock
     served = await serve(app, "127.0.0.1", 0)

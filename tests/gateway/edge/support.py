@@ -15,6 +15,7 @@ import uvloop
 
 from gateway.edge.call import Call
 from gateway.edge.server import HttpServer
+from gateway.policy.cors import is_preflight
 from tests.support.rawhttp import Client
 
 BIG = 4 * 1024 * 1024
@@ -89,8 +90,14 @@ async def started_edge(handler: Handler = _handler, tunnel: Handler = _tunnel,
                        ) -> AsyncIterator[Edge]:
     """A fresh server; ``options``: HttpServer's keyword arguments (its timeouts)."""
     holder: list[Edge] = []
-    server = HttpServer(None, lambda c: handler(holder[0], c), lambda c: tunnel(holder[0], c),
-                        lambda c: decorate, max_body=MAX_BODY,
+    def split(call: Call) -> Awaitable[None]:
+        # the server has one handler; the tests tell two kinds of route apart by what
+        # answers them ("fast": /v1/* and refusals, "tunnel": the rest and preflights)
+        other = (not call.path.startswith("/v1/") or is_preflight(call.method, call.headers)) \
+            and call.refusal is None
+        return (tunnel if other else handler)(holder[0], call)
+
+    server = HttpServer(None, split, lambda c: decorate, max_body=MAX_BODY,
                         **{"keepalive_timeout": 0.4, **options})
     listening = await server.listen("127.0.0.1", 0)
     holder.append(Edge(server, listening.sockets[0].getsockname()[1]))

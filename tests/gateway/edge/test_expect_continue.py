@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway.http_client import Client, request
-from tests.gateway.support import assert_openai_error
-from tests.gateway_auth.fakes import FakeBackend, KeyTool, Served, base_config, gateway, serve_app
+from tests.support.fake_llama import FakeLlama
+from tests.support.gateway import Gateway, assert_openai_error, auth_config, serve_gateway
+from tests.support.keytool import KeyTool
+from tests.support.rawhttp import Client, request
 
 BODY = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                    "max_tokens": 4}).encode()
@@ -33,19 +34,6 @@ async def first_head(client: Client) -> bytes:
 
 
 @pytest.fixture
-async def backend() -> AsyncIterator[FakeBackend]:
-    fake = FakeBackend()
-    async with serve_app(fake.app()) as url:
-        fake.url = url
-        yield fake
-
-
-@pytest.fixture
-def keytool(tmp_path: Path) -> KeyTool:
-    return KeyTool(tmp_path / "data" / "keys.json", tmp_path / "data" / "usage.db")
-
-
-@pytest.fixture
 def secrets(keytool: KeyTool) -> dict[str, str]:
     """The keys the tests use, by name, made before the gateway reads the keys file."""
     options = {"plain": (), "scraper": ("--scopes", "metrics"), "limited": ("--rpm", "1"),
@@ -54,19 +42,19 @@ def secrets(keytool: KeyTool) -> dict[str, str]:
 
 
 @pytest.fixture
-async def gw(tmp_path: Path, backend: FakeBackend, secrets: dict[str, str]
-             ) -> AsyncIterator[Served]:
-    async with gateway(base_config(tmp_path), backend.url) as served:
+async def gw(tmp_path: Path, fake: FakeLlama, secrets: dict[str, str]
+             ) -> AsyncIterator[Gateway]:
+    async with serve_gateway(fake.url, auth_config(tmp_path)) as served:
         yield served
 
 
-async def connect(gw: Served) -> Client:
-    return await Client.connect(int(gw.url.rsplit(":", 1)[1]))
+async def connect(gw: Gateway) -> Client:
+    return await Client.connect(gw.port)
 
 
 @pytest.mark.parametrize("case", ["no-key", "wrong-key", "missing-scope", "rate-limited"])
 async def test_a_refused_head_gets_its_error_before_the_body_and_the_connection_closes(
-        gw: Served, backend: FakeBackend, secrets: dict[str, str], case: str) -> None:
+        gw: Gateway, fake: FakeLlama, secrets: dict[str, str], case: str) -> None:
     secret = {"no-key": None, "wrong-key": "sk-not-a-key", "missing-scope": secrets["scraper"],
               "rate-limited": secrets["limited"]}[case]
     client = await connect(gw)
@@ -77,7 +65,7 @@ async def test_a_refused_head_gets_its_error_before_the_body_and_the_connection_
             assert (await client.answer()).status == 200
             await client.close()
             client = await connect(gw)
-        seen = len(backend.inference_seen)
+        seen = len(fake.requests())
         # a body the client would upload (within MAX_BODY_BYTES) were it told to go on
         await client.send(head(secret, length=1_000_000))
         answer = await first_head(client)
@@ -95,13 +83,13 @@ async def test_a_refused_head_gets_its_error_before_the_body_and_the_connection_
         body = await asyncio.wait_for(client.reader.readexactly(int(headers["content-length"])), 5)
         assert_openai_error(json.loads(body), *want)
         assert await client.closed()
-        assert len(backend.inference_seen) == seen  # nothing went to the backend
+        assert len(fake.requests()) == seen  # nothing went to the backend
     finally:
         await client.close()
 
 
 async def test_a_head_that_passed_gets_100_and_is_charged_once(
-        gw: Served, secrets: dict[str, str]) -> None:
+        gw: Gateway, secrets: dict[str, str]) -> None:
     secret = secrets["two"]
     client = await connect(gw)
     try:
@@ -121,7 +109,7 @@ async def test_a_head_that_passed_gets_100_and_is_charged_once(
 
 
 async def test_a_passed_head_holds_its_concurrency_slot_until_its_body_fails_to_come(
-        gw: Served, secrets: dict[str, str]) -> None:
+        gw: Gateway, secrets: dict[str, str]) -> None:
     secret = secrets["single"]
     plain = request("POST", CHAT, BODY, {"Authorization": f"Bearer {secret}",
                                          "Content-Type": "application/json"})

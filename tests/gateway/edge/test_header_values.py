@@ -8,7 +8,7 @@ import pytest
 
 from gateway.edge.call import Call
 from tests.gateway.edge.support import Edge, Scenario, run_on
-from tests.gateway.http_client import request
+from tests.support.rawhttp import request
 
 UNSAFE = {
     "X-Split": "a\r\nSet-Cookie: injected=1",  # a whole header smuggled in

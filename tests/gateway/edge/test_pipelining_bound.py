@@ -11,8 +11,8 @@ import uvloop
 
 from gateway.edge.call import Call
 from gateway.edge.server import HttpConnection, HttpServer
-from tests.gateway.http_client import Client, request
-from tests.gateway.support import wait_until
+from tests.support.rawhttp import Client, request
+from tests.support.wait import wait_until
 
 BODY = 512 * 1024  # MAX_BODY_BYTES here, and the size of every pipelined body
 QUEUED = 6  # requests sent behind the one held: ~3 MiB in all
@@ -38,28 +38,28 @@ def test_a_pipelining_client_holds_at_most_one_request_beyond_the_current_one(lo
                 await release.wait()
             call.respond(200, b"%d" % len(call.body), "text/plain")
 
-        server = HttpServer(None, handler, handler, lambda call: "", max_body=BODY)
+        server = HttpServer(None, handler, lambda call: "", max_body=BODY)
         listening = await server.listen("127.0.0.1", 0)
         client = await Client.connect(listening.sockets[0].getsockname()[1])
         try:
             [conn] = await wait_until(lambda: list(server.connections), what="the connection")
             body = b"x" * BODY
-            sending = asyncio.create_task(client.send(
-                request("POST", "/v1/hold") +
-                b"".join(request("POST", "/v1/length", body) for _ in range(QUEUED))))
-            # either the server stops reading with a request queued, or it holds too much
-            await wait_until(lambda: held(conn) > BOUND or (
-                conn.pending and conn.transport is not None and not conn.transport.is_reading()),
-                what="the server to stop reading or to hold more than the bound")
-            assert held(conn) <= BOUND
-            assert conn.task is not None and conn.current is not None
-            assert conn.current.path == "/v1/hold"  # still answering the first one
-            release.set()
-            # reading resumes as the queue empties: every request is answered, in order
-            answers = await client.answers(1 + QUEUED, within=10)
+            async with asyncio.TaskGroup() as tasks:  # the client writes while the server reads
+                tasks.create_task(client.send(
+                    request("POST", "/v1/hold") +
+                    b"".join(request("POST", "/v1/length", body) for _ in range(QUEUED))))
+                # either the server stops reading with a request queued, or it holds too much
+                await wait_until(lambda: held(conn) > BOUND or (
+                    conn.pending and conn.transport is not None
+                    and not conn.transport.is_reading()),
+                    what="the server to stop reading or to hold more than the bound")
+                assert held(conn) <= BOUND
+                assert conn.current is not None and conn.current.path == "/v1/hold"
+                release.set()
+                # reading resumes as the queue empties: every request is answered, in order
+                answers = await client.answers(1 + QUEUED, within=10)
             assert [(a.status, a.body) for a in answers] == (
                 [(200, b"0")] + [(200, b"%d" % BODY)] * QUEUED)
-            await sending
             assert conn.transport is not None and conn.transport.is_reading()
         finally:
             release.set()

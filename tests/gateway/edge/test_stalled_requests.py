@@ -15,9 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import stages as gateway_edge
+from gateway import pipeline
 from gateway.edge.call import refusal_error
-from gateway.edge.handover import Tunnel
 from gateway.edge.server import HttpServer
 from tests.gateway.edge.rendered import run_on
 from tests.gateway.edge.support import Edge
@@ -110,9 +109,9 @@ async def stalling(gateway: Gateway) -> AsyncIterator[int]:
     """A second edge server in front of ``gateway``'s app, wired as gateway/app.py wires
     its own, with a short stall timeout: its port."""
     state = gateway.state
-    server = HttpServer(state, gateway_edge.handle, Tunnel(gateway.served.runner),
-                        gateway_edge.decorator(state.cors), max_body=state.config.max_body_bytes,
-                        stall_timeout=STALL)
+    server = HttpServer(state, pipeline.handle, pipeline.decorator(state.cors),
+                        max_body=state.config.max_body_bytes, stall_timeout=STALL,
+                        gate=pipeline.HeadGate())
     listening = await server.listen("127.0.0.1", 0)
     try:
         yield int(listening.sockets[0].getsockname()[1])

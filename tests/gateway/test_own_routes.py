@@ -1,5 +1,6 @@
-"""Requests off the token path are answered by the aiohttp app through the tunnel, on the
-client's connection, which then goes on serving /v1 requests."""
+"""Requests off the token path (the gateway's own routes: probes, /admin, these test routes)
+are answered by the one pipeline on the client's connection, which goes on serving /v1
+requests: streamed and whole answers, pipelining, HEAD, cancellation, HTTP/1.0."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
-from aiohttp import web
 
+from gateway.edge.call import Call
 from tests.support.fake_llama import FakeLlama
 from tests.support.gateway import Gateway, serve_gateway
 from tests.support.rawhttp import Client, chunked, request
@@ -23,32 +24,28 @@ class Routes:
     entered: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def stream(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
-        await response.prepare(request)
+    async def stream(self, call: Call) -> None:
+        call.start(200, {"Content-Type": "text/plain"})
         for i in range(3):
-            await response.write(b"part %d\n" % i)
-        await response.write_eof()
-        return response
+            await call.write(b"part %d\n" % i)
+        call.finish()
 
-    async def echo(self, request: web.Request) -> web.Response:
-        return web.Response(body=await request.read(), content_type="text/plain")
+    async def echo(self, call: Call) -> None:
+        call.respond(200, call.body, content_type="text/plain")
 
-    async def hang(self, request: web.Request) -> web.Response:
+    async def hang(self, call: Call) -> None:
         self.entered.set()
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
-        return web.Response()
 
-    async def closing(self, request: web.Request) -> web.Response:
-        response = web.Response(text="bye")
-        response.force_close()
-        return response
+    async def closing(self, call: Call) -> None:
+        call.keep_alive = False
+        call.respond(200, b"bye", content_type="text/plain")
 
-    async def boom(self, request: web.Request) -> web.Response:
+    async def boom(self, call: Call) -> None:
         raise RuntimeError("a bug in a handler")
 
 
@@ -60,9 +57,9 @@ async def routes() -> Routes:
 @pytest.fixture
 async def served(fake: FakeLlama, routes: Routes, tmp_path: object) -> AsyncIterator[Gateway]:
     async with serve_gateway(fake.url, {}, extra_routes=[
-            web.get("/test/stream", routes.stream), web.post("/test/echo", routes.echo),
-            web.get("/test/hang", routes.hang), web.get("/test/closing", routes.closing),
-            web.get("/test/boom", routes.boom)]) as gateway:
+            (["GET"], "/test/stream", routes.stream), (["POST"], "/test/echo", routes.echo),
+            (["GET"], "/test/hang", routes.hang), (["GET"], "/test/closing", routes.closing),
+            (["GET"], "/test/boom", routes.boom)]) as gateway:
         yield gateway
 
 
@@ -143,7 +140,7 @@ async def test_a_handler_bug_is_a_500_in_openai_shape_and_the_connection_survive
 async def test_an_http10_probe_without_host_is_answered(client: Client) -> None:
     await client.send(b"GET /ping HTTP/1.0\r\n\r\n")
     raw = await client.read_all()
-    assert raw.startswith(b"HTTP/1.0 200 ")
+    assert raw.startswith(b"HTTP/1.1 200 ")  # a server names its own version (RFC 9110 2.5)
     assert b"\r\nServer: llamagate\r\n" in raw  # no software versions on either side
 
 

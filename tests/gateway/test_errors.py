@@ -1,5 +1,4 @@
-"""Every failure leaves the gateway as OpenAI-shaped JSON: unknown routes, wrong
-methods, unexpected exceptions (without a stack trace)."""
+"""Every failure on the gateway port is OpenAI-shaped error JSON (the pipeline's errors stage)."""
 
 from __future__ import annotations
 
@@ -7,8 +6,8 @@ import logging
 
 import aiohttp
 import pytest
-from aiohttp import web
 
+from gateway.edge.call import Call
 from tests.support.fake_llama import FakeLlama
 from tests.support.gateway import Gateway, assert_openai_error, serve_gateway
 
@@ -35,10 +34,10 @@ async def test_wrong_method_is_405_openai_shaped(gateway: Gateway,
 
 async def test_unexpected_exception_is_500_without_a_trace(
         fake: FakeLlama, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
-    async def boom(request: web.Request) -> web.Response:
+    async def boom(call: Call) -> None:
         raise RuntimeError("internal detail /srv/secret/path")
 
-    async with serve_gateway(fake.url, {}, extra_routes=[web.get("/boom", boom)]) as gateway:
+    async with serve_gateway(fake.url, {}, extra_routes=[(["GET"], "/boom", boom)]) as gateway:
         with caplog.at_level(logging.ERROR, logger="llamagate"):
             async with http.get(gateway.url + "/boom") as r:
                 assert r.status == 500
