@@ -43,7 +43,8 @@ import requests  # noqa: E402
 
 from backend.binary import find_llama_server  # noqa: E402
 from scripts.bench.stream_client import run as stream_run  # noqa: E402
-from tests.support.service import free_port, wait_for  # noqa: E402
+from tests.support.service import free_port  # noqa: E402
+from tests.support.wait import wait_for  # noqa: E402
 
 LUA = """wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY")
@@ -152,7 +153,7 @@ def gateway(backend_url: str, tmp: Path, cpu: str | None, auth: bool,
         key = next(w for w in out.split() if w.startswith("lg-"))
     proc = start(pinned(cpu, [sys.executable, "-m", "llamagate.cli", "serve"]), env,
                  tmp / f"gateway-{port}.log")
-    wait_for(lambda: up(f"http://127.0.0.1:{health}/ping"), 60, "the gateway")
+    wait_for(lambda: up(f"http://127.0.0.1:{health}/ping"), "the gateway", within=60)
     return proc, f"http://127.0.0.1:{port}", f"Bearer {key}" if key else "", worker_pid(proc.pid)
 
 
@@ -195,7 +196,7 @@ def nginx_upstream(tmp: Path, cpu: str | None) -> tuple[subprocess.Popen[bytes],
     proc = start(pinned(cpu, [binary, "-p", str(tmp), "-c", str(conf)]), dict(os.environ),
                  tmp / "nginx.log")
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: up(f"{url}/health"), 30, "the nginx upstream")
+    wait_for(lambda: up(f"{url}/health"), "the nginx upstream", within=30)
     return proc, url
 
 
@@ -291,7 +292,7 @@ def cold_start(tmp: Path) -> None:
             marks.setdefault(str(code), time.perf_counter() - t0)
         return code == 200
     try:
-        wait_for(probe, 120, "the cold-started service")
+        wait_for(probe, "the cold-started service", within=120)
         with requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", stream=True, timeout=30,
                            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
                                  "stream": True}) as r:
@@ -359,7 +360,7 @@ def main() -> int:
                                                       "--port", str(port)]), dict(os.environ),
                                tmp / "fake.log"))
             static = f"http://127.0.0.1:{port}"
-            wait_for(lambda: up(f"{static}/health"), 30, "the static upstream")
+            wait_for(lambda: up(f"{static}/health"), "the static upstream", within=30)
             nginx = nginx_upstream(tmp, args.load_cpu)
             if nginx is not None:
                 procs.append(nginx[0])
@@ -382,7 +383,7 @@ def main() -> int:
                                                       "--cache-ram", "0"]),
                                dict(os.environ), tmp / "llama.log"))
             llama = f"http://127.0.0.1:{port}"
-            wait_for(lambda: up(f"{llama}/health"), 60, "llama-server")
+            wait_for(lambda: up(f"{llama}/health"), "llama-server", within=60)
             pair(llama, "tiny", 256, "llama-server, tiny model (max_tokens 8; streams of 256 tokens)")
         if args.only in (None, "cold"):
             cold_start(tmp)

@@ -56,7 +56,8 @@ async def serve_gateway(backend_url: str, settings: Config | Mapping[str, str], 
     """The gateway app on a free port of 127.0.0.1 for the block, stopped after it.
 
     ``settings``: a Config, or environment variables read as `load_config` reads them (auth
-    off unless they say otherwise); ``extra_routes``: test-only public routes (methods, path, handler) added to its table;
+    off unless they say otherwise); ``extra_routes``: test-only public routes (methods,
+    path, handler) added to its table;
     ``clock``: the app's clock (time.time unless given); ``ready``: wait for the backend's
     first /health answer before the block."""
     config = settings if isinstance(settings, Config) else load_config(
