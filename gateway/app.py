@@ -32,7 +32,7 @@ from gateway.policy.shared_admission import SharedAdmission
 from gateway.policy.shared_limits import SharedTable
 from gateway.router import ANY, PUBLIC, Router
 from gateway.state import APP_STATE, AppState
-from gateway.upstream import proxy
+from gateway.upstream import proxy, slots
 from gateway.upstream.backend import Upstream
 from keys.model import SCOPE_INFERENCE, SCOPE_METRICS
 
@@ -84,7 +84,7 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     app.cleanup_ctx.append(_upstream_ctx(state, wiring))
     if isinstance(state.admission, SharedAdmission):
         app.cleanup_ctx.append(_hub_ctx(state.admission))
-    app.cleanup_ctx.append(_background(lambda: proxy.expire(state), "request-timeouts"))
+    app.cleanup_ctx.append(_background(lambda: slots.expire(state), "request-timeouts"))
     if wiring.runtime_dir is not None:
         app.cleanup_ctx.append(_heartbeat_ctx(state, wiring.runtime_dir))
     return app

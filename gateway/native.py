@@ -36,11 +36,13 @@ CHECKED = "LLAMAGATE_NATIVE_CHECKED"
 
 # the modules every proxied request runs through, in the order it meets them
 COMPILED: tuple[str, ...] = (
-    "gateway.edge.server", "gateway.edge.call", "gateway.edge.write_batch",
+    "gateway.edge.server", "gateway.edge.connection", "gateway.edge.call",
+    "gateway.edge.write_batch",
     "gateway.observe.request_id", "gateway.pipeline", "gateway.router", "gateway.observe.record",
     "gateway.policy.auth", "gateway.policy.ratelimit", "gateway.policy.buckets",
     "gateway.policy.throttle", "gateway.policy.admission",
-    "gateway.policy.validation", "gateway.upstream.proxy", "gateway.upstream.client",
+    "gateway.policy.validation", "gateway.upstream.proxy", "gateway.upstream.slots",
+    "gateway.upstream.client",
     "gateway.upstream.connection", "gateway.upstream.events", "gateway.upstream.sse",
     "gateway.upstream.fold",
     "gateway.observe.metering", "gateway.policy.cors",

@@ -43,7 +43,7 @@ class Host(Protocol):
 
 
 class Connection(Protocol):
-    """What a Call needs of its connection (gateway/edge/server.py's HttpConnection)."""
+    """What a Call needs of its connection (gateway/edge/connection.py's HttpConnection)."""
 
     peer: Any
     closing: bool  # write nothing more

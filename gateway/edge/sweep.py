@@ -31,7 +31,7 @@ STALL_TIMEOUT = 60.0
 
 
 class Swept(Protocol):
-    """What a pass needs of a connection (gateway/edge/server.py's HttpConnection)."""
+    """What a pass needs of a connection (gateway/edge/connection.py's HttpConnection)."""
 
     closing: bool
     closed_at: float  # when it began to close

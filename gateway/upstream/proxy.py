@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Mapping
 
@@ -21,22 +20,19 @@ from gateway.edge.call import Call
 from gateway.errors import (
     BackendUnavailable,
     BadGateway,
-    BadRequest,
     GatewayError,
     MethodNotAllowed,
     NotFound,
-    RateLimited,
     UpstreamTimeout,
     sse_error_event,
 )
 from gateway.exchange import Exchange
 from gateway.observe.metering import tokens_from_body
 from gateway.policy import auth, ratelimit, validation
-from gateway.policy.admission import AdmissionClosed, QueueFull, QueueTimeout
 from gateway.policy.validation import RequestInfo, model_of, prompt_of, validate
 from gateway.state import AppState
 from gateway.upstream import fold as unstream
-from gateway.upstream import sse
+from gateway.upstream import slots, sse
 from gateway.upstream.client import BackendBroken, BackendError, Response
 
 log = logging.getLogger("llamagate.gateway.proxy")
@@ -46,22 +42,6 @@ log = logging.getLogger("llamagate.gateway.proxy")
 INFERENCE_ROUTES = validation.ROUTES
 # generation routes whose bodies are forms (an audio file): metered, not validated
 METERED_FORMS = frozenset({"/v1/audio/transcriptions"})
-# how often the sweeper looks for requests past their timeout: a per-request timer costs
-# every request ~10 µs (uvloop timer handles); this bounds how late a timeout fires
-SWEEP_INTERVAL = 0.05
-_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?").fullmatch  # X-Request-Timeout
-
-
-def request_timeout(raw: str | None, default: float) -> float:
-    """The X-Request-Timeout header's seconds (1-600), or the default."""
-    if raw is None:
-        return default
-    # a plain decimal: float() would also take "1_0", "inf" and " 5 "
-    value = float(raw) if _SECONDS(raw) else -1.0
-    if not 1 <= value <= 600:
-        raise BadRequest("X-Request-Timeout must be a number of seconds from 1 to 600",
-                         code="invalid_timeout")
-    return value
 
 
 async def handle(call: Call) -> None:
@@ -92,9 +72,9 @@ async def handle(call: Call) -> None:
     reads = call.method in ("GET", "HEAD")
     if not reads:
         try:
-            await _admit(state, ex, counted)
+            await slots.wait_for_slot(state, ex, counted)
         except BaseException:  # refused, timed out or left while queued: no longer active
-            _leave(state, ex)
+            slots.leave(state, ex)
             raise
     try:
         await _exchange(call, state, ex, raw, info)
@@ -108,7 +88,7 @@ async def handle(call: Call) -> None:
             state.admission.release()
             if counted:
                 metrics.in_flight.dec()
-        _leave(state, ex)
+        slots.leave(state, ex)
 
 
 def _answered_here(call: Call) -> bool:
@@ -189,7 +169,8 @@ def _may_proceed(call: Call, state: AppState, ex: Exchange) -> float:
     """The key's allowlist and limits, the backend's readiness; the request's timeout."""
     auth.check_model(call.key, ex, call.method, state)  # 403 for a model outside the allowlist
     ratelimit.reserve_tokens(state, call.ticket, ex)  # tokens/min; the edge settles it
-    timeout = request_timeout(call.headers.get("x-request-timeout"), state.config.request_timeout)
+    timeout = slots.request_timeout(call.headers.get("x-request-timeout"),
+                                    state.config.request_timeout)
     status = state.upstream.status
     if not status.ready:
         status = state.upstream.refresh()
@@ -226,66 +207,6 @@ def _retrieve_model(call: Call, state: AppState, name: str) -> None:
         raise NotFound(f"model '{name}' does not exist", code="model_not_found", param="model")
     _respond(call, 200, json.dumps({"id": name, "object": "model", "created": 0,
                                     "owned_by": "llamagate"}).encode())
-
-
-async def _admit(state: AppState, ex: Exchange, counted: bool) -> None:
-    """Wait for a backend slot; the caller takes the request out of state.active when
-    none is given."""
-    metrics = state.metrics
-    queued_at = time.monotonic()
-    if counted:
-        metrics.queue_depth.inc()
-    # a refusal for a full queue never waited; every other outcome did, and the waits that
-    # ended in a timeout or a departed client are the ones most worth observing
-    waited = True
-    try:
-        await state.admission.acquire()
-    except QueueFull:
-        waited = False
-        metrics.rejections.labels("queue_full").inc()
-        raise RateLimited("too many requests are queued; retry shortly", code="queue_full",
-                          retry_after=1) from None
-    except QueueTimeout:
-        metrics.rejections.labels("queue_timeout").inc()
-        raise BackendUnavailable("timed out waiting for a free backend slot", code="queue_timeout",
-                                 retry_after=2) from None
-    except AdmissionClosed:
-        raise BackendUnavailable("the server is shutting down", code="shutting_down",
-                                 retry_after=5) from None
-    except asyncio.CancelledError:
-        if not (ex.timed_out or ex.shutdown):
-            raise  # the client went away while queued
-        asyncio.current_task().uncancel()  # type: ignore[union-attr]
-        if ex.shutdown:
-            raise BackendUnavailable("the server is shutting down", code="shutting_down",
-                                     retry_after=5) from None
-        metrics.rejections.labels("queue_timeout").inc()
-        raise UpstreamTimeout("the request's timeout ran out while it waited for a backend "
-                              "slot") from None
-    finally:
-        if counted:
-            metrics.queue_depth.dec()
-        if waited:
-            ex.queue_wait = time.monotonic() - queued_at
-    if counted:
-        metrics.in_flight.inc()
-
-
-def _leave(state: AppState, ex: Exchange) -> None:
-    if state.active.pop(ex, None) is not None and not state.active:
-        state.idle.set()
-
-
-async def expire(state: AppState) -> None:
-    """Cancel requests past their timeout (the handler turns that into a 504 or a final event)."""
-    loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(SWEEP_INTERVAL)  # the sweep period, see SWEEP_INTERVAL
-        now = loop.time()
-        for ex, task in list(state.active.items()):
-            if now >= ex.deadline and not ex.timed_out and not ex.shutdown:
-                ex.timed_out = True
-                task.cancel()
 
 
 def _end_stream(call: Call, ex: Exchange, error: GatewayError) -> None:

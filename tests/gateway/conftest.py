@@ -16,26 +16,27 @@ from tests.support.gateway import Gateway, serve_gateway
 StartGateway = Callable[..., Awaitable[Gateway]]
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLlama]:
-    """The fake llama-server with default switches: one model, streams of `events` events."""
-    upstream = FakeLlama()
+@contextlib.asynccontextmanager
+async def _running(upstream: FakeLlama) -> AsyncIterator[FakeLlama]:
     await upstream.start()
     try:
         yield upstream
     finally:
         await upstream.close()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeLlama]:
+    """The fake llama-server with default switches: one model, streams of `events` events."""
+    async with _running(FakeLlama()) as upstream:
+        yield upstream
 
 
 @pytest.fixture
 async def metered_fake() -> AsyncIterator[FakeLlama]:
     """The fake with token counts a test can do sums with (fake_llama.METERED)."""
-    upstream = FakeLlama(METERED)
-    await upstream.start()
-    try:
+    async with _running(FakeLlama(METERED)) as upstream:
         yield upstream
-    finally:
-        await upstream.close()
 
 
 @pytest.fixture

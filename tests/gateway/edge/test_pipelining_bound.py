@@ -10,7 +10,8 @@ import pytest
 import uvloop
 
 from gateway.edge.call import Call
-from gateway.edge.server import HttpConnection, HttpServer
+from gateway.edge.connection import HttpConnection
+from gateway.edge.server import HttpServer
 from tests.support.rawhttp import Client, request
 from tests.support.wait import wait_until
 
