@@ -122,7 +122,8 @@ class BackendPool(Places):
             now = time.monotonic()
             while self._idle and not fresh:
                 conn = self._idle.pop()
-                if now - conn.idle_since < self.idle_timeout and conn.usable:
+                if now - conn.idle_since < self.idle_timeout and conn.usable \
+                        and not conn.dropped():
                     return conn
                 conn.close()
             if fresh and self._open >= self.size and self._idle:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 
 import aiohttp
@@ -120,3 +121,72 @@ async def test_the_gateway_answers_503_when_a_sent_request_goes_unanswered(
             else:
                 assert r.status == 200
     assert [s.dropped for s in fake.requests(COMPLETIONS)] == [False, True]
+
+
+class ClosingBackend:
+    """A raw backend in a thread: answers each request with keep-alive, and closes the
+    connection it answered on when told, saying when it has. Its own thread, so the
+    test's loop does not see the close until it runs again."""
+
+    ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+              b"\r\n{}")
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.close_now = threading.Event()
+        self.closed = threading.Event()
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # the listener was closed: the test is over
+            self.accepted += 1
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)  # one small request per read, as the test sends them
+            conn.sendall(self.ANSWER)
+            if self.accepted == 1:
+                self.close_now.wait(10)
+                conn.shutdown(socket.SHUT_RDWR)
+                self.closed.set()
+                return
+            while conn.recv(65536):
+                conn.sendall(self.ANSWER)
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_an_idle_connection_the_backend_closed_unseen_is_not_reused(loop: str) -> None:
+    """The backend's FIN has arrived but the loop has not run since: the pool must look at
+    the socket, not only at what the loop has told it, or it sends into a closed
+    connection and the request fails (the benchmark's 503s under llama-server)."""
+    backend = ClosingBackend()
+
+    async def main() -> None:
+        pool = BackendPool(f"http://127.0.0.1:{backend.port}", 2)
+        try:
+            resp = await pool.request("GET", "/v1/models", b"", None)
+            assert (resp.status, await resp.read()) == (200, b"{}")
+            backend.close_now.set()
+            assert backend.closed.wait(5)  # blocks the loop: it cannot see the close
+            resp = await pool.request("GET", "/v1/models", b"", None)
+            assert (resp.status, await resp.read()) == (200, b"{}")
+            assert backend.accepted == 2  # a new connection, not the closed one
+        finally:
+            pool.close()
+
+    try:
+        with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+            runner.run(main())
+    finally:
+        backend.stop()
