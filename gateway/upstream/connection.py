@@ -15,7 +15,7 @@ import collections
 import select
 import socket
 import time
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -189,6 +189,7 @@ class Connection(asyncio.Protocol):
         self.counted = True  # holds one of the pool's places
         self.idle_since = 0.0
         self.paused = False
+        self.poller: Any = None  # select.poll on the socket, for ``dropped``
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -197,6 +198,9 @@ class Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:  # made once: each reuse is one poll(2), nothing more
+            self.poller = select.poll()
+            self.poller.register(sock.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         resp = self.resp
@@ -280,7 +284,11 @@ class Connection(asyncio.Protocol):
             resp.content_type, resp.headers, resp._hop, resp._framed = "", None, None, False
             return
         resp.status = status
-        resp.keep_alive = self.parser.should_keep_alive()
+        # llama-server (cpp-httplib) closes the connection after every streamed answer,
+        # though its head says keep-alive: reused, the next request would go out on a
+        # closing connection, and a sent request is never sent again
+        resp.keep_alive = self.parser.should_keep_alive() \
+            and not resp.content_type.startswith("text/event-stream")
         resp._headers_done = True
         if resp._hop is not None and resp.headers is not None:
             for name in [k for k in resp.headers if k.lower().encode("latin-1") in resp._hop]:
@@ -327,13 +335,8 @@ class Connection(asyncio.Protocol):
         seen yet: its socket is readable. One poll, no wait: the close that cpp-httplib
         sends as the request goes out is then found before it, not after (urllib3 checks
         the same way before it reuses a connection)."""
-        transport = self.transport
-        sock = None if transport is None else transport.get_extra_info("socket")
-        if sock is None:
-            return False
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
+        poller = self.poller
+        return poller is not None and bool(poller.poll(0))
 
     def _finish(self, resp: Response) -> None:
         self.resp = None

@@ -22,6 +22,9 @@ def boundary(data: bytes) -> int:
     """Where the last whole event in ``data`` ends (0: none does)."""
     if data.endswith(b"\n\n"):  # llama-server's framing: the common case, at once
         return len(data)
+    if b"\r" not in data:  # LF framing: the last blank line is the last LF pair (a C scan,
+        end = data.rfind(b"\n\n")  # not a regex over every event of a large read)
+        return end + 2 if end >= 0 else 0
     end = 0
     for match in _BLANK_LINE.finditer(data):
         end = match.end()

@@ -15,7 +15,7 @@ import pytest
 import uvloop
 
 from gateway.upstream.backend import Upstream
-from gateway.upstream.client import BackendBroken, BackendPool
+from gateway.upstream.client import LOOK_AFTER, BackendBroken, BackendPool
 from tests.support.fake_llama import FakeLlama
 from tests.support.gateway import Gateway, assert_openai_error
 
@@ -131,7 +131,8 @@ class ClosingBackend:
     ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
               b"\r\n{}")
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bytes = ANSWER) -> None:
+        self.answer = answer
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.close_now = threading.Event()
@@ -152,7 +153,7 @@ class ClosingBackend:
     def _answer(self, conn: socket.socket) -> None:
         with conn:
             conn.recv(65536)  # one small request per read, as the test sends them
-            conn.sendall(self.ANSWER)
+            conn.sendall(self.answer)
             if self.accepted == 1:
                 self.close_now.wait(10)
                 conn.shutdown(socket.SHUT_RDWR)
@@ -175,14 +176,51 @@ def test_an_idle_connection_the_backend_closed_unseen_is_not_reused(loop: str) -
     async def main() -> None:
         pool = BackendPool(f"http://127.0.0.1:{backend.port}", 2)
         try:
-            resp = await pool.request("GET", "/v1/models", b"", None)
+            resp = await pool.request("GET", "/v1/models", b"", "")
             assert (resp.status, await resp.read()) == (200, b"{}")
             backend.close_now.set()
             assert backend.closed.wait(5)  # blocks the loop: it cannot see the close
-            resp = await pool.request("GET", "/v1/models", b"", None)
+            for conn in pool._idle:  # idle long enough to be looked at before its reuse
+                conn.idle_since -= LOOK_AFTER
+            resp = await pool.request("GET", "/v1/models", b"", "")
             assert (resp.status, await resp.read()) == (200, b"{}")
             assert backend.accepted == 2  # a new connection, not the closed one
         finally:
+            pool.close()
+
+    try:
+        with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+            runner.run(main())
+    finally:
+        backend.stop()
+
+
+# llama-server's streamed answer: chunked, keep-alive announced, and the connection closed
+# right after it
+STREAMED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+            b"Keep-Alive: timeout=5, max=100\r\n\r\n"
+            b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_streamed_answer_s_connection_is_not_reused(loop: str) -> None:
+    """The next request goes on a new connection at once, not on the one llama-server is
+    closing (its close can still be on the way when the next request is sent)."""
+    backend = ClosingBackend(STREAMED)
+
+    async def main() -> None:
+        pool = BackendPool(f"http://127.0.0.1:{backend.port}", 2)
+        try:
+            resp = await pool.request("POST", COMPLETIONS, BODY, JSON)
+            assert resp.status == 200
+            while await resp.read_chunk():
+                pass
+            # no wait in between; on the streamed answer's connection it would go unanswered
+            resp = await asyncio.wait_for(pool.request("GET", "/v1/models", b"", ""), 5)
+            assert resp.status == 200
+            assert backend.accepted == 2
+        finally:
+            backend.close_now.set()
             pool.close()
 
     try:
