@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from urllib.parse import parse_qs, unquote
 
 from gateway.edge.call import Call
@@ -27,13 +28,13 @@ PUBLIC = ""
 ANY = "*"  # a route that takes every method (the proxy: llama-server decides)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # eq=False: hashed by identity, at once
 class Route:
     template: str
     methods: frozenset[str]
     scope: str
     handler: Handler
-    matcher: re.Pattern[str] | None = field(default=None, compare=False)
+    matcher: re.Pattern[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,11 +42,12 @@ class Match:
     """What the table says of a request: its route, or why none (404/405 with Allow)."""
 
     route: Route | None
-    params: dict[str, str]
+    params: Mapping[str, str]
     allow: frozenset[str] = frozenset()  # the methods the path has, when it is not this one
 
 
-_NO_ROUTE = Match(None, {})
+_NO_PARAMS: Mapping[str, str] = MappingProxyType({})
+_NO_ROUTE = Match(None, _NO_PARAMS)
 _SEGMENT = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -54,6 +56,7 @@ class Router:
         self._exact: dict[str, list[Route]] = {}
         self._templates: list[Route] = []
         self._prefixes: list[tuple[str, Route]] = []
+        self._found: dict[Route, Match] = {}  # a route's match without parameters
 
     def add(self, methods: Iterable[str], template: str, handler: Handler, scope: str) -> None:
         allowed = frozenset(m.upper() for m in methods)
@@ -68,6 +71,7 @@ class Router:
             self._templates.append(Route(template, allowed, scope, handler, re.compile(pattern)))
         else:
             self._exact.setdefault(template, []).append(Route(template, allowed, scope, handler))
+        self._found.clear()
 
     def match(self, method: str, path: str, target: bytes) -> Match:
         """``path`` decoded; ``target`` as sent. Exact paths and templates match the path as
@@ -76,7 +80,7 @@ class Router:
         # as sent: `/admin%2Fkeys` is no route, though it decodes to one
         raw = path if b"%" not in target else target.partition(b"?")[0].decode("latin-1")
         candidates = self._exact.get(raw)
-        params: dict[str, str] = {}
+        params: Mapping[str, str] = _NO_PARAMS
         if candidates is None:
             candidates = []
             for route in self._templates:
@@ -94,7 +98,13 @@ class Router:
             return _NO_ROUTE
         for route in candidates:
             if method in route.methods or ANY in route.methods:
-                return Match(route, params)
+                if params:
+                    return Match(route, params)
+                # the same answer every time: made once (the token path meets this per request)
+                found_match = self._found.get(route)
+                if found_match is None:
+                    found_match = self._found[route] = Match(route, _NO_PARAMS)
+                return found_match
         return Match(None, params, frozenset().union(*(r.methods for r in candidates)))
 
     def routes(self) -> list[Route]:

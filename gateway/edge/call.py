@@ -96,7 +96,7 @@ class Call:
         self.ex: Any = None  # what the handler keeps per request (gateway/pipeline.py)
         self.key: Any = None
         self.ticket: Any = None
-        self.params: dict[str, str] = {}  # a route template's segments (gateway/router.py)
+        self.params: Mapping[str, str] = {}  # a route template's segments (gateway/router.py)
         self.state: Any = conn.server.state
         self.too_large = False  # the body was over MAX_BODY_BYTES and was not read
         # not a request we accept (a 413 too): status, why; the handler answers it
@@ -122,7 +122,7 @@ class Call:
     def respond(self, status: int, body: bytes, content_type: str | None = "application/json",
                 headers: Mapping[str, str] | None = None) -> None:
         """The whole answer, in one write."""
-        extra = _lines({"Content-Type": content_type}) if content_type else ""
+        extra = _content_type(content_type) if content_type else ""
         if headers:
             extra += _lines(headers)
         if status in (204, 304):  # never a body, so no length either
@@ -200,6 +200,12 @@ def _lines(headers: Mapping[str, str]) -> str:
     if lines.count("\n") == n and lines.count("\r") == n and "\x00" not in lines:
         return lines
     return "".join(f"{k}: {v}\r\n" for k, v in headers.items() if _safe(k, v))
+
+
+def _content_type(value: str) -> str:
+    if "\r" in value or "\n" in value or "\x00" in value:
+        return _lines({"Content-Type": value})  # dropped, with its warning
+    return f"Content-Type: {value}\r\n"
 
 
 def _safe(name: str, value: str) -> bool:
