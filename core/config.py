@@ -80,6 +80,11 @@ class Config:
     usage_flush_interval: float = 1.0
     # gateway edge
     max_body_bytes: int = 10 * 1024 * 1024
+    head_timeout: float = 20.0
+    max_connections_per_client: int = 256
+    write_stall_timeout: float = 60.0
+    max_messages: int = 4096
+    max_prompt_bytes: int = 4 * 1024 * 1024
     request_timeout: float = 600.0
     stream_to_backend_min_tokens: int = 64
     max_concurrent_requests: int = 0
@@ -259,6 +264,11 @@ def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
         usage_db=Path(r.raw("USAGE_DB") or data_dir / "usage.db"),
         usage_flush_interval=r.number("USAGE_FLUSH_INTERVAL", 1.0, 0.05, 1.0),
         max_body_bytes=r.integer("MAX_BODY_BYTES", 10 * 1024 * 1024, 1024, 2**31),
+        head_timeout=r.number("HEAD_TIMEOUT", 20.0, 0.1, 3600),
+        max_connections_per_client=r.integer("MAX_CONNECTIONS_PER_CLIENT", 256, 1, 1_000_000),
+        write_stall_timeout=r.number("WRITE_STALL_TIMEOUT", 60.0, 0.1, 86400),
+        max_messages=r.integer("MAX_MESSAGES", 4096, 1, 10**7),
+        max_prompt_bytes=r.integer("MAX_PROMPT_BYTES", 4 * 1024 * 1024, 1024, 2**31),
         request_timeout=r.number("REQUEST_TIMEOUT", 600.0, 1, 86400),
         stream_to_backend_min_tokens=r.integer("STREAM_TO_BACKEND_MIN_TOKENS", 64, 0, 10**9),
         max_concurrent_requests=r.integer("MAX_CONCURRENT_REQUESTS", 0, 0, 100_000),
