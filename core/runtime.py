@@ -18,20 +18,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.private_files import FILE_MODE
+
 HEARTBEAT = 0.5
 SERVE_FILE = "serve.json"
 WORKER_PREFIX = "gateway-"
 
 
 def make_runtime_dir(base: Path | None = None) -> Path:
+    """A fresh directory, 0700 (mkdtemp's mode, which no umask widens)."""
     return Path(tempfile.mkdtemp(prefix="llamagate-", dir=base))
 
 
 def write_state(path: Path, state: dict[str, Any]) -> None:
-    """Atomic replace, so a reader never sees half a file."""
+    """Atomic replace, so a reader never sees half a file; the file is 0600."""
     body = json.dumps({**state, "ts": time.time(), "pid": os.getpid()}).encode()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), FILE_MODE)  # a temporary file a killed writer left may be older
         f.write(body)
     os.replace(tmp, path)
 

@@ -9,6 +9,8 @@ import sqlite3
 from pathlib import Path
 from typing import Final
 
+from core.private_files import private_sqlite
+
 SCHEMA_VERSION: Final = 1
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS usage_hourly (
@@ -46,7 +48,7 @@ def open_db(path: Path, *, busy_timeout: float = 10.0, any_thread: bool = False)
 
     ``any_thread`` allows use from worker threads; the caller must then serialise access.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_sqlite(path)  # 0600, and so its -wal and -shm files (core/private_files.py)
     conn = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=not any_thread)
     try:
         conn.execute("PRAGMA journal_mode=WAL")

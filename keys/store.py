@@ -15,6 +15,7 @@ from typing import Final, TypeVar
 
 import filelock
 
+from core.private_files import private_dir
 from keys.codec import check_unique, dump_keys, parse_keys
 from keys.errors import KeyFileError, KeyFormatError, describe_error
 from keys.model import ApiKey
@@ -52,7 +53,7 @@ def write_keys_file(path: Path, keys: Iterable[ApiKey]) -> None:
     check_unique(keys)
     data = dump_keys(keys).encode("utf-8")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise KeyFileError(f"cannot write keys file {path}: {describe_error(exc)}") from exc
@@ -113,7 +114,7 @@ class KeyStore:
         """
         lock_path = self._path.with_name(self._path.name + ".lock")
         try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self._path.parent)
             lock = filelock.FileLock(lock_path, timeout=self._lock_timeout, mode=FILE_MODE)
             with lock:
                 current = self.load()

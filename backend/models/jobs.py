@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.models.errors import JobNotFound
+from core.private_files import private_sqlite
 
 
 class JobState(str, Enum):
@@ -98,7 +99,7 @@ class Job:
 
 class JobStore:
     def __init__(self, db_path: Path, *, clock: Callable[[], float]) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(db_path)  # 0600, and so its -wal and -shm files
         self._clock = clock
         # Autocommit; each statement below is its own transaction.
         self._db = sqlite3.connect(db_path, isolation_level=None)
