@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Final
 
 from core.logs import info_fields
 from gateway.exchange import Exchange
@@ -14,7 +15,7 @@ from gateway.observe.metrics import GatewayMetrics
 access_log = logging.getLogger("llamagate.access")
 
 # probes and scrapes must not flood the log or the request metrics
-QUIET = frozenset({"/ping", "/health", "/health/live", "/health/ready", "/metrics"})
+QUIET: Final = frozenset({"/ping", "/health", "/health/live", "/health/ready", "/metrics"})
 
 
 def record(metrics: GatewayMetrics, ex: Exchange, status: int, method: str) -> None:
