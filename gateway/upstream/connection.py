@@ -15,29 +15,32 @@ import collections
 import select
 import socket
 import time
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import httptools
 
 from gateway.edge.write_batch import WriteBatch
 
 # body bytes of an unread stream buffered here before reading from the backend pauses
-_PAUSE_AT = 1 << 18
+_PAUSE_AT: Final = 1 << 18
 # response headers not passed on (lower case): the hop-by-hop ones (RFC 9110 7.6.1; also
 # those a Connection header names), the framing and identity the gateway writes itself (it
 # re-frames every answer; Content-Type is passed on as its own field), and the backend's
 # challenge for the gateway's own credentials (a 401 from it is the operator's to fix)
-_TYPE, _FRAMING, _CONNECTION, _OTHER = 1, 2, 3, 0
-_DROPPED: dict[bytes, int] = {
+_TYPE: Final = 1
+_FRAMING: Final = 2
+_CONNECTION: Final = 3
+_OTHER: Final = 0
+_DROPPED: Final[dict[bytes, int]] = {
     b"content-type": _TYPE, b"content-length": _FRAMING, b"transfer-encoding": _FRAMING,
     b"connection": _CONNECTION,
     **dict.fromkeys([b"keep-alive", b"te", b"trailer", b"upgrade", b"date", b"server",
                      b"x-request-id", b"x-model-fallback", b"www-authenticate",
                      b"authorization"], _OTHER)}
 # and the header families the gateway's own stages write: proxies', CORS, rate limits
-_DROPPED_PREFIXES = (b"proxy-", b"access-control-", b"x-ratelimit-")
+_DROPPED_PREFIXES: Final = (b"proxy-", b"access-control-", b"x-ratelimit-")
 # Connection options that name no header
-_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
+_CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive"})
 
 
 class BackendError(Exception):
