@@ -30,7 +30,7 @@ from gateway.policy.admission import Admission
 from gateway.policy.cors import Cors
 from gateway.policy.shared_admission import SharedAdmission
 from gateway.policy.shared_limits import SharedTable
-from gateway.router import ANY, PUBLIC, Router
+from gateway.router import PUBLIC, Router
 from gateway.state import APP_STATE, AppState
 from gateway.upstream import proxy, slots
 from gateway.upstream.backend import Upstream
@@ -97,8 +97,9 @@ def _routes(router: Router, config: Config, wiring: Wiring) -> None:
     router.add(["GET"], "/metrics", probes.metrics, SCOPE_METRICS)
     router.add(["GET"], "/openapi.json", openapi.handler(
         admin=config.auth_enabled, models_admin=wiring.control_socket is not None), PUBLIC)
-    # every method: llama-server routes them (and answers the ones it has not)
-    router.add([ANY], "/v1/*", proxy.handle, SCOPE_INFERENCE)
+    # only the methods llama-server routes: the table answers any other 405 (issue 21)
+    router.add(proxy.METHODS, "/v1/*", proxy.handle, SCOPE_INFERENCE,
+               only=dict.fromkeys(proxy.INFERENCE_ROUTES, ("POST",)))
 
 
 @dataclass

@@ -6,7 +6,10 @@ a route added later is closed until someone gives it a scope.
 
 A route is an exact path, a template whose `{name}` segments match one path segment each
 (the value arrives decoded in ``call.params``), or a prefix (``/v1/``) that takes every path
-under it. A GET route answers HEAD too. Exact paths are one dict lookup; templates are
+under it. A GET route answers HEAD too. Every route names its methods, the proxy's too: a
+method no route takes is a 405 with ``Allow`` here, never a request forwarded to llama-server
+(issue 21: an extension method's body, which llama-server does not read, was parsed by it as
+requests of their own). Exact paths are one dict lookup; templates are
 tried in the order they were added.
 """
 
@@ -15,8 +18,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Final
 from urllib.parse import parse_qs, unquote
 
 from gateway.edge.call import Call
@@ -24,8 +28,7 @@ from gateway.edge.call import Call
 Handler = Callable[[Call], Awaitable[None]]
 
 # scopes (keys/model.py names them): "" is public, "metrics" may be made public by config
-PUBLIC = ""
-ANY = "*"  # a route that takes every method (the proxy: llama-server decides)
+PUBLIC: Final = ""
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # eq=False: hashed by identity, at once
@@ -35,6 +38,8 @@ class Route:
     scope: str
     handler: Handler
     matcher: re.Pattern[str] | None = None
+    # a prefix route's paths that take fewer methods (the proxy's inference routes: POST)
+    only: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +51,8 @@ class Match:
     allow: frozenset[str] = frozenset()  # the methods the path has, when it is not this one
 
 
-_NO_PARAMS: Mapping[str, str] = MappingProxyType({})
-_NO_ROUTE = Match(None, _NO_PARAMS)
+_NO_PARAMS: Final[Mapping[str, str]] = MappingProxyType({})
+_NO_ROUTE: Final = Match(None, _NO_PARAMS)
 _SEGMENT = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -58,13 +63,14 @@ class Router:
         self._prefixes: list[tuple[str, Route]] = []
         self._found: dict[Route, Match] = {}  # a route's match without parameters
 
-    def add(self, methods: Iterable[str], template: str, handler: Handler, scope: str) -> None:
-        allowed = frozenset(m.upper() for m in methods)
-        if "GET" in allowed:
-            allowed |= {"HEAD"}
+    def add(self, methods: Iterable[str], template: str, handler: Handler, scope: str,
+            only: Mapping[str, Iterable[str]] | None = None) -> None:
+        """``only``: for a prefix, paths under it that take fewer of ``methods``."""
+        allowed = _methods(methods)
         if template.endswith("*"):
             prefix = template[:-1]
-            self._prefixes.append((prefix, Route(template, allowed, scope, handler)))
+            narrower = MappingProxyType({p: _methods(ms) & allowed for p, ms in (only or {}).items()})
+            self._prefixes.append((prefix, Route(template, allowed, scope, handler, None, narrower)))
         elif "{" in template:
             pattern = "^" + _SEGMENT.sub(r"(?P<\1>[^/]+)", re.escape(template).replace(r"\{", "{")
                                          .replace(r"\}", "}")) + "$"
@@ -92,12 +98,15 @@ class Router:
             if not candidates:
                 for prefix, route in self._prefixes:
                     if path.startswith(prefix):
+                        fewer = route.only.get(path)
+                        if fewer is not None and method not in fewer:
+                            return Match(None, params, fewer)
                         candidates = [route]
                         break
         if not candidates:
             return _NO_ROUTE
         for route in candidates:
-            if method in route.methods or ANY in route.methods:
+            if method in route.methods:
                 if params:
                     return Match(route, params)
                 # the same answer every time: made once (the token path meets this per request)
@@ -111,6 +120,11 @@ class Router:
         """Every route, for the OpenAPI document and the test that pins the table."""
         return [r for rs in self._exact.values() for r in rs] + self._templates + \
             [r for _, r in self._prefixes]
+
+
+def _methods(methods: Iterable[str]) -> frozenset[str]:
+    allowed = frozenset(m.upper() for m in methods)
+    return allowed | {"HEAD"} if "GET" in allowed else allowed
 
 
 def query_of(call: Call) -> dict[str, str]:

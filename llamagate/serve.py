@@ -223,6 +223,12 @@ class Service:
         config = self.config
         if config.backend_url is not None:
             self.mode = "external"
+            if not config.backend_api_key:
+                # anyone who reaches its port bypasses the gateway's keys, limits and metering
+                # (and a request the gateway lets through must be all that reaches it)
+                log.warning("BACKEND_URL is set without BACKEND_API_KEY: the external "
+                            "llama-server should have its own key (--api-key-file), given "
+                            "here as BACKEND_API_KEY", extra={"backend_url": config.backend_url})
             self.external = ExternalBackend(config.backend_url, config.backend_api_key)
             # None: not up yet; read once it is, and until then the workers refuse inference
             listed = await self.external.model_names()

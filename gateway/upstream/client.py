@@ -18,7 +18,13 @@ The contract the proxy relies on:
   left: its connection was found closed before the write, or the write failed before
   one byte went out. A request whose bytes were sent is never repeated, even when the
   connection closes with no byte of an answer: the backend may have begun the work.
-  What makes that rare is ``IDLE_SECONDS``.
+  What makes that rare is ``IDLE_SECONDS``;
+- only GET, HEAD and POST go out, and only a POST with a body: llama-server reads no body
+  of a method it does not route, and parses the bytes past its read window as requests of
+  their own (issue 21). A GET's or HEAD's body (RFC 9110 gives it no meaning) is dropped;
+- a connection whose answer began before its request was fully sent is closed, never
+  pooled: the backend answered without reading all of it, and what it left unread would
+  be read as the start of the next request.
 
     BackendError
      ├── BackendConnectError   no connection could be made
@@ -42,6 +48,9 @@ from gateway.upstream.connection import (
 )
 
 __all__ = ["BackendBroken", "BackendConnectError", "BackendError", "BackendPool", "Response"]
+
+# what llama-server routes; a request with another method is a bug of the caller's
+METHODS = frozenset({"GET", "HEAD", "POST"})
 
 # How long a connection may idle in the pool and still carry a request. llama-server's
 # HTTP library (cpp-httplib) closes keep-alive connections idle for 5 s
@@ -82,8 +91,12 @@ class BackendPool(Places):
         ``target`` is the path and query; ``headers`` are extra ``Name: value\\r\\n``
         lines. On cancellation while waiting, the connection is closed.
         """
-        if body or method in ("POST", "PUT", "PATCH"):
+        if method == "POST":
             headers += f"Content-Length: {len(body)}\r\n"
+        elif method not in METHODS:
+            raise ValueError(f"llama-server routes no {method} request")
+        else:
+            body = b""  # see the module's docstring: never a body llama-server would not read
         head = f"{method} {self.prefix}{target} HTTP/1.1\r\n{self._fixed}{headers}\r\n"
         data = head.encode("utf-8", "surrogateescape")
         if body:

@@ -100,7 +100,7 @@ class Response:
     """One backend response; ``status``, ``content_type`` and ``headers`` (those passed on to
     the client, None when there are none) are set when it is returned."""
 
-    __slots__ = ("_chunks", "_conn", "_error", "_framed", "_head", "_headers_done", "_hop",
+    __slots__ = ("_chunks", "_conn", "_early", "_error", "_framed", "_head", "_headers_done", "_hop",
                  "_read_all", "_size", "_unsent", "_waiter", "complete", "content_type", "headers",
                  "keep_alive", "status")
 
@@ -113,6 +113,7 @@ class Response:
         self._error: BackendBroken | None = None
         self._headers_done = False
         self._unsent = False  # the request provably never left: it may be sent again
+        self._early = False  # the answer began before the request was fully sent
         self._hop: list[bytes] | None = None  # headers the Connection header names
         self._framed = False  # Content-Length or chunked; otherwise the body ends at EOF
         self._read_all = False
@@ -250,6 +251,12 @@ class Connection(asyncio.Protocol):
         if resp is None or resp.complete:
             # a second answer to one request: stop parsing (the error closes the connection)
             raise BackendBroken("the backend sent more than one response")
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size():
+            # answered before it read the whole request (a refusal of its head): the rest,
+            # still going out, would be parsed by the backend as the next request. The write
+            # batch holds nothing here: it is flushed in the loop pass before any read.
+            resp._early = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         resp = self.resp
@@ -300,7 +307,7 @@ class Connection(asyncio.Protocol):
         # llama-server (cpp-httplib) closes the connection after every streamed answer,
         # though its head says keep-alive: reused, the next request would go out on a
         # closing connection, and a sent request is never sent again
-        resp.keep_alive = self.parser.should_keep_alive() \
+        resp.keep_alive = self.parser.should_keep_alive() and not resp._early \
             and not resp.content_type.startswith("text/event-stream")
         resp._headers_done = True
         if resp._hop is not None and resp.headers is not None:
@@ -367,7 +374,11 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.pool.batch.drop(self.transport)  # a request not sent yet never starts
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            self.pool.batch.drop(transport)  # a request not sent yet never starts
+            if transport.get_write_buffer_size():
+                transport.abort()  # what is left of a request must not go out after all
+            else:
+                transport.close()
         self.pool.forget(self)

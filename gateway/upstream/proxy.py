@@ -42,6 +42,11 @@ log = logging.getLogger("llamagate.gateway.proxy")
 INFERENCE_ROUTES = validation.ROUTES
 # generation routes whose bodies are forms (an audio file): metered, not validated
 METERED_FORMS = frozenset({"/v1/audio/transcriptions"})
+# the methods llama-server routes (tools/server registers Get and Post handlers only; its
+# HTTP library answers HEAD for a GET route, and the router adds HEAD to a GET route): any
+# other is refused by the route table with 405, never forwarded. OPTIONS preflights are
+# answered by the pipeline before routing.
+METHODS = ("GET", "POST")
 
 
 async def handle(call: Call) -> None:
