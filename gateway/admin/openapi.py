@@ -8,7 +8,7 @@ Statuses: every operation may be refused by the HTTP edge before it is routed (4
 unparsable, 408 too slow, 413 body too large, 414 target too long, 431 head too large);
 every keyed one with 401 (no or bad key), 403 (scope, model allowlist) and 429 (the
 key's limits, or too many failed keys from the address). Each error is the one envelope
-gateway/errors.py builds: ``{"error": {"message", "type", "param", "code"}}``, ``code``
+gateway/errors.py builds (``error`` holding message, type, param and code), ``code``
 a string (the proxy maps llama-server's numeric codes to strings).
 """
 
@@ -120,10 +120,10 @@ _KEYS_ADMIN: dict[str, Any] = {
         "responses": _responses({"200": {"description": "usage rows", "content": _JSON}})}},
 }
 
-_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["message", "type", "code"], "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "string"},
-        "param": {"type": ["string", "null"]}}}}}
+_ERROR_FIELDS = {"type": "object", "required": ["message", "type", "code"], "properties": {
+    "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "string"},
+    "param": {"type": ["string", "null"]}}}
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": _ERROR_FIELDS}}
 
 
 def _paths() -> dict[str, Any]:
