@@ -3,6 +3,16 @@
 
 Only the fields the gateway needs are looked at; the body itself is forwarded
 byte for byte.
+
+It also bounds what one request may cost before it reaches llama-server, which cannot
+stop tokenizing a prompt once it has begun (issue 21: 300,000 empty messages kept it busy
+for minutes after the client left): at most ``max_messages`` messages (400), a prompt of at
+most ``max_prompt_bytes`` bytes of text (413), an estimated prompt of at most ``ctx`` tokens
+and ``max_tokens`` at most ``ctx`` (400 ``context_length_exceeded``). The estimate is the
+prompt's UTF-8 bytes / 4 (about 4 bytes a token in English text with common tokenizers;
+fewer for other scripts, so it errs towards letting a prompt through) plus one per token
+id; images and audio are not text and are not counted. The prompt is measured only when
+the body itself is over a limit: most requests cost one len().
 """
 
 from __future__ import annotations
@@ -15,9 +25,12 @@ from dataclasses import dataclass
 from email.parser import BytesParser
 from typing import Any
 
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, GatewayError, error_for
 
 MAX_TOKENS_CAP = 1_000_000
+BYTES_PER_TOKEN = 4  # the prompt-size estimate: see the module's docstring
+# parts of a prompt that are not text: their bytes are not prompt bytes
+_MEDIA = frozenset({"image_url", "input_audio", "image", "file", "source", "audio"})
 
 # path → the field that must be present (its type is checked below). /v1/messages is
 # Anthropic's Messages API and /v1/responses OpenAI's Responses API, both of which
@@ -161,14 +174,21 @@ def _form_model(raw: bytes, content_type: str) -> str | None:
         raise BadRequest("'model' must be UTF-8 text", param="model") from None
 
 
-def validate(path: str, raw: bytes) -> RequestInfo:
-    """Validate an inference body for `path`; raise BadRequest naming the field."""
+def validate(path: str, raw: bytes, max_messages: int = 0, max_prompt_bytes: int = 0,
+             ctx: int = 0) -> RequestInfo:
+    """Validate an inference body for `path`; raise BadRequest naming the field. The
+    limits (0: none) are the module docstring's."""
     body = parse_json(raw)
     required = _REQUIRED.get(path)
     if required is not None and required not in body:
         raise BadRequest(f"missing required field '{required}'", param=required)
     if required == "messages":
-        _check_messages(body["messages"])
+        messages = body["messages"]
+        if max_messages and isinstance(messages, list) and len(messages) > max_messages:
+            raise BadRequest(f"'messages' has {len(messages)} messages; the limit is "
+                             f"{max_messages} (MAX_MESSAGES)", code="too_many_messages",
+                             param="messages")
+        _check_messages(messages)
     elif required == "query":
         if not isinstance(body["query"], str):  # the documents may come as `texts` (TEI's form)
             raise BadRequest("'query' must be a string", param="query")
@@ -193,7 +213,14 @@ def validate(path: str, raw: bytes) -> RequestInfo:
             continue
         if not _is_int(value) or not (value == -1 or 1 <= value <= MAX_TOKENS_CAP):
             raise BadRequest(f"'{name}' must be an integer from 1 to {MAX_TOKENS_CAP}", param=name)
+        if ctx and value > ctx:
+            raise BadRequest(f"'{name}' is {value}; the context holds {ctx} tokens (CTX)",
+                             code="context_length_exceeded", param=name)
         max_tokens = value if value > 0 else None
+    if required is not None and ((max_prompt_bytes and len(raw) > max_prompt_bytes)
+                                 or (ctx and len(raw) // BYTES_PER_TOKEN > ctx)):
+        # the body bounds its prompt: only a body over a limit has its prompt measured
+        _check_prompt_size(required, body[required], max_prompt_bytes, ctx)
     n = body.get("n")
     if n is not None and (not _is_int(n) or not 1 <= n <= 128):
         raise BadRequest("'n' must be an integer from 1 to 128", param="n")
@@ -203,3 +230,36 @@ def validate(path: str, raw: bytes) -> RequestInfo:
     prompts = len(prompt) if isinstance(prompt, list) and not _is_int(prompt[0]) else 1
     return RequestInfo(model=model, stream=stream, max_tokens=max_tokens,
                        body=body, n=n, tasks=n * prompts)
+
+
+def _check_prompt_size(field: str, value: object, max_bytes: int, ctx: int) -> None:
+    size, ids = _text_size(value)
+    if max_bytes and size > max_bytes:
+        error: GatewayError = error_for(
+            413, f"'{field}' holds {size} bytes of text; the limit is {max_bytes} "
+            "(MAX_PROMPT_BYTES)", code="prompt_too_large")
+        error.param = field
+        raise error
+    tokens = -(-size // BYTES_PER_TOKEN) + ids
+    if ctx and tokens > ctx:
+        raise BadRequest(f"'{field}' is about {tokens} tokens (estimated at "
+                         f"{BYTES_PER_TOKEN} bytes a token); the context holds {ctx} (CTX)",
+                         code="context_length_exceeded", param=field)
+
+
+def _text_size(value: object) -> tuple[int, int]:
+    """(UTF-8 bytes of the text in ``value``, token ids in it), media left out. A loop, not
+    recursion: the decoder takes deeper nesting than Python's stack would."""
+    size = ids = 0
+    stack: list[object] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            size += len(item) if item.isascii() else len(item.encode("utf-8", "surrogatepass"))
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(v for k, v in item.items() if k not in _MEDIA)
+        elif _is_int(item):
+            ids += 1
+    return size, ids

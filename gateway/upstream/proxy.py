@@ -57,7 +57,10 @@ async def handle(call: Call) -> None:
     ex: Exchange = call.ex
     info: RequestInfo | None = None
     if call.method == "POST" and call.path in INFERENCE_ROUTES:
-        info = validate(call.path, call.body)
+        config = state.config
+        # CTX is the context of a llama-server we start; a BACKEND_URL one's is not known here
+        info = validate(call.path, call.body, config.max_messages, config.max_prompt_bytes,
+                        config.ctx if config.supervise_backend else 0)
         _resolve_model(call, state, ex, info)
     else:
         _resolve_named_model(call, state, ex)

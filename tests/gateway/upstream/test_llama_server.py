@@ -65,7 +65,10 @@ async def backend(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Backend]:
 
 @pytest.fixture
 async def gateway(backend: Backend) -> AsyncIterator[Gateway]:
-    async with serve_gateway(backend.url, {}, models=("tiny",), backend_key=backend.key) as gw:
+    # CTX 0 (the model's own context, unknown to the gateway): this backend generates past its
+    # context (--context-shift), and the tests ask for ENDLESS tokens, over CTX's bound
+    async with serve_gateway(backend.url, {"CTX": "0"}, models=("tiny",),
+                             backend_key=backend.key) as gw:
         yield gw
 
 
