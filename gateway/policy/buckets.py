@@ -24,6 +24,15 @@ class LimitExceeded(Exception):
         self.retry_after = retry_after
 
 
+class ReservationTooLarge(Exception):
+    """A reservation above the bucket's capacity: it could never be granted."""
+
+    def __init__(self, asked: int, capacity: int) -> None:
+        super().__init__(f"{asked} tokens asked, {capacity} per minute allowed")
+        self.asked = asked
+        self.capacity = capacity
+
+
 class TokenBucket:
     """``capacity`` tokens, refilled continuously at ``capacity`` per minute."""
 
@@ -59,9 +68,11 @@ class TokenBucket:
         return 0.0 if missing <= 0 else missing / self.rate
 
     def add(self, amount: float, now: float) -> None:
-        """Give back (positive) or charge (negative) tokens; a charge may leave a debt."""
+        """Give back (positive) or charge (negative) tokens; a charge may leave a debt, of
+        at most one bucket: a minute's refill pays it back (usage above a reservation is
+        known only once the backend has answered, so it cannot be refused)."""
         level, updated = self._refilled(now)
-        self.store(min(self.capacity, level + amount), updated)
+        self.store(max(-self.capacity, min(self.capacity, level + amount)), updated)
 
     def reset_after(self, now: float) -> float:
         return (self.capacity - self.refill(now)) / self.rate
@@ -107,12 +118,20 @@ class KeyLimiter:
             self.requests.add(-1, now)
         self._hold(1)
 
-    def reserve(self, amount: int, now: float) -> int:
-        """Reserve tokens for a request; returns what was reserved (0 when unlimited)."""
+    def reserve(self, amount: int, now: float, asked: bool = True) -> int:
+        """Reserve tokens for a request; returns what was reserved (0 when unlimited).
+        A reservation the client ``asked`` for (its max_tokens) above the whole bucket could
+        never be granted: ``ReservationTooLarge`` (admitted, it overshot the limit as a
+        debt). One it did not ask for (the default) is capped at the bucket."""
         if self.tokens is None:
             return 0
-        # A reservation above the whole budget could never be granted: ask for a full bucket.
-        amount = min(amount, int(self.tokens.capacity))
+        capacity = int(self.tokens.capacity)
+        if amount > capacity:
+            if asked:
+                if self.requests is not None:
+                    self.requests.add(1, now)  # a refused request does not count against the rpm
+                raise ReservationTooLarge(amount, capacity)
+            amount = capacity
         wait = self.tokens.wait_for(amount, now)
         if wait > 0:
             if self.requests is not None:

@@ -8,8 +8,9 @@ generated) and ``header_lines`` (the OpenAI ``x-ratelimit-*`` headers on every a
 
 Tokens are reserved from ``max_tokens`` at admission and settled from the backend's
 ``usage`` afterwards; a request that used more than it reserved leaves the bucket in
-debt, which later requests pay back. With several gateway workers the numbers are
-shared through gateway/policy/shared_limits.py.
+debt (at most one bucket), which later requests pay back. A ``max_tokens`` above the
+key's tokens per minute can never be reserved: 400 ``tokens_exceed_limit``. With
+several gateway workers the numbers are shared through gateway/policy/shared_limits.py.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from gateway.errors import RateLimited
+from gateway.errors import BadRequest, RateLimited
 from gateway.exchange import Exchange
-from gateway.policy.buckets import Clock, KeyLimiter, LimitExceeded
+from gateway.policy.buckets import Clock, KeyLimiter, LimitExceeded, ReservationTooLarge
 from gateway.state import AppState
 from keys.model import ApiKey
 
@@ -79,8 +80,14 @@ def reserve_tokens(state: AppState, ticket: Ticket | None, ex: Exchange) -> None
     if ticket is None or not ex.inference:
         return
     try:
-        ticket.reserved = ticket.limiter.reserve(ex.max_tokens or DEFAULT_TOKEN_RESERVATION,
-                                                 ticket.clock())
+        asked = ex.max_tokens
+        ticket.reserved = ticket.limiter.reserve(asked or DEFAULT_TOKEN_RESERVATION,
+                                                 ticket.clock(), asked is not None)
+    except ReservationTooLarge as exc:
+        # never a 429: waiting would not help, the key's whole minute is less than asked
+        raise BadRequest(f"max_tokens is {exc.asked}; this API key may use {exc.capacity} "
+                         "tokens per minute", code="tokens_exceed_limit",
+                         param="max_tokens") from None
     except LimitExceeded as exc:
         state.metrics.rejections_for("key_token_limit").inc()
         raise RateLimited(f"rate limit reached for this API key: {exc.what}",

@@ -164,9 +164,9 @@ class SharedKeyLimiter(KeyLimiter):
         with self.table.locked(self.at):
             super().admit(now)
 
-    def reserve(self, amount: int, now: float) -> int:
+    def reserve(self, amount: int, now: float, asked: bool = True) -> int:
         with self.table.locked(self.at):
-            return super().reserve(amount, now)
+            return super().reserve(amount, now, asked)
 
     def release(self, reserved: int, used: int | None, now: float) -> None:
         with self.table.locked(self.at):

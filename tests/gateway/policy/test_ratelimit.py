@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.policy.buckets import KeyLimiter, LimitExceeded, RateLimiter, TokenBucket, format_reset
+from gateway.policy.buckets import (
+    KeyLimiter,
+    LimitExceeded,
+    RateLimiter,
+    ReservationTooLarge,
+    TokenBucket,
+    format_reset,
+)
 from gateway.policy.throttle import AddressThrottle
 from keys.model import Limits
 
@@ -91,10 +98,13 @@ def test_unknown_usage_keeps_the_reservation() -> None:
     assert limiter.headers(0.0)["x-ratelimit-remaining-tokens"] == "500"
 
 
-def test_a_reservation_above_the_budget_asks_for_a_full_bucket() -> None:
+def test_a_reservation_above_the_budget_is_refused_unless_it_was_not_asked_for() -> None:
+    # issue 21: admitted, a max_tokens above the bucket overshot the limit as a debt
     limiter = KeyLimiter(Limits(tokens_per_minute=100), now=0.0)
     limiter.admit(0.0)
-    assert limiter.reserve(5000, 0.0) == 100
+    with pytest.raises(ReservationTooLarge):
+        limiter.reserve(5000, 0.0)
+    assert limiter.reserve(5000, 0.0, asked=False) == 100
 
 
 def test_a_token_refusal_gives_the_request_back() -> None:
