@@ -24,6 +24,7 @@ from gateway.errors import (
     MethodNotAllowed,
     NotFound,
     UpstreamTimeout,
+    error_type,
     sse_error_event,
 )
 from gateway.exchange import Exchange
@@ -319,6 +320,8 @@ async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,
         except BackendBroken as exc:
             raise BackendUnavailable(str(exc), retry_after=2) from None
         _meter_whole(ex, resp.status, body)
+        if resp.status >= 400 and resp.content_type.startswith("application/json"):
+            body = backend_error(resp.status, body)
         _respond(call, resp.status, body, resp.content_type or None, resp.headers)
     finally:
         if not ex.completed:
@@ -333,6 +336,33 @@ def _meter_whole(ex: Exchange, status: int, body: bytes) -> None:
         ex.tokens = tokens_from_body(body)
     elif ex.inference and 400 <= status < 500:
         ex.tokens = (0, 0)  # refused before any work: its reservation is not a charge
+
+
+# llama-server's error types that say more than its status; any other takes the gateway's
+# code for the status (gateway/errors.py ERROR_TYPES)
+_BACKEND_CODES = {"exceed_context_size_error": "context_length_exceeded",
+                  "not_supported_error": "not_supported", "unavailable_error": "backend_unavailable"}
+
+
+def backend_error(status: int, body: bytes) -> bytes:
+    """llama-server's error JSON in the gateway's error shape: its `code` is the HTTP status
+    as a number, where the documented schema has a string. Message, type, status and its
+    other fields are kept; anything else is passed on unchanged."""
+    if b'"code"' not in body:
+        return body
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    if not isinstance(error, dict) or code is None or isinstance(code, str):
+        return body
+    kind = error.get("type")
+    error["code"] = _BACKEND_CODES.get(kind, "") if isinstance(kind, str) else ""
+    error["code"] = error["code"] or error_type(status)[1]
+    error.setdefault("param", None)
+    return json.dumps(parsed).encode()
 
 
 def _backend_refused_key(resp: Response) -> None:
@@ -364,7 +394,7 @@ async def _fold(call: Call, resp: Response, ex: Exchange) -> None:
     except unstream.UpstreamError as exc:
         # llama-server reported an error after it started streaming: answer as it would have
         ex.completed = True
-        _respond(call, 500, json.dumps(exc.body).encode())
+        _respond(call, 500, backend_error(500, json.dumps(exc.body).encode()))
         return
     except ValueError:
         raise BackendUnavailable("the backend sent an unreadable stream", retry_after=2) from None

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import aiohttp
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from gateway.errors import error_type
 from tests.gateway.conftest import StartGateway
 from tests.support.fake_llama import BACKEND_KEY, FakeLlama, error_body
 from tests.support.gateway import Gateway, assert_openai_error, serve_gateway, sse_data
@@ -65,8 +67,16 @@ async def test_other_v1_routes_pass_through(gateway: Gateway, fake: FakeLlama,
         emb = await client.embeddings.create(model="tiny", input="x")
     assert emb.data[0].embedding == [0.25, -0.5, 0.125]
     async with http.get(gateway.url + "/v1/no-such-thing") as r:
-        assert r.status == 404  # llama-server's own 404, unchanged
-        assert await r.json() == error_body(404, "File Not Found")
+        assert r.status == 404  # llama-server's own 404, its numeric code made a string
+        assert await r.json() == relayed(404, "File Not Found")
+
+
+def relayed(status: int, message: str) -> dict[str, Any]:
+    """llama-server's error as the gateway relays it: status, message and type kept, its
+    numeric code the gateway's string code (its own type's, or its status's)."""
+    error = error_body(status, message)["error"]
+    code = {501: "not_supported", 503: "backend_unavailable"}.get(status) or error_type(status)[1]
+    return {"error": {**error, "code": code, "param": None}}
 
 
 @pytest.mark.parametrize("status", [400, 500, 503])
@@ -79,9 +89,9 @@ async def test_backend_error_status_passes_through_unchanged(gateway: Gateway, f
                              json={"messages": MESSAGES, "stream": stream}) as r:
             assert r.status == status
             assert r.content_type == "application/json"
-            # byte for byte what llama-server (here the fake's json_response) wrote
-            assert await r.read() == json.dumps(error_body(status, fake.switches.error_message)
-                                                ).encode()
+            # what llama-server (here the fake's json_response) wrote, but for its numeric
+            # code (issue 21: the documented schema's code is a string)
+            assert await r.json() == relayed(status, fake.switches.error_message)
             assert r.headers["X-Request-ID"]
 
 
