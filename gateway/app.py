@@ -124,8 +124,12 @@ async def serve(app: web.Application, host: str, port: int, *,
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     state = app[APP_STATE]
+    config = state.config
     server = HttpServer(state, pipeline.handle, pipeline.decorator(state.cors),
-                        max_body=state.config.max_body_bytes, gate=pipeline.HeadGate())
+                        max_body=config.max_body_bytes, gate=pipeline.HeadGate(),
+                        head_timeout=config.head_timeout,
+                        write_stall_timeout=config.write_stall_timeout,
+                        max_per_client=config.max_connections_per_client)
     try:
         listening = await server.listen(host, port, reuse_port=reuse_port)
     except BaseException:

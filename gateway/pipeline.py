@@ -93,13 +93,21 @@ async def _errors(call: Call, state: AppState, ex: Exchange) -> None:
 
 async def _gate(call: Call, state: AppState, ex: Exchange) -> None:
     if call.refusal is not None:  # any route: unparsable, its body never read (413), or its
-        raise refusal_error(call.refusal) if call.denied is None else call.denied  # head refused
+        if call.denied is None:  # head refused by HeadGate
+            raise refusal_error(call.refusal)
+        if call.key is not None:
+            ex.key_id = call.key.id
+        raise call.denied
     if is_preflight(call.method, call.headers):
         status, headers = state.cors.preflight(call.headers.get("origin"),
                                                call.headers.get("access-control-request-headers"))
         call.respond(status, b"", content_type=None, headers=headers)
         return
-    route = admit(call, state, ex)
+    route: Route | None = call.route  # admitted at its head (HeadGate): matched, checked once
+    if route is None:
+        route = admit(call, state, ex)
+    elif call.key is not None:
+        ex.key_id = call.key.id
     ticket = call.ticket
     if ticket is None:
         await route.handler(call)
@@ -129,12 +137,15 @@ def admit(call: Call, state: AppState, ex: Exchange | None) -> Route:
         raise NotFound("no such route", code="not_found")
     if call.key is not None and not gated:
         call.ticket = ratelimit.admit(state, call.key)
+    call.route = route
     return route
 
 
 class HeadGate:
-    """The HTTP server's ``Gate`` (gateway/edge/server.py): ``admit`` for a head that asks
-    for `100 Continue`, so no body is invited before the key, scope and limits passed."""
+    """The HTTP server's ``Gate`` (gateway/edge/connection.py): ``admit`` for every head as it
+    arrives, so no body is read (nor decoded, nor invited with `100 Continue`) before the
+    key, scope and limits passed. This is the pipeline's own route → auth → ratelimit, done
+    once: what it admitted (``call.route``, ``key``, ``ticket``) goes with the request."""
 
     def check(self, call: Call) -> GatewayError | None:
         if is_preflight(call.method, call.headers):

@@ -74,8 +74,8 @@ class Call:
     """One request and the means to answer it: a whole body, or a chunked stream."""
 
     __slots__ = ("body", "conn", "ex", "headers", "http11", "key", "keep_alive", "method", "params", "path",
-                 "query", "raw_headers", "refusal", "state", "status", "target", "ticket",
-                 "too_large", "denied", "_done")
+                 "query", "raw_headers", "refusal", "route", "state", "status", "target",
+                 "ticket", "too_large", "denied", "_done")
 
     def __init__(self, conn: Connection, method: str, target: bytes, headers: dict[str, str],
                  raw_headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool,
@@ -97,6 +97,9 @@ class Call:
         self.key: Any = None
         self.ticket: Any = None
         self.params: Mapping[str, str] = {}  # a route template's segments (gateway/router.py)
+        # the route its head was admitted to by the server's gate (gateway/pipeline.py), with
+        # ``key`` and ``ticket``: the pipeline does not match, check nor charge it again
+        self.route: Any = None
         self.state: Any = conn.server.state
         self.too_large = False  # the body was over MAX_BODY_BYTES and was not read
         # not a request we accept (a 413 too): status, why; the handler answers it

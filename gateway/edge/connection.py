@@ -11,9 +11,20 @@ as many bodies of MAX_BODY_BYTES as it cares to send. An alias path (``ALIASES``
 `/chat/completions` for `/v1/chat/completions`) is rewritten to its `/v1` path as the
 request is made.
 
-`Expect: 100-continue` is answered once the head passed the ``Gate`` given to the server
-(gateway/pipeline.py: route, key, scope, rate limit): a client it refuses gets its error
-before it uploads a byte, and the connection is closed with the body unread.
+Every head passes the ``Gate`` given to the server (gateway/pipeline.py: route, key, scope,
+rate limit) before a byte of its body is read: a head refused for who sent it (401, 403,
+429) with a body is answered at once and the connection closed after a short drain
+(``LINGER``), the body never buffered nor decoded; another refusal (404, 405), or one
+without a body, is answered in its turn, its body read and dropped, the connection kept. A
+head that passed carries what it was admitted with (key, ticket, route) to the pipeline,
+which does not check it again. `Expect: 100-continue` is answered once the head passed. A
+head that arrives while an answer is being made waits, unread beyond what came with it,
+until its turn: its key's concurrency is counted only then.
+
+Limits: a head is at most ``MAX_HEAD`` bytes (request target, header names and values,
+counted across reads and across parser callbacks: 431), one `Host` header and an origin-form
+or absolute target (``*`` is 400); the clocks (head deadline, stalls, write stalls) are
+gateway/edge/sweep.py's.
 """
 
 from __future__ import annotations
@@ -42,6 +53,18 @@ MAX_LINE = 8190
 MAX_HEADERS = 128
 MAX_HEAD = 64 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# refusals of who is asking, not of what is asked: such a client's body is never read
+_WHO = frozenset({401, 403, 429})
+
+
+class _Detached:
+    """What a closed connection's parser calls back: nothing (see ``DETACHED``)."""
+
+
+# a closed connection's parser: the one it had referred back to it, so the two made a cycle
+# that only the cycle collector freed, body and all (issue 21: 9 MiB per connection held,
+# with gateway/worker.py's raised GC threshold)
+DETACHED = httptools.HttpRequestParser(_Detached())
 
 
 class Gate(Protocol):
@@ -49,7 +72,7 @@ class Gate(Protocol):
 
     def check(self, call: Call) -> GatewayError | None:
         """The error ``call`` (a head, no body yet) is refused with; None when it may go on,
-        with what it was admitted with kept on the call (key, ticket)."""
+        with what it was admitted with kept on the call (key, ticket, route)."""
 
     def release(self, call: Call) -> None:
         """``call`` passed ``check`` but its body never came whole: give back what it took."""
@@ -67,6 +90,12 @@ class Listener(Protocol):
     batch: WriteBatch
     closing: bool
 
+    def opened(self, conn: HttpConnection) -> bool:
+        """Count ``conn`` against its client's cap; False: over it, close it unanswered."""
+
+    def gone(self, conn: HttpConnection) -> None:
+        """``conn``, counted by ``opened``, is closed."""
+
 
 class HttpConnection(asyncio.Protocol):
     def __init__(self, server: Listener) -> None:
@@ -77,7 +106,10 @@ class HttpConnection(asyncio.Protocol):
         self.closing = False  # close() was called or the client left: write nothing more
         self.closed_at = 0.0  # when close() was first called
         self.paused = False
+        self.paused_since = 0.0  # when the transport last paused our writes
         self.receiving = False  # a request is partly in
+        self.head_since = 0.0  # the first byte of the head now arriving (or its turn)
+        self.counted = False  # counted against its client's connections (server.opened)
         self.task: asyncio.Task[None] | None = None
         self.current: Call | None = None
         self.pending: collections.deque[Call] = collections.deque()
@@ -88,27 +120,42 @@ class HttpConnection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._head = 0  # bytes received while a head was incomplete
+        self._head_bytes = 0  # the head's target, names and values, over callbacks
         self._in_head = False
-        self._host = False
+        self._hosts = 0
         self._encoded = False  # a Content-Encoding header: the body is decoded when whole
-        self._continue = False  # `Expect: 100-continue` to answer when the request's turn comes
-        self._gated: Call | None = None  # the head the gate let through, its body awaited
+        self._expect = False  # `Expect: 100-continue`: answered once the head passed
+        self._waiting = False  # a head in, its turn (and gate) to come when the answer is out
+        self._request: Call | None = None  # the request whose head is in, its body awaited
+        self._has_body = False  # that request announced a body
+        self._discard = False  # that request was refused at its head: its body is dropped
+        self._gated: Call | None = None  # that request, let through by the gate
         self._refused = False
 
     @property
     def idle(self) -> bool:
         return self.task is None and not self.pending
 
+    @property
+    def in_head(self) -> bool:
+        return self._in_head
+
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self.peer = transport.get_extra_info("peername")
+        if not self.server.opened(self):
+            self.closing = True  # past its client's cap: closed at once, unanswered
+            transport.close()
+            return
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server.connections.discard(self)
+        if self.counted:
+            self.server.gone(self)
         if self.transport is not None:
             self.server.batch.drop(self.transport)
         self._release_gated()
@@ -117,6 +164,12 @@ class HttpConnection(asyncio.Protocol):
         self.pending.clear()
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("the client closed the connection"))
+        # what a partly received request holds, and the parser that refers back to us
+        self.parser = DETACHED
+        self._request = None
+        self._url = []
+        self._headers = []
+        self._body = []
 
     def data_received(self, data: bytes) -> None:
         self.idle_since = time.monotonic()  # a slow upload is not an idle connection
@@ -140,6 +193,7 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
+        self.paused_since = time.monotonic()
 
     def resume_writing(self) -> None:
         self.paused = False
@@ -150,16 +204,20 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.receiving = self._in_head = True
-        self._host = self._encoded = False
+        self.head_since = time.monotonic()
+        self._encoded = self._expect = self._discard = False
+        self._hosts = 0
         self._url = []
         self._headers = []
         self._body = []
         self._size = 0
         self._head = 0
+        self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
         self._size += len(url)
+        self._head_bytes += len(url)
         if self._size > MAX_LINE:
             self._refuse(414, "the request target is too long")
             raise httptools.HttpParserError("target too long")  # stops the parser
@@ -169,84 +227,133 @@ class HttpConnection(asyncio.Protocol):
             return  # a chunked body's trailer: never a request header (aiohttp ignored them too)
         self._headers.append((name, value))
         if len(name) == 4 and name.lower() == b"host":
-            self._host = True
-        if len(name) + len(value) > MAX_LINE or len(self._headers) > MAX_HEADERS:
-            self._refuse(431, "a request header field is too large, or there are too many")
+            self._hosts += 1
+        size = len(name) + len(value)
+        self._head_bytes += size
+        if size > MAX_LINE or len(self._headers) > MAX_HEADERS or self._head_bytes > MAX_HEAD:
+            self._refuse(431, "a request header field is too large, there are too many, "
+                              "or the head is over 64 KiB")
             raise httptools.HttpParserError("headers too large")
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._size = 0
-        expect = False
-        for name, value in self._headers:  # names compared by length first: most are neither
+        problem = self._head_problem()
+        if problem is not None:
+            self._refuse(400, problem, whole_head=True)
+            raise httptools.HttpParserError("refused at its head")  # stops the parser
+        has_body = False
+        for name, value in self._headers:  # names compared by length first: most are none
             if len(name) == 14 and name.lower() == b"content-length":
-                if value.strip().isdigit() and int(value) > self.server.max_body:
-                    self._too_large()
-                    return
+                if value.strip().isdigit():
+                    length = int(value)
+                    if length > self.server.max_body:
+                        self._too_large()
+                        return
+                    has_body = length > 0
+            elif len(name) == 17 and name.lower() == b"transfer-encoding":
+                has_body = True
             elif len(name) == 6 and name.lower() == b"expect":
-                expect = value.strip().lower() == b"100-continue"
+                self._expect = value.strip().lower() == b"100-continue"
             elif len(name) == 16 and name.lower() == b"content-encoding":
                 self._encoded = True
-        if expect and self.parser.get_http_version() == "1.1":
-            if not self.idle:  # the answers before it must go out first
-                self._continue = True
-            elif not self._go_on():
-                raise httptools.HttpParserError("refused at its head")  # stops the parser
+        call = self._request = self._call(b"", keep_alive=False)
+        self._has_body = has_body
+        gate = self.server.gate
+        if gate is None and not self._expect:
+            return  # nothing to decide before its body
+        if not self.idle:  # the answers before it go out first, and its gate waits for its turn
+            self._waiting = True
+            if gate is not None and self.transport is not None:
+                self.transport.pause_reading()  # its body stays unread until then (_serve)
+        elif not self._admit(call):
+            raise httptools.HttpParserError("refused at its head")  # stops the parser
+
+    def _head_problem(self) -> str | None:
+        """Why the head now in is not a request we serve (400), or None."""
+        version = self.parser.get_http_version()  # llhttp also reads 0.9 and 2.0 request lines
+        if version not in ("1.0", "1.1"):
+            return f"HTTP/{version} is not served here: use HTTP/1.1"
+        if self._hosts != 1 and (self._hosts or version == "1.1"):
+            # RFC 9112 3.2: two are a request to refuse, whatever the version
+            return "an HTTP/1.1 request needs a Host header" if not self._hosts else \
+                "a request has one Host header"
+        if self._url and self._url[0][:1] == b"*":  # OPTIONS *: nothing here serves it
+            return "the request target * is not served here"
+        return None
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
         if self._size > self.server.max_body:
             self._too_large()
             raise httptools.HttpParserError("body too large")  # stops the parser
-        self._body.append(body)
+        if not self._discard:
+            self._body.append(body)
 
     def on_message_complete(self) -> None:
-        self.receiving = self._continue = False
-        if self._refused:
+        self.receiving = self._waiting = False
+        call = self._request
+        self._request = None
+        if self._refused or call is None:
             return
-        version = self.parser.get_http_version()  # llhttp also reads 0.9 and 2.0 request lines
-        if version not in ("1.0", "1.1") or (version == "1.1" and not self._host):
-            self._refuse(400, "an HTTP/1.1 request needs a Host header" if version == "1.1" else
-                         f"HTTP/{version} is not served here: use HTTP/1.1", whole_head=True)
+        if call.denied is not None:  # refused at its head, its body dropped: the connection is kept
+            call.keep_alive = self.parser.should_keep_alive()
+            self._dispatch(call)
             return
         if self.parser.should_upgrade():
             # the parser stops at the head of an upgrade: a body would be lost, so such a
             # request is refused; one without is answered as a plain request, the last one
-            if any(n.lower() in (b"content-length", b"transfer-encoding") and v.strip() != b"0"
-                   for n, v in self._headers):
+            if self._has_body:
                 self._refuse(400, "protocol upgrades are not supported", whole_head=True)
                 return
-            self._dispatch(self._call(b"", keep_alive=False))
+            self._gated = None  # handed over with what it was admitted with
+            self._dispatch(call)
             return
-        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        call = self._call(body, self.parser.should_keep_alive())
+        call.keep_alive = self.parser.should_keep_alive()
+        call.body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._body = []
         if self._encoded:  # decoded (or refused) before anyone reads or forwards it
             request_body.decode_call(call, self.server.max_body)
-        gated = self._gated
-        if gated is not None:
+        if self._gated is not None:
             if call.refusal is None:  # admitted at its head: not checked, nor charged, again
                 self._gated = None
-                call.key, call.ticket = gated.key, gated.ticket
             else:
                 self._release_gated()
         self._dispatch(call)
 
-    def _go_on(self) -> bool:
-        """`100 Continue` for the head now in, once it passed the gate; else its refusal is
-        answered, the connection to close after it, its body never read (False)."""
+    def _admit(self, call: Call) -> bool:
+        """The gate's word on the head now in, before its body is read: True when the body
+        may come (`100 Continue` to a client that waits for it). A head refused for who
+        sent it (401, 403, 429) with a body is answered now, the connection to close after
+        it, its body never read (False). Any other refusal (404, 405), or one without a
+        body, is answered once the request is whole, its body read and dropped, never
+        buffered: the connection stays in step."""
         gate = self.server.gate
         if gate is not None:
-            call = self._call(b"", keep_alive=False)
-            error = gate.check(call)
+            error = self._check(gate, call)
             if error is not None:
-                self._refused = True
                 call.refusal = (error.status, error.message)
                 call.denied = error
+                if not self._expect and (not self._has_body or error.status not in _WHO):
+                    self._discard = True
+                    return True
+                self._request = None
+                self._refused = True
                 self._dispatch(call)
                 return False
             self._gated = call
-        self.write(CONTINUE)
+        if self._expect and self.parser.get_http_version() == "1.1":
+            self.write(CONTINUE)
         return True
+
+    @staticmethod
+    def _check(gate: Gate, call: Call) -> GatewayError | None:
+        try:
+            return gate.check(call)
+        except Exception:  # a bug in a check: nothing kept; the pipeline meets it again, and says 500
+            log.exception("the head gate failed")
+            call.key = call.ticket = call.route = None
+            return None
 
     def _release_gated(self) -> None:
         gated = self._gated
@@ -255,6 +362,7 @@ class HttpConnection(asyncio.Protocol):
             gate = self.server.gate
             if gate is not None:
                 gate.release(gated)
+            gated.ticket = gated.route = None
 
     def _call(self, body: bytes, keep_alive: bool) -> Call:
         # first value wins for a repeated header, as aiohttp's headers.get() gave
@@ -281,6 +389,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self._refused = True
         self._release_gated()
+        self._request = None
         call = self._call(b"", keep_alive=False)
         call.too_large = True
         call.refusal = (413, "request body is too large (MAX_BODY_BYTES)")
@@ -309,8 +418,9 @@ class HttpConnection(asyncio.Protocol):
 
     def finished(self, call: Call) -> None:
         """``call``'s answer is all written: close now if it was the last one."""
-        if (call.too_large or call.denied is not None) and not self.closing \
-                and self.transport is not None:
+        # nothing is parsed after a refused request, so it is the last one: what the client
+        # still sends (a body never read) is drained a moment, so that it sees the answer
+        if self._refused and not self.pending and not self.closing and self.transport is not None:
             self._linger()
         elif not call.keep_alive or self.server.closing:
             self.close()
@@ -359,18 +469,23 @@ class HttpConnection(asyncio.Protocol):
             call.abandon()
             self.task = self.current = None
             self.idle_since = time.monotonic()
+            if self._in_head:  # a head begun while this was answered: its clock starts now
+                self.head_since = self.idle_since
         if self.closing:
             return
         if self.pending:
             self._run(self.pending.popleft())
-            if not self.pending and self.transport is not None:
+            if not self.pending and not self._waiting and self.transport is not None:
                 self.transport.resume_reading()  # the last one waiting is answered now
-        elif self._continue:
-            self._continue = False
-            self._go_on()
+        elif self._waiting:  # a head that came while this was answered: its turn
+            self._waiting = False
+            waiting = self._request
+            if waiting is not None and self._admit(waiting) and self.transport is not None:
+                self.transport.resume_reading()
 
     def stalled(self) -> None:
-        """Nothing more of a partly received request came for the stall timeout."""
+        """A partly received request sent nothing for the stall timeout, or its head was not
+        whole within the head timeout."""
         self._refuse(408, "the rest of the request did not arrive in time",
                      whole_head=not self._in_head)
 
@@ -381,6 +496,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self._refused = True
         self._release_gated()
+        self._request = None
         # a head read whole gives its method, path and id; of a broken one nothing is trusted
         call = self._call(b"", False) if whole_head else Call(self, "-", b"/", {}, [], b"", False)
         call.refusal = (status, message)
