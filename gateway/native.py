@@ -36,7 +36,7 @@ CHECKED = "LLAMAGATE_NATIVE_CHECKED"
 
 # the modules every proxied request runs through, in the order it meets them
 COMPILED: tuple[str, ...] = (
-    "gateway.edge.server", "gateway.edge.connection", "gateway.edge.call",
+    "gateway.edge.server", "gateway.edge.connection", "gateway.edge.head", "gateway.edge.call",
     "gateway.edge.write_batch",
     "gateway.observe.request_id", "gateway.pipeline", "gateway.router", "gateway.observe.record",
     "gateway.policy.auth", "gateway.policy.ratelimit", "gateway.policy.buckets",

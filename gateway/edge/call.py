@@ -7,8 +7,8 @@ limits, CORS: gateway/pipeline.py). Every header value is checked for CR, LF and
 the head is serialized (``_lines``, ``_decorated``): one that would end its line early
 (a backend's header passed through, a name a client chose) is dropped, never written.
 
-``Connection`` is what a Call needs of its connection, so that this module, and those that
-only handle calls, need not import the server (gateway/edge/server.py implements it).
+A call names its connection's class for the type checker only (``TYPE_CHECKING``): at run
+time this module imports nothing of the server's, so handlers that only take calls need not.
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from gateway.errors import GatewayError, error_body, error_for
+
+if TYPE_CHECKING:  # a call and its connection call each other on every request: named
+    from gateway.edge.connection import HttpConnection  # concretely, mypyc calls them natively
 
 log = logging.getLogger("llamagate.gateway.http")
 
@@ -32,33 +35,6 @@ ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/com
            "/embeddings": "/v1/embeddings", "/models": "/v1/models"}
 
 _date = ("", 0)
-
-
-class Host(Protocol):
-    """What a Call needs of the server its connection belongs to."""
-
-    state: Any
-    closing: bool  # shutting down: every answer says `Connection: close`
-    decorate: Callable[[Call], str]  # the header lines every answer carries
-
-
-class Connection(Protocol):
-    """What a Call needs of its connection (gateway/edge/connection.py's HttpConnection)."""
-
-    peer: Any
-    closing: bool  # write nothing more
-    paused: bool  # the client is not reading: wait for ``drain``
-
-    @property
-    def server(self) -> Host: ...
-
-    def write(self, data: bytes) -> None: ...
-
-    async def drain(self) -> None: ...
-
-    def finished(self, call: Call) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def http_date() -> str:
@@ -77,7 +53,7 @@ class Call:
                  "query", "raw_headers", "refusal", "route", "state", "status", "target",
                  "ticket", "too_large", "denied", "_done")
 
-    def __init__(self, conn: Connection, method: str, target: bytes, headers: dict[str, str],
+    def __init__(self, conn: HttpConnection, method: str, target: bytes, headers: dict[str, str],
                  raw_headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool,
                  http11: bool = True) -> None:
         self.conn = conn

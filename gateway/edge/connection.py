@@ -21,9 +21,8 @@ which does not check it again. `Expect: 100-continue` is answered once the head 
 head that arrives while an answer is being made waits, unread beyond what came with it,
 until its turn: its key's concurrency is counted only then.
 
-Limits: a head is at most ``MAX_HEAD`` bytes (request target, header names and values,
-counted across reads and across parser callbacks: 431), one `Host` header and an origin-form
-or absolute target (``*`` is 400); the clocks (head deadline, stalls, write stalls) are
+What a head may be (its limits, what makes it a 400) and the ``Gate`` it passes are
+gateway/edge/head.py's; the clocks (head deadline, stalls, write stalls) are
 gateway/edge/sweep.py's.
 """
 
@@ -34,71 +33,22 @@ import collections
 import contextvars
 import logging
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
 from gateway.edge import body as request_body
+from gateway.edge import head
 from gateway.edge.call import ALIASES, Call, Handler
 from gateway.edge.sweep import LINGER
-from gateway.edge.write_batch import WriteBatch
-from gateway.errors import GatewayError
+
+if TYPE_CHECKING:  # the server and its connections call each other on every request: named
+    from gateway.edge.server import HttpServer  # concretely, mypyc calls them natively
 
 log = logging.getLogger("llamagate.gateway.http")
 
-# the request line and each header field (aiohttp's limits), the number of header fields,
-# and all of a head: past them, 414/431 before anything is buffered without bound
-MAX_LINE = 8190
-MAX_HEADERS = 128
-MAX_HEAD = 64 * 1024
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# refusals of who is asking, not of what is asked: such a client's body is never read
-_WHO = frozenset({401, 403, 429})
-
-
-class _Detached:
-    """What a closed connection's parser calls back: nothing (see ``DETACHED``)."""
-
-
-# a closed connection's parser: the one it had referred back to it, so the two made a cycle
-# that only the cycle collector freed, body and all (issue 21: 9 MiB per connection held,
-# with gateway/worker.py's raised GC threshold)
-DETACHED = httptools.HttpRequestParser(_Detached())
-
-
-class Gate(Protocol):
-    """The checks a head alone decides, made before a client is told `100 Continue`."""
-
-    def check(self, call: Call) -> GatewayError | None:
-        """The error ``call`` (a head, no body yet) is refused with; None when it may go on,
-        with what it was admitted with kept on the call (key, ticket, route)."""
-
-    def release(self, call: Call) -> None:
-        """``call`` passed ``check`` but its body never came whole: give back what it took."""
-
-
-class Listener(Protocol):
-    """What a connection needs of its server (gateway/edge/server.py's HttpServer)."""
-
-    state: Any
-    handler: Handler
-    decorate: Callable[[Call], str]
-    max_body: int
-    gate: Gate | None
-    connections: set[HttpConnection]
-    batch: WriteBatch
-    closing: bool
-
-    def opened(self, conn: HttpConnection) -> bool:
-        """Count ``conn`` against its client's cap; False: over it, close it unanswered."""
-
-    def gone(self, conn: HttpConnection) -> None:
-        """``conn``, counted by ``opened``, is closed."""
-
-
 class HttpConnection(asyncio.Protocol):
-    def __init__(self, server: Listener) -> None:
+    def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -165,7 +115,7 @@ class HttpConnection(asyncio.Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("the client closed the connection"))
         # what a partly received request holds, and the parser that refers back to us
-        self.parser = DETACHED
+        self.parser = head.DETACHED
         self._request = None
         self._url = []
         self._headers = []
@@ -188,7 +138,7 @@ class HttpConnection(asyncio.Protocol):
         # (a read that completes a head is not counted: the rest of it may be body)
         if was_in_head and self._in_head:
             self._head += len(data)
-            if self._head > MAX_HEAD:
+            if self._head > head.MAX_HEAD:
                 self._refuse(431, "the request head is too large")
 
     def pause_writing(self) -> None:
@@ -218,7 +168,7 @@ class HttpConnection(asyncio.Protocol):
         self._url.append(url)
         self._size += len(url)
         self._head_bytes += len(url)
-        if self._size > MAX_LINE:
+        if self._size > head.MAX_LINE:
             self._refuse(414, "the request target is too long")
             raise httptools.HttpParserError("target too long")  # stops the parser
 
@@ -230,7 +180,8 @@ class HttpConnection(asyncio.Protocol):
             self._hosts += 1
         size = len(name) + len(value)
         self._head_bytes += size
-        if size > MAX_LINE or len(self._headers) > MAX_HEADERS or self._head_bytes > MAX_HEAD:
+        if size > head.MAX_LINE or len(self._headers) > head.MAX_HEADERS \
+                or self._head_bytes > head.MAX_HEAD:
             self._refuse(431, "a request header field is too large, there are too many, "
                               "or the head is over 64 KiB")
             raise httptools.HttpParserError("headers too large")
@@ -238,7 +189,7 @@ class HttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._size = 0
-        problem = self._head_problem()
+        problem = head.problem(self.parser.get_http_version(), self._hosts, self._url)
         if problem is not None:
             self._refuse(400, problem, whole_head=True)
             raise httptools.HttpParserError("refused at its head")  # stops the parser
@@ -268,19 +219,6 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.pause_reading()  # its body stays unread until then (_serve)
         elif not self._admit(call):
             raise httptools.HttpParserError("refused at its head")  # stops the parser
-
-    def _head_problem(self) -> str | None:
-        """Why the head now in is not a request we serve (400), or None."""
-        version = self.parser.get_http_version()  # llhttp also reads 0.9 and 2.0 request lines
-        if version not in ("1.0", "1.1"):
-            return f"HTTP/{version} is not served here: use HTTP/1.1"
-        if self._hosts != 1 and (self._hosts or version == "1.1"):
-            # RFC 9112 3.2: two are a request to refuse, whatever the version
-            return "an HTTP/1.1 request needs a Host header" if not self._hosts else \
-                "a request has one Host header"
-        if self._url and self._url[0][:1] == b"*":  # OPTIONS *: nothing here serves it
-            return "the request target * is not served here"
-        return None
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -330,11 +268,11 @@ class HttpConnection(asyncio.Protocol):
         buffered: the connection stays in step."""
         gate = self.server.gate
         if gate is not None:
-            error = self._check(gate, call)
+            error = head.check(gate, call)
             if error is not None:
                 call.refusal = (error.status, error.message)
                 call.denied = error
-                if not self._expect and (not self._has_body or error.status not in _WHO):
+                if not self._expect and (not self._has_body or error.status not in head.WHO):
                     self._discard = True
                     return True
                 self._request = None
@@ -343,17 +281,8 @@ class HttpConnection(asyncio.Protocol):
                 return False
             self._gated = call
         if self._expect and self.parser.get_http_version() == "1.1":
-            self.write(CONTINUE)
+            self.write(head.CONTINUE)
         return True
-
-    @staticmethod
-    def _check(gate: Gate, call: Call) -> GatewayError | None:
-        try:
-            return gate.check(call)
-        except Exception:  # a bug in a check: nothing kept; the pipeline meets it again, and says 500
-            log.exception("the head gate failed")
-            call.key = call.ticket = call.route = None
-            return None
 
     def _release_gated(self) -> None:
         gated = self._gated

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.edge.call import Call, Handler
-from gateway.edge.connection import Gate, HttpConnection
+from gateway.edge.connection import HttpConnection
+from gateway.edge.head import Gate
 from gateway.edge.sweep import HEAD_TIMEOUT, STALL_TIMEOUT, WRITE_STALL_TIMEOUT, Clocks, sweep
 from gateway.edge.write_batch import WriteBatch
 
