@@ -91,7 +91,8 @@ RUN apt-get update \
  && useradd --system --uid 10001 --gid llamagate --create-home --home-dir /home/llamagate \
       --shell /usr/sbin/nologin llamagate \
  && mkdir -p /data \
- && chown llamagate:llamagate /data
+ && chown llamagate:llamagate /data \
+ && chmod 700 /data
 COPY --from=python /opt/python /opt/python
 COPY --from=python /opt/venv /opt/venv
 COPY --from=llama-server /usr/local/bin/llama-server /usr/local/bin/llama-server
