@@ -10,12 +10,13 @@ import gc
 import select
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from gateway.edge.connection import HttpConnection
 from tests.support.fake_llama import FakeLlama
 from tests.support.gateway import serve_gateway
 from tests.support.keytool import KeyTool
@@ -59,7 +60,7 @@ async def test_a_closed_connection_is_freed_without_the_cycle_collector(
         # held by its id only (a compiled connection takes no weak reference): once no object
         # of its class with that id is left, refcounting alone freed it
         conn_id, kind = id(conn), type(conn)
-        await wait_until(lambda: conn.receiving, "the body to be partly in")
+        await wait_until(_receiving(conn), "the body to be partly in")
         del conn
         await client.close()
 
@@ -67,6 +68,10 @@ async def test_a_closed_connection_is_freed_without_the_cycle_collector(
             return not any(id(o) == conn_id for o in gc.get_objects() if type(o) is kind)
 
         await wait_until(freed, "the connection to be freed by refcounting")
+
+
+def _receiving(conn: HttpConnection) -> Callable[[], bool]:
+    return lambda: conn.receiving
 
 
 def worker_pid(svc: Service) -> int | None:
