@@ -83,15 +83,16 @@ def reserve_tokens(state: AppState, ticket: Ticket | None, ex: Exchange) -> None
         asked = ex.max_tokens
         ticket.reserved = ticket.limiter.reserve(asked or DEFAULT_TOKEN_RESERVATION,
                                                  ticket.clock(), asked is not None)
-    except ReservationTooLarge as exc:
+    except ReservationTooLarge as too_large:  # (two names: mypyc types one per exception)
         # never a 429: waiting would not help, the key's whole minute is less than asked
-        raise BadRequest(f"max_tokens is {exc.asked}; this API key may use {exc.capacity} "
-                         "tokens per minute", code="tokens_exceed_limit",
+        raise BadRequest(f"max_tokens is {too_large.asked}; this API key may use "
+                         f"{too_large.capacity} tokens per minute", code="tokens_exceed_limit",
                          param="max_tokens") from None
-    except LimitExceeded as exc:
+    except LimitExceeded as exceeded:
         state.metrics.rejections_for("key_token_limit").inc()
-        raise RateLimited(f"rate limit reached for this API key: {exc.what}",
-                          code="tokens_rate_limit_exceeded", retry_after=exc.retry_after) from None
+        raise RateLimited(f"rate limit reached for this API key: {exceeded.what}",
+                          code="tokens_rate_limit_exceeded",
+                          retry_after=exceeded.retry_after) from None
 
 
 def header_lines(ticket: Ticket | None) -> str:

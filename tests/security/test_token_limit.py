@@ -7,13 +7,17 @@ one bucket's capacity."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import aiohttp
 import pytest
 
-from gateway.errors import BadRequest
-from gateway.exchange import Exchange
 from gateway.policy import ratelimit
 from gateway.policy.buckets import KeyLimiter, ReservationTooLarge, TokenBucket
 from keys.model import Limits
+from tests.support.fake_llama import MODEL, FakeLlama
+from tests.support.gateway import auth_config, serve_gateway
+from tests.support.keytool import KeyTool
 
 
 def test_a_reservation_above_the_bucket_is_refused_and_gives_its_request_back() -> None:
@@ -36,21 +40,23 @@ def test_a_default_reservation_is_capped_not_refused() -> None:
     assert limiter.reserve(ratelimit.DEFAULT_TOKEN_RESERVATION, 0.0, asked=False) == 100
 
 
-def test_the_proxy_gets_a_400_naming_the_limit() -> None:
-    class Ticket:
-        limiter = KeyLimiter(Limits(tokens_per_minute=1000), now=0.0)
-        reserved = 0
-
-        @staticmethod
-        def clock() -> float:
-            return 0.0
-
-    ex = Exchange(request_id="r", route="/v1/completions")
-    ex.inference, ex.max_tokens = True, 5000
-    with pytest.raises(BadRequest) as info:
-        ratelimit.reserve_tokens(None, Ticket(), ex)  # type: ignore[arg-type]
-    assert info.value.code == "tokens_exceed_limit" and info.value.param == "max_tokens"
-    assert "1000" in info.value.message
+async def test_the_gateway_answers_400_naming_the_limit(tmp_path: Path, keytool: KeyTool) -> None:
+    _, secret = keytool.generate("small", "--tpm", "100")
+    fake = FakeLlama()
+    await fake.start()
+    try:
+        async with serve_gateway(fake.url, auth_config(tmp_path)) as gw, \
+                aiohttp.ClientSession() as http, http.post(f"{gw.url}/v1/chat/completions", headers={
+                "Authorization": f"Bearer {secret}"}, json={
+                "model": MODEL, "max_tokens": 1000,  # under the context, over the key
+                "messages": [{"role": "user", "content": "hi"}]}) as resp:
+            assert resp.status == 400
+            error = (await resp.json())["error"]
+        assert (error["code"], error["param"]) == ("tokens_exceed_limit", "max_tokens")
+        assert "100 tokens per minute" in error["message"]
+        assert fake.requests("/v1/chat/completions") == []  # never forwarded
+    finally:
+        await fake.close()
 
 
 def test_debt_is_capped_at_one_bucket() -> None:
