@@ -12,7 +12,8 @@ OpenAI-shaped error JSON.
      ├── BackendUnavailable           503     service_unavailable     (Retry-After)
      └── UpstreamTimeout              504     timeout
 
-Errors produced by llama-server itself are passed through unchanged; these are
+Errors produced by llama-server keep their status, message and type, with the numeric
+`code` it sends made a string (gateway/upstream/proxy.py); these are
 the ones the gateway makes, and their `code` says so. A status answered without a
 class of its own (the edge server's refusals, aiohttp's HTTP exceptions, the control
 API's errors) takes its type and default code from the same table, ERROR_TYPES.

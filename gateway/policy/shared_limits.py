@@ -43,8 +43,11 @@ def record_size(workers: int) -> int:
 
 
 def create(path: Path, workers: int, slots: int = SLOTS) -> None:
-    """The serve process's part: an empty table (zero-filled, so sparse on disk)."""
-    with open(path, "wb") as f:
+    """The serve process's part: an empty table (zero-filled, so sparse on disk), 0600 as
+    every data file (core/private_files.py)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older 0644 table keeps its mode through O_CREAT
+    with os.fdopen(fd, "wb") as f:
         f.truncate(slots * record_size(workers))
 
 

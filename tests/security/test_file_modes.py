@@ -14,6 +14,7 @@ import pytest
 from backend.models.jobs import JobState, JobStore
 from backend.models.overrides import Override, OverrideStore
 from core import runtime
+from gateway.policy import shared_limits
 from keys.db import open_db
 from keys.hashing import hash_secret, new_key_id
 from keys.model import ApiKey
@@ -106,3 +107,11 @@ def test_the_runtime_directory_and_its_state_files(tmp_path: Path) -> None:
     runtime.write_state(directory / f"{runtime.WORKER_PREFIX}1.json", {"state": "ready"})
     runtime.write_secret(directory / "backend.key", "s3cret")
     assert_private(directory, {runtime.SERVE_FILE, f"{runtime.WORKER_PREFIX}1.json", "backend.key"})
+
+
+def test_the_shared_rate_limit_table(tmp_path: Path) -> None:
+    table = tmp_path / "limits.bin"
+    table.write_bytes(b"")
+    table.chmod(0o644)  # one an older version left readable to all
+    shared_limits.create(table, workers=2)
+    assert mode(table) == 0o600
