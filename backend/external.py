@@ -68,6 +68,15 @@ class ExternalBackend:
         self.url = url
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
+    def warn_if_keyless(self) -> None:
+        """Once, at start: a llama-server without its own key is open to anyone who reaches
+        its port, past the gateway's keys, limits and metering (and the gateway must be all
+        that reaches it: a request it lets through is all that should)."""
+        if not self.headers:
+            log.warning("BACKEND_URL is set without BACKEND_API_KEY: the external llama-server "
+                        "should have its own key (--api-key-file), given here as "
+                        "BACKEND_API_KEY", extra={"backend_url": self.url})
+
     async def model_names(self) -> tuple[str, ...] | None:
         """Names the backend serves; None when it cannot be asked (not up yet)."""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:

@@ -42,7 +42,7 @@ COMPILED: tuple[str, ...] = (
     "gateway.policy.auth", "gateway.policy.ratelimit", "gateway.policy.buckets",
     "gateway.policy.throttle", "gateway.policy.admission",
     "gateway.policy.validation", "gateway.upstream.proxy", "gateway.upstream.slots",
-    "gateway.upstream.client",
+    "gateway.upstream.forward", "gateway.upstream.client",
     "gateway.upstream.connection", "gateway.upstream.events", "gateway.upstream.sse",
     "gateway.upstream.fold",
     "gateway.observe.metering", "gateway.policy.cors",

@@ -215,7 +215,7 @@ class Service:
         env["PYTHONUNBUFFERED"] = "1"
         if self.config.gateway_workers > 1:
             metrics_dir = self.runtime_dir / "metrics"
-            metrics_dir.mkdir()
+            metrics_dir.mkdir(mode=0o700)  # private as the rest of the runtime directory
             env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         return env
 
@@ -223,13 +223,8 @@ class Service:
         config = self.config
         if config.backend_url is not None:
             self.mode = "external"
-            if not config.backend_api_key:
-                # anyone who reaches its port bypasses the gateway's keys, limits and metering
-                # (and a request the gateway lets through must be all that reaches it)
-                log.warning("BACKEND_URL is set without BACKEND_API_KEY: the external "
-                            "llama-server should have its own key (--api-key-file), given "
-                            "here as BACKEND_API_KEY", extra={"backend_url": config.backend_url})
             self.external = ExternalBackend(config.backend_url, config.backend_api_key)
+            self.external.warn_if_keyless()
             # None: not up yet; read once it is, and until then the workers refuse inference
             listed = await self.external.model_names()
             self.models, self.models_known = listed or (), listed is not None
@@ -287,9 +282,8 @@ class Service:
         spec = replace(spec, models_preset=preset, models_max=config.max_loaded_models)
         fleet = Fleet(config, self.registry, preset,
                       common_options(spec) + args_to_options(config.extra_args))
-        profile = None
-        if config.profile is not None:
-            profile = await asyncio.to_thread(read_profile, config, self.registry, config.profile)
+        profile = None if config.profile is None else await asyncio.to_thread(
+            read_profile, config, self.registry, config.profile)
         fleet.configure(profile)
         fleet.on_change = self.publish
         fleet.last_used = lambda: merge_last_used(runtime.read_workers(self.runtime_dir))

@@ -11,17 +11,7 @@ as many bodies of MAX_BODY_BYTES as it cares to send. An alias path (``ALIASES``
 `/chat/completions` for `/v1/chat/completions`) is rewritten to its `/v1` path as the
 request is made.
 
-Every head passes the ``Gate`` given to the server (gateway/pipeline.py: route, key, scope,
-rate limit) before a byte of its body is read: a head refused for who sent it (401, 403,
-429) with a body is answered at once and the connection closed after a short drain
-(``LINGER``), the body never buffered nor decoded; another refusal (404, 405), or one
-without a body, is answered in its turn, its body read and dropped, the connection kept. A
-head that passed carries what it was admitted with (key, ticket, route) to the pipeline,
-which does not check it again. `Expect: 100-continue` is answered once the head passed. A
-head that arrives while an answer is being made waits, unread beyond what came with it,
-until its turn: its key's concurrency is counted only then.
-
-What a head may be (its limits, what makes it a 400) and the ``Gate`` it passes are
+What a head may be, and the ``Gate`` every head passes before a byte of its body is read, are
 gateway/edge/head.py's; the clocks (head deadline, stalls, write stalls) are
 gateway/edge/sweep.py's.
 """
@@ -294,17 +284,9 @@ class HttpConnection(asyncio.Protocol):
             gated.ticket = gated.route = None
 
     def _call(self, body: bytes, keep_alive: bool) -> Call:
-        # first value wins for a repeated header, as aiohttp's headers.get() gave
-        headers = {n.decode("latin-1").lower(): v.decode("latin-1").strip()
-                   for n, v in reversed(self._headers)}
-        target = b"".join(self._url)
-        if not target.startswith(b"/"):  # absolute form, as sent to a proxy
-            # Any: the stub types path and query bytes, but a part the target lacks is None,
-            # and compiled (gateway/native.py) that mismatch would raise
-            url: Any = httptools.parse_url(target)
-            target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
-        call = Call(self, self.parser.get_method().decode("latin-1"), target, headers, self._headers,
-                    body, keep_alive, self.parser.get_http_version() == "1.1")
+        call = Call(self, self.parser.get_method().decode("latin-1"), head.origin_form(self._url),
+                    head.headers_of(self._headers), self._headers, body, keep_alive,
+                    self.parser.get_http_version() == "1.1")
         if not call.path.startswith("/v1/"):  # off the `/v1/` path: its cost is not the hot path's
             alias = ALIASES.get(call.path)
             if alias is not None:

@@ -1,5 +1,15 @@
 """What a request head may be, and the gate it passes before its body is read.
 
+Every head passes the ``Gate`` given to the server (gateway/pipeline.py: route, key, scope,
+rate limit) before a byte of its body is read: a head refused for who sent it (401, 403,
+429) with a body is answered at once and the connection closed after a short drain
+(``LINGER``), the body never buffered nor decoded; another refusal (404, 405), or one
+without a body, is answered in its turn, its body read and dropped, the connection kept. A
+head that passed carries what it was admitted with (key, ticket, route) to the pipeline,
+which does not check it again. `Expect: 100-continue` is answered once the head passed. A
+head that arrives while an answer is being made waits, unread beyond what came with it,
+until its turn: its key's concurrency is counted only then.
+
 Limits: a head is at most ``MAX_HEAD`` bytes (request target, header names and values,
 counted across reads and across parser callbacks: 431), one `Host` header and an origin-form
 or absolute target (``*`` is 400: ``problem``). ``Gate`` is what the pipeline gives the
@@ -10,7 +20,7 @@ server (gateway/pipeline.py's HeadGate: route, key, scope, rate limit); the conn
 from __future__ import annotations
 
 import logging
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import httptools
 
@@ -63,6 +73,22 @@ def problem(version: str, hosts: int, url: list[bytes]) -> str | None:
     if url and url[0][:1] == b"*":  # OPTIONS *: nothing here serves it
         return "the request target * is not served here"
     return None
+
+
+def headers_of(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Names in lower case; the first value wins for a repeated header, as aiohttp's gave."""
+    return {n.decode("latin-1").lower(): v.decode("latin-1").strip() for n, v in reversed(raw)}
+
+
+def origin_form(url: list[bytes]) -> bytes:
+    """The request target as path and query (an absolute one, as sent to a proxy, cut down)."""
+    target = b"".join(url)
+    if not target.startswith(b"/"):
+        # Any: the stub types path and query bytes, but a part the target lacks is None,
+        # and compiled (gateway/native.py) that mismatch would raise
+        parsed: Any = httptools.parse_url(target)
+        target = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+    return target
 
 
 def check(gate: Gate, call: Call) -> GatewayError | None:
