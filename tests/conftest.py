@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from core.logs import JsonFormatter
 from llamagate.tiny_model import write_model
+from tests.support.fake_llama import METERED, FakeLlama
 from tests.support.keytool import KeyTool
 from tests.support.service import Service
 
@@ -48,3 +50,26 @@ def keytool(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Iterator[KeyToo
     text = "\n".join(formatter.format(r) for r in caplog.records)
     for secret in tool.secrets:
         assert secret not in text, "a secret reached a log record"
+
+
+@contextlib.asynccontextmanager
+async def _running(upstream: FakeLlama) -> AsyncIterator[FakeLlama]:
+    await upstream.start()
+    try:
+        yield upstream
+    finally:
+        await upstream.close()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeLlama]:
+    """The fake llama-server with default switches: one model, streams of `events` events."""
+    async with _running(FakeLlama()) as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def metered_fake() -> AsyncIterator[FakeLlama]:
+    """The fake with token counts a test can do sums with (fake_llama.METERED)."""
+    async with _running(FakeLlama(METERED)) as upstream:
+        yield upstream

@@ -10,33 +10,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support.fake_llama import METERED, FakeLlama
+from tests.support.fake_llama import FakeLlama
 from tests.support.gateway import Gateway, serve_gateway
 
 StartGateway = Callable[..., Awaitable[Gateway]]
-
-
-@contextlib.asynccontextmanager
-async def _running(upstream: FakeLlama) -> AsyncIterator[FakeLlama]:
-    await upstream.start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLlama]:
-    """The fake llama-server with default switches: one model, streams of `events` events."""
-    async with _running(FakeLlama()) as upstream:
-        yield upstream
-
-
-@pytest.fixture
-async def metered_fake() -> AsyncIterator[FakeLlama]:
-    """The fake with token counts a test can do sums with (fake_llama.METERED)."""
-    async with _running(FakeLlama(METERED)) as upstream:
-        yield upstream
 
 
 @pytest.fixture

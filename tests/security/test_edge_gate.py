@@ -24,16 +24,6 @@ BODY = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeLlama]:
-    upstream = FakeLlama()
-    await upstream.start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
-
-
-@pytest.fixture
 def secrets(keytool: KeyTool) -> dict[str, str]:
     options = {"plain": (), "scraper": ("--scopes", "metrics"), "two": ("--rpm", "2")}
     return {name: keytool.generate(name, *extra)[1] for name, extra in options.items()}

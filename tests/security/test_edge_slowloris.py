@@ -10,8 +10,6 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-import pytest
-
 from core.config import Config
 from tests.support.fake_llama import FakeLlama
 from tests.support.gateway import Gateway, serve_gateway
@@ -19,16 +17,6 @@ from tests.support.rawhttp import Client, request
 from tests.support.wait import wait_until
 
 TRICKLE = 0.05  # seconds between a slow client's header lines: its pace, not a wait
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLlama]:
-    upstream = FakeLlama()
-    await upstream.start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
 
 
 @contextlib.asynccontextmanager

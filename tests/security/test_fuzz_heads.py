@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-
-import pytest
 
 from tests.support.fake_llama import FakeLlama
 from tests.support.gateway import auth_config, serve_gateway
@@ -34,17 +32,6 @@ TARGETS = [b"/v1/chat/completions", b"/v1/models", b"/admin/keys", b"/metrics", 
            b"/health", b"/openapi.json", b"/nowhere", b"*", b"http://x/v1/models", b"/v1/../admin",
            b"/%2e%2e/admin", b"//v1/models", b"/v1/models?" + b"a" * 9000, b"/\xff\xfe", b"", b"/v1/x%00",
            b"/" + b"a" * 70_000]
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLlama]:
-    upstream = FakeLlama()
-    await upstream.start()
-    try:
-        yield upstream
-    finally:
-        upstream.release.set()
-        await upstream.close()
 
 
 def _heads(secret: str) -> list[list[bytes]]:

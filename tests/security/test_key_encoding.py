@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,16 +20,6 @@ from tests.support.rawhttp import Client
 PATHS = ("/admin/keys", "/metrics", "/nowhere", "/v1/models", "/v1/chat/completions")
 HEADERS = (b"x-api-key: lg-\x94", b"Authorization: Bearer lg-\x94",
            b"x-api-key: \xff\xfe", b"Authorization: Bearer lg-\xc3\x28abc")
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLlama]:
-    upstream = FakeLlama()
-    await upstream.start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
 
 
 def _head(method: str, path: str, header: bytes) -> bytes:

@@ -10,7 +10,7 @@ import gc
 import select
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,16 +28,6 @@ BODY = 9 * 1024 * 1024
 CONNECTIONS = 500
 AT_ONCE = 8
 PIECE = 256 * 1024
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLlama]:
-    upstream = FakeLlama()
-    await upstream.start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
 
 
 @pytest.fixture

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -42,17 +40,6 @@ EXAMPLES = 25  # per operation
 Operation = APIOperation[Any, Any, Any, Any]
 CHECKS = [status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLlama]:
-    upstream = FakeLlama()
-    await upstream.start()
-    try:
-        yield upstream
-    finally:
-        upstream.release.set()
-        await upstream.close()
 
 
 def _run(url: str, document: dict[str, Any], secret: str) -> list[str]:

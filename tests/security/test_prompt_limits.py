@@ -24,16 +24,6 @@ SETTINGS = {"MAX_MESSAGES": "1000", "MAX_PROMPT_BYTES": "8192", "CTX": "1024"}
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeLlama]:
-    upstream = FakeLlama()
-    await upstream.start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
-
-
-@pytest.fixture
 async def gateway(fake: FakeLlama) -> AsyncIterator[Gateway]:
     async with serve_gateway(fake.url, SETTINGS) as gw:
         yield gw
