@@ -184,10 +184,17 @@ def _heartbeat_ctx(state: AppState, runtime_dir: Path
 
     async def beat() -> None:
         while True:
-            runtime.write_state(path, {
+            beat_state: dict[str, object] = {
                 "in_flight": state.admission.in_flight, "queued": state.admission.queued,
                 "last_activity": state.activity.last, "draining": state.draining,
-                "models_used": state.models.used})
+                "models_used": state.models.used}
+            # the data files' state, for /health (issue 22): whether usage is written and
+            # which keys are in force
+            if state.usage is not None:
+                beat_state["usage"] = state.usage.report()
+            if state.keys is not None:
+                beat_state["keys"] = state.keys.report()
+            runtime.write_state(path, beat_state)
             await asyncio.sleep(runtime.HEARTBEAT)  # heartbeat period
 
     @contextlib.asynccontextmanager

@@ -21,11 +21,13 @@ from aiohttp import web
 
 from gateway.admin import control_client
 from gateway.admin import routes as admin
+from gateway.observe.metrics import GatewayMetrics
 from gateway.policy.buckets import RateLimiter
 from gateway.policy.shared_limits import SharedTable, limiters
 from gateway.policy.shared_throttle import SharedAddressThrottle
 from gateway.policy.throttle import AddressThrottle
 from gateway.state import AppState
+from keys import usage_spool
 from keys.model import Limits
 from keys.reloader import KeyReloader
 from keys.usage_recorder import UsageRecorder
@@ -43,7 +45,9 @@ def install(app: web.Application, state: AppState, control_socket: Path | None =
     if not config.auth_enabled:
         return
     state.keys = KeyReloader(config.auth_keys_file)
-    state.usage = UsageRecorder(config.usage_db, flush_interval=config.usage_flush_interval)
+    state.usage = UsageRecorder(config.usage_db, flush_interval=config.usage_flush_interval,
+                                spool_dir=usage_spool.spool_dir(config.usage_db))
+    _count_usage(state.usage, state.metrics)
     # 0 in the settings means unlimited, which a key's Limits spells None
     defaults = Limits(config.max_requests_per_minute or None, config.max_tokens_per_minute or None,
                       config.max_concurrent_per_key or None)
@@ -75,13 +79,16 @@ def _keys_ctx(reloader: KeyReloader, interval: float) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         reloader.reload()  # fail closed: a missing file means no key works, and it says so
         loop = asyncio.get_running_loop()
+        before = signal.getsignal(signal.SIGHUP)  # a worker's: ignored (gateway/worker.py)
         hup = _add_sighup(loop, reloader)
         task = asyncio.create_task(reloader.watch(interval), name="keys-watch") if interval > 0 else None
         try:
             yield
         finally:
             if hup:
-                loop.remove_signal_handler(signal.SIGHUP)
+                loop.remove_signal_handler(signal.SIGHUP)  # which leaves SIGHUP's default: death
+                if before is not None:
+                    signal.signal(signal.SIGHUP, before)
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -101,9 +108,22 @@ def _add_sighup(loop: asyncio.AbstractEventLoop, reloader: KeyReloader) -> bool:
     return True
 
 
+def _count_usage(recorder: UsageRecorder, metrics: GatewayMetrics) -> None:
+    """The recorder's state as metrics, moved at each flush (every USAGE_FLUSH_INTERVAL)."""
+    pending, failures = metrics.usage_pending, metrics.usage_write_failures
+
+    def observe(events: int, failed: bool) -> None:
+        pending.set(events)
+        if failed:
+            failures.inc()
+    recorder.observer = observe
+
+
 def _usage_ctx(recorder: UsageRecorder, auditor: admin.Auditor) -> CleanupCtx:
     @contextlib.asynccontextmanager
     async def ctx(app: web.Application) -> AsyncIterator[None]:
+        # Neither fails on a database that cannot be opened (read-only, full disk): the
+        # gateway serves, usage waits (and is spooled), /health says so (issue 22).
         await recorder.open()
         try:
             await auditor.open()

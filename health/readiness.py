@@ -39,3 +39,38 @@ def judge(serve: dict[str, Any] | None, workers: list[dict[str, Any]], now: floa
     if workers_seen and phase == "running" and state == "ready":
         return Readiness("unhealthy", 503, "gateway worker down")
     return Readiness("initializing", 204, "gateway starting")
+
+
+def data_files(workers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The workers' usage recording and key set, as /health shows them: the first worker in
+    trouble speaks for all (each has its own database connection and keyring); pending
+    events add up."""
+    shown: dict[str, dict[str, Any]] = {}
+    for part in ("usage", "keys"):
+        states = [w[part] for w in workers if isinstance(w.get(part), dict)]
+        if not states:
+            continue
+        worst = next((s for s in states if not s.get("ok", True)), states[0])
+        shown[part] = dict(worst)
+        if part == "usage":
+            shown[part]["pending"] = sum(int(s.get("pending", 0)) for s in states)
+    return shown
+
+
+def with_data_files(verdict: Readiness, shown: dict[str, dict[str, Any]]) -> Readiness:
+    """A healthy service whose usage database or keys file is failing is degraded, with /ping
+    still 200: requests are served (usage waits in memory and a spool, the last good keys
+    authenticate), and a balancer must not take the service out for it."""
+    if verdict.status != "healthy":
+        return verdict
+    reasons = []
+    usage = shown.get("usage", {})
+    if not usage.get("ok", True):
+        reasons.append(f"usage not written: {usage.get('error')}")
+    keys = shown.get("keys", {})
+    if not keys.get("ok", True):
+        using = keys.get("using") or "no key works"
+        reasons.append(f"keys file unusable ({using}): {keys.get('error')}")
+    if not reasons:
+        return verdict
+    return Readiness("degraded", verdict.ping, "; ".join(reasons))

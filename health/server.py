@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from core import runtime
 from core.config import Config
 from core.entry import config_or_exit
 from core.gpu import gpu_info
-from health.readiness import judge
+from health.readiness import data_files, judge, with_data_files
 
 VERSION = "0.1.0"
 CONFIG = web.AppKey("config", Config)
@@ -37,7 +38,8 @@ def _verdict(app: web.Application) -> tuple[dict[str, Any] | None, list[dict[str
     seen = app[WORKERS_SEEN]
     if not seen["all"] and len(workers) >= expected:
         seen["all"] = True
-    return serve, workers, judge(serve, workers, time.time(), expected, seen["all"])
+    verdict = judge(serve, workers, time.time(), expected, seen["all"])
+    return serve, workers, with_data_files(verdict, data_files(workers))
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -80,6 +82,8 @@ async def health(request: web.Request) -> web.Response:
         "queued": sum(int(w.get("queued", 0)) for w in workers),
         "workers": [int(w.get("pid", 0)) for w in workers],
         "auth": config.auth_enabled,
+        # the usage database and the keys file as the workers see them (auth on only)
+        **data_files(workers),
         "gpu": gpus,
     }
     code = 503 if verdict.ping == 503 else 200
@@ -103,13 +107,29 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
     response.headers["Server"] = "llamagate"  # not aiohttp's, which names its version
 
 
+async def _serve(app: web.Application, host: str, port: int) -> None:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        stopped = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+        await stopped.wait()
+    finally:
+        await runner.cleanup()
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Only SIGTERM (from serve, or the kernel when serve dies) stops this process. A SIGINT
+    # or SIGHUP sent to serve's process group (Ctrl-C, a terminal hangup, `tini -g`) is
+    # serve's to act on: health answers through a drain (`/ping` 503) until serve stops it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="health.server")
     parser.add_argument("--runtime-dir", required=True, type=Path)
     args = parser.parse_args(argv)
     config = config_or_exit("health")
-    web.run_app(create_app(config, args.runtime_dir), host=config.host, port=config.port_health,
-                access_log=None, print=None, shutdown_timeout=1.0)
+    asyncio.run(_serve(create_app(config, args.runtime_dir), config.host, config.port_health))
     return 0
 
 

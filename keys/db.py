@@ -11,7 +11,7 @@ from typing import Final
 
 from core.private_files import private_sqlite
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS usage_hourly (
     key_id TEXT NOT NULL,
@@ -36,6 +36,11 @@ CREATE TABLE IF NOT EXISTS audit_log (
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_log_ts ON audit_log (ts);
+-- tokens of usage spools whose rows are counted (keys/usage_spool.py): a spool is applied once
+CREATE TABLE IF NOT EXISTS usage_spools_applied (
+    token TEXT PRIMARY KEY,
+    ts REAL NOT NULL
+) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log

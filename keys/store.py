@@ -21,6 +21,9 @@ from keys.errors import KeyFileError, KeyFormatError, describe_error
 from keys.model import ApiKey
 
 FILE_MODE: Final = 0o600
+# The keys of the latest good load, beside the file: what a worker started while the file is
+# corrupt serves with (issue 22). Hashes only, like the file; 0600 too.
+LAST_GOOD_SUFFIX: Final = ".last-good"
 T = TypeVar("T")
 KeySet = tuple[ApiKey, ...]
 
@@ -51,12 +54,49 @@ def write_keys_file(path: Path, keys: Iterable[ApiKey]) -> None:
     """
     keys = tuple(keys)
     check_unique(keys)
-    data = dump_keys(keys).encode("utf-8")
     try:
         private_dir(path.parent)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        _write_atomic(path, dump_keys(keys).encode("utf-8"))
     except OSError as exc:
         raise KeyFileError(f"cannot write keys file {path}: {describe_error(exc)}") from exc
+    # The last good copy is older than this file now: were this file damaged before a
+    # worker loads it, a worker starting then must not bring back a key just revoked.
+    # The next successful load writes a new copy.
+    with contextlib.suppress(OSError):
+        os.unlink(last_good_path(path))
+
+
+def last_good_path(path: Path) -> Path:
+    """Where the last good keys of the keys file ``path`` are kept."""
+    return path.with_name(path.name + LAST_GOOD_SUFFIX)
+
+
+def save_last_good(path: Path, keys: KeySet) -> bool:
+    """Keep ``keys``, just loaded from ``path``, as its last good set; returns whether the
+    copy changed. Raises OSError when it cannot be written."""
+    copy = last_good_path(path)
+    data = dump_keys(keys).encode("utf-8")
+    with contextlib.suppress(OSError):
+        if copy.read_bytes() == data:
+            return False
+    _write_atomic(copy, data)
+    return True
+
+
+def read_last_good(path: Path) -> tuple[KeySet, float]:
+    """The last good keys of the keys file ``path`` and when they were saved. Raises
+    FileNotFoundError when there is no copy and KeyFileError when it cannot be used."""
+    copy = last_good_path(path)
+    keys = read_keys_file(copy)
+    try:
+        saved = os.stat(copy).st_mtime
+    except OSError as exc:
+        raise KeyFileError(f"cannot read keys file {copy}: {describe_error(exc)}") from exc
+    return keys, saved
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             # mkstemp already uses 0600; set it anyway because the mode is part of the contract.
@@ -65,10 +105,10 @@ def write_keys_file(path: Path, keys: Iterable[ApiKey]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except OSError:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise KeyFileError(f"cannot write keys file {path}: {describe_error(exc)}") from exc
+        raise
     _fsync_dir(path.parent)
 
 

@@ -4,7 +4,7 @@ Hours are UTC buckets identified by their start (unix seconds, a multiple of 360
 """
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
@@ -108,26 +108,55 @@ class UsageStore:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
 
-    def write(self, batch: UsageBatch) -> None:
-        """Add a batch to the counters in one transaction."""
+    def write(self, batch: UsageBatch, token: str | None = None,
+              spools: Sequence[tuple[str, UsageBatch]] = (), now: float = 0.0) -> list[str]:
+        """Add a batch to the counters in one transaction, with the spools of processes that
+        are gone. ``token``: the writer's own spool on disk, whose rows ``batch`` includes;
+        recorded so that, were the writer to die before deleting the file, no one counts it
+        again. ``spools``: (token, batch) of spools of processes that are gone; one whose token
+        is already recorded is skipped. Returns the tokens of the spools added."""
+        added: list[str] = []
         with self._conn:
-            self._conn.executemany(
-                "INSERT INTO usage_hourly (key_id, model, hour, requests, prompt_tokens,"
-                " completion_tokens) VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (key_id, model, hour) DO UPDATE SET"
-                " requests = requests + excluded.requests,"
-                " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-                " completion_tokens = completion_tokens + excluded.completion_tokens",
-                [
-                    (r.key_id, r.model, r.hour, r.requests, r.prompt_tokens, r.completion_tokens)
-                    for r in batch.rows
-                ],
-            )
-            self._conn.executemany(
-                "INSERT INTO key_last_used (key_id, ts) VALUES (?, ?)"
-                " ON CONFLICT (key_id) DO UPDATE SET ts = max(ts, excluded.ts)",
-                list(batch.last_used.items()),
-            )
+            # The first statement writes, so the transaction holds the write lock from here:
+            # two processes recovering one spool are serialised, and the second skips it.
+            if token is not None:
+                self._mark(token, now)
+            for spool_token, spooled in spools:
+                if self._mark(spool_token, now):
+                    self._add(spooled)
+                    added.append(spool_token)
+            self._add(batch)
+        return added
+
+    def probe(self) -> None:
+        """Raise as a write would on a database this connection cannot write: a statement
+        that writes nothing still takes the write lock, which a read-only file refuses."""
+        with self._conn:
+            self._conn.execute("DELETE FROM usage_spools_applied WHERE 0")
+
+    def _mark(self, token: str, now: float) -> bool:
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO usage_spools_applied (token, ts) VALUES (?, ?)", (token, now))
+        return cur.rowcount == 1
+
+    def _add(self, batch: UsageBatch) -> None:
+        self._conn.executemany(
+            "INSERT INTO usage_hourly (key_id, model, hour, requests, prompt_tokens,"
+            " completion_tokens) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (key_id, model, hour) DO UPDATE SET"
+            " requests = requests + excluded.requests,"
+            " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+            " completion_tokens = completion_tokens + excluded.completion_tokens",
+            [
+                (r.key_id, r.model, r.hour, r.requests, r.prompt_tokens, r.completion_tokens)
+                for r in batch.rows
+            ],
+        )
+        self._conn.executemany(
+            "INSERT INTO key_last_used (key_id, ts) VALUES (?, ?)"
+            " ON CONFLICT (key_id) DO UPDATE SET ts = max(ts, excluded.ts)",
+            list(batch.last_used.items()),
+        )
 
     def usage(
         self, key_id: str | None = None, since: float | None = None, until: float | None = None

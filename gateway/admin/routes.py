@@ -39,26 +39,46 @@ class Auditor:
         self._db_path = db_path
         self._clock = clock
         self._conn: sqlite3.Connection | None = None
+        self._opened = False
         self._lock = threading.Lock()  # one statement at a time on the shared connection
 
     async def open(self) -> None:
-        self._conn = await asyncio.to_thread(open_db, self._db_path, any_thread=True)
+        self._opened = True
+        # A database that cannot be opened now (read-only, full disk) is opened at the first
+        # record instead: the gateway starts and serves meanwhile (issue 22).
+        with contextlib.suppress(sqlite3.Error, OSError):
+            await asyncio.to_thread(self._locked, self._connect)
 
     async def close(self) -> None:
+        self._opened = False
         conn, self._conn = self._conn, None
         if conn is not None:
             await asyncio.to_thread(self._locked, conn.close)
 
     async def record(self, actor: str, action: str, target: str | None = None,
                      detail: Mapping[str, object] | None = None) -> None:
-        conn = self._conn
-        if conn is None:
+        if not self._opened:
             raise RuntimeError("Auditor.open() has not been called")
         ts = self._clock()
-        await asyncio.to_thread(self._locked, lambda: AuditLog(conn).record_audit(
-            ts=ts, actor=actor, action=action, target=target, detail=detail))
 
-    def _locked(self, call: Callable[[], None]) -> None:
+        def write() -> None:
+            conn = self._connect()
+            try:
+                AuditLog(conn).record_audit(ts=ts, actor=actor, action=action, target=target,
+                                            detail=detail)
+            except sqlite3.Error:
+                # SQLite keeps a file it opened read-only so: the next record opens it anew
+                self._conn = None
+                conn.close()
+                raise
+        await asyncio.to_thread(self._locked, write)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = open_db(self._db_path, any_thread=True)
+        return self._conn
+
+    def _locked(self, call: Callable[[], object]) -> None:
         with self._lock:
             call()
 

@@ -50,8 +50,9 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.requests = Counter(
-            "llamagate_requests", "Requests answered, by route, status, model and key id",
-            ["route", "status", "model", "key_id"], registry=registry)
+            "llamagate_requests", "Requests answered, by route, status, model, key id and how "
+            "they ended (completed, client_closed, backend_failed, timeout, shutdown)",
+            ["route", "status", "model", "key_id", "ended"], registry=registry)
         self.duration = Histogram(
             "llamagate_request_duration_seconds", "Time from request to the end of the response",
             ["route"], buckets=_LATENCY_BUCKETS, registry=registry)
@@ -86,6 +87,16 @@ class GatewayMetrics:
             "Answers that ended before the backend's end after their status was sent (a "
             "stream's 200 counts in llamagate_requests_total), by reason",
             ["route", "reason"], registry=registry)
+        # usage recording (keys/usage_recorder.py), moved at each flush; livesum: a worker
+        # that is gone no longer holds events (its spool is another worker's to write)
+        self.usage_pending = Gauge(
+            "llamagate_usage_pending_events",
+            "Usage events recorded but not yet in the usage database",
+            registry=registry, multiprocess_mode="livesum")
+        self.usage_write_failures = Counter(
+            "llamagate_usage_write_failures",
+            "Attempts to open or write the usage database that failed",
+            registry=registry)
         # the per-request paths take labelled children from here
         self.requests_for = Children(self.requests)
         self.duration_for = Children(self.duration)

@@ -7,7 +7,7 @@ import pytest
 from keys.db import open_db
 from keys.usage import HOUR, UsageRow, UsageStore, hour_bucket
 from keys.usage_recorder import UsageRecorder
-from tests.keys.helpers import T0, StepSleep
+from tests.keys.helpers import T0, FakeClock, StepSleep
 
 H0 = hour_bucket(T0)
 
@@ -70,12 +70,13 @@ async def test_flusher_task_writes_every_interval(tmp_path: Path) -> None:
 
 
 async def test_failed_write_keeps_events_for_retry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    recorder = UsageRecorder(tmp_path / "usage.db", max_rows=1)
+    clock = FakeClock(0.0)
+    recorder = UsageRecorder(tmp_path / "usage.db", max_rows=1, clock=clock)
     await recorder.open()
     try:
         real_write = UsageStore.write
 
-        def failing_write(self: UsageStore, batch: object) -> None:
+        def failing_write(self: UsageStore, *args: object, **kwargs: object) -> list[str]:
             raise sqlite3.OperationalError("database is locked")
 
         monkeypatch.setattr(UsageStore, "write", failing_write)
@@ -88,6 +89,8 @@ async def test_failed_write_keeps_events_for_retry(tmp_path: Path, monkeypatch: 
         assert recorder.pending == 3 and recorder.dropped == 1
 
         monkeypatch.setattr(UsageStore, "write", real_write)
+        assert await recorder.flush() == 0  # the retry waits out its backoff
+        clock.advance(1.0)
         assert await recorder.flush() == 3
         assert await recorder.usage() == [UsageRow("k1", "m", H0, 3, 3, 3)]
         assert await recorder.last_used("k1") == T0
