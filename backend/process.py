@@ -1,4 +1,5 @@
-"""Spawning and signalling the llama-server child: the only module that does so.
+"""Spawning and signalling the llama-server child: the only module that does so
+(`spawn` and `exited` also start and await serve's health and gateway workers).
 
 The child runs in its own process group so SIGTERM/SIGKILL reach anything it
 forks. Its stdout/stderr are pumped line by line into our structured log (tagged
@@ -12,6 +13,8 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
+import threading
 from collections import deque
 from collections.abc import Sequence
 
@@ -34,13 +37,70 @@ def die_with_parent() -> None:
         pass  # not Linux: best effort
 
 
+def child_preexec() -> None:
+    """preexec_fn of every child (llama-server, serve's health and gateway workers): it dies
+    with its parent, and starts with SIGHUP ignored. A SIGHUP to serve's process group (a
+    terminal hangup, `tini -g`) must kill nothing, and an ignored signal stays ignored
+    across exec: llama-server and health never handle it, and a gateway worker is safe
+    until its own handler (a keys reload) is installed."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    die_with_parent()
+
+
+def spawn(argv: Sequence[str], env: dict[str, str], *, new_session: bool = False,
+          piped: bool = False) -> subprocess.Popen[bytes]:
+    """Start a child with child_preexec; `piped`: its stdout and stderr in one pipe.
+
+    Through subprocess, not the event loop: uvloop's spawn (libuv) sets every signal back
+    to its default in the child after preexec_fn has run, so SIGHUP would not stay ignored.
+    """
+    out = subprocess.PIPE if piped else None
+    return subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL, stdout=out,
+                            stderr=subprocess.STDOUT if piped else None,
+                            start_new_session=new_session, preexec_fn=child_preexec)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():  # a waiter that gave up cancelled it
+        future.set_result(None)
+
+
+async def exited(proc: subprocess.Popen[bytes]) -> int:
+    """`proc`'s exit status once it has ended, reaped without blocking the loop: a pidfd
+    turns readable when the process ends (Linux 5.3+); elsewhere a thread of its own waits
+    (not the loop's executor: a wait lasts as long as the child, and there is one per child)."""
+    if proc.returncode is not None:
+        return proc.returncode  # reaped already: its pid may be another process's now
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux, an old kernel, or a seccomp profile
+
+        def wait() -> None:
+            proc.wait()
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, ended)
+        threading.Thread(target=wait, name=f"wait-{proc.pid}", daemon=True).start()
+        await ended
+        return proc.wait()
+    loop.add_reader(fd, _settle, ended)
+    try:
+        await ended
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return proc.wait()  # a zombie now: returns at once
+
+
 class ServerProcess:
     def __init__(self, argv: Sequence[str], tail_lines: int = 40,
                  env: dict[str, str] | None = None) -> None:
         self.argv = list(argv)
         self._extra_env = env or {}
         self.tail: deque[str] = deque(maxlen=tail_lines)
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pipe: asyncio.BaseTransport | None = None
         self._pump: asyncio.Task[None] | None = None
 
     @property
@@ -49,27 +109,22 @@ class ServerProcess:
 
     @property
     def returncode(self) -> int | None:
-        return self._proc.returncode if self._proc else None
+        return self._proc.poll() if self._proc else None
 
     async def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_PREFIXES)}
         env.update(self._extra_env)
-        self._proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-            preexec_fn=die_with_parent,
-        )
-        self._pump = asyncio.create_task(self._pump_output(), name="llama-server-log")
+        self._proc = spawn(self.argv, env, new_session=True, piped=True)
+        assert self._proc.stdout is not None
+        output = asyncio.StreamReader()
+        self._pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(output), self._proc.stdout)
+        self._pump = asyncio.create_task(self._pump_output(output), name="llama-server-log")
         log.info("llama-server started", extra={"pid": self._proc.pid})
 
-    async def _pump_output(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
+    async def _pump_output(self, output: asyncio.StreamReader) -> None:
         while True:
-            raw = await self._proc.stdout.readline()
+            raw = await output.readline()
             if not raw:
                 return
             line = raw.decode("utf-8", "replace").rstrip()
@@ -79,7 +134,7 @@ class ServerProcess:
 
     async def wait(self) -> int:
         assert self._proc is not None
-        code = await self._proc.wait()
+        code = await exited(self._proc)
         if self._pump is not None:
             # the pipe closes with the process; drain what is left so the tail is complete
             with contextlib.suppress(asyncio.TimeoutError):
@@ -87,7 +142,7 @@ class ServerProcess:
         return code
 
     def _signal_group(self, sig: signal.Signals) -> None:
-        if self._proc is None or self._proc.returncode is not None:
+        if self._proc is None or self._proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self._proc.pid, sig)
@@ -99,16 +154,18 @@ class ServerProcess:
         """SIGTERM the group, then SIGKILL after `grace` seconds."""
         if self._proc is None:
             return None
-        if self._proc.returncode is None:
+        if self._proc.poll() is None:
             self._signal_group(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self._proc.wait(), grace)
+                await asyncio.wait_for(exited(self._proc), grace)
             except TimeoutError:
                 log.warning("llama-server ignored SIGTERM; killing", extra={"grace_s": grace})
                 self._signal_group(signal.SIGKILL)
-                await self._proc.wait()
+                await exited(self._proc)
         if self._pump is not None:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
+        if self._pipe is not None:
+            self._pipe.close()
         return self._proc.returncode

@@ -3,6 +3,8 @@
 Started by the serve process (one or GATEWAY_WORKERS of them sharing the port
 with SO_REUSEPORT). On SIGTERM it drains: new requests get 503 with
 Retry-After, requests in flight get up to SHUTDOWN_GRACE_SECONDS to finish.
+SIGHUP reloads the keys file with auth on (gateway/keys_wiring.py) and is
+ignored otherwise: it must never end a worker.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ async def run(app: web.Application, host: str, port: int, reuse_port: bool) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ignored until the keys reload takes SIGHUP over (auth on), and after it gives it back:
+    # a SIGHUP to serve's process group (a terminal hangup, `tini -g`) reaches this process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="gateway.worker")
     parser.add_argument("--wiring", required=True)
     args = parser.parse_args(argv)

@@ -13,7 +13,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import secrets
 import signal
 import socket
@@ -35,8 +34,8 @@ from backend.models.jobs import JobStore
 from backend.models.overrides import OverrideStore
 from backend.models.pull import PullManager, PullSettings
 from backend.models.registry import ModelRegistry
-from backend.restarts import RestartPolicy
 from backend.router import RouterClient, args_to_options
+from backend.settings import cache_ram, make_supervisor
 from backend.supervisor import StartupError, Supervisor
 from core import runtime
 from core.config import Config
@@ -45,7 +44,7 @@ from gateway.policy import shared_limits
 from gateway.policy.admission import Admission
 from gateway.policy.admission_hub import AdmissionHub
 from llamagate.banner import banner, diagnostics
-from llamagate.children import Child
+from llamagate.children import Child, child_env
 from llamagate.control import create_control_app
 from llamagate.fleet import Fleet, FleetError, merge_last_used, read_profile
 from llamagate.models import ModelChoice, choose_model
@@ -135,16 +134,14 @@ class Service:
             self._preload = asyncio.ensure_future(self.fleet.preload())
 
     async def run(self) -> int:
+        log.info("runtime directory %s", self.runtime_dir,
+                 extra={"runtime_dir": str(self.runtime_dir)})
         self.publish()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
-        if self.config.auth_enabled:
-            loop.add_signal_handler(signal.SIGHUP, self._forward_sighup)
-        else:
-            # nothing to reload; a stray SIGHUP (terminal hangup) must not kill the service
-            loop.add_signal_handler(signal.SIGHUP, lambda: None)
-        env = self._child_env()
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        env = child_env(self.runtime_dir, self.config.gateway_workers)
         await asyncio.to_thread(self.registry.scan)
         control = web.AppRunner(create_control_app(self), access_log=None)
         await control.setup()
@@ -153,6 +150,7 @@ class Service:
         health = Child("health", [sys.executable, "-m", "health.server",
                                   "--runtime-dir", str(self.runtime_dir)], env)
         await health.start()
+        health.supervise()
         self.children.append(health)
         try:
             wiring = await self._prepare_backend()
@@ -177,13 +175,13 @@ class Service:
             shared_limits.create(self.runtime_dir / "limits.bin", self.config.gateway_workers)
         workers = [Child(f"gateway-{i}", [sys.executable, "-m", "gateway.worker", "--wiring",
                                           json.dumps({**wiring, "worker_index": i})],
-                         env, restart=True, on_crash=functools.partial(self._worker_died, i))
+                         env, on_crash=functools.partial(self._worker_died, i))
                    for i in range(self.config.gateway_workers)]
         for w in workers:
             await w.start()
+            w.supervise()
         self.children.extend(workers)
         tasks = [asyncio.create_task(self._heartbeat(), name="serve-heartbeat")]
-        tasks += [asyncio.create_task(w.watch(), name=f"watch-{w.name}") for w in workers]
         if self.supervisor is not None:
             tasks.append(asyncio.create_task(self._start_backend(), name="backend"))
         if self.external is not None:
@@ -208,16 +206,6 @@ class Service:
             multiprocess.mark_process_dead(pid, str(self.runtime_dir / "metrics"))  # type: ignore[no-untyped-call]
             shared_limits.release_worker(self.runtime_dir / "limits.bin",
                                          self.config.gateway_workers, index)
-
-    def _child_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop("BACKEND_API_KEY", None)  # the workers read it from a 0600 file
-        env["PYTHONUNBUFFERED"] = "1"
-        if self.config.gateway_workers > 1:
-            metrics_dir = self.runtime_dir / "metrics"
-            metrics_dir.mkdir(mode=0o700)  # private as the rest of the runtime directory
-            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-        return env
 
     async def _prepare_backend(self) -> dict[str, Any]:
         config = self.config
@@ -246,14 +234,11 @@ class Service:
                           api_key_file=key_file, ctx=config.ctx, parallel=config.parallel,
                           ngl=config.ngl, threads=config.threads,
                           sleep_idle_seconds=config.backend_sleep_seconds,
-                          extra_args=config.extra_args)
+                          extra_args=config.extra_args,
+                          cache_ram=cache_ram(config, choice.path if choice else None))
         if choice is None:
             return await self._prepare_router(spec, key_file)
-        policy = RestartPolicy(max_failures=config.backend_max_restarts,
-                               window=config.backend_restart_window)
-        self.supervisor = Supervisor(spec, start_timeout=config.backend_start_timeout,
-                                     stop_grace=config.backend_stop_grace, policy=policy,
-                                     on_change=self._on_backend)
+        self.supervisor = make_supervisor(spec, config, self._on_backend)
         self.models = (choice.name,)
         self._announce(f"{choice.name} ({choice.path})",
                        f"{binary} on 127.0.0.1:{port} (build {binary.parent.name})", choice.demo)
@@ -288,11 +273,7 @@ class Service:
         fleet.on_change = self.publish
         fleet.last_used = lambda: merge_last_used(runtime.read_workers(self.runtime_dir))
         self.fleet = fleet
-        policy = RestartPolicy(max_failures=config.backend_max_restarts,
-                               window=config.backend_restart_window)
-        self.supervisor = Supervisor(spec, start_timeout=config.backend_start_timeout,
-                                     stop_grace=config.backend_stop_grace, policy=policy,
-                                     on_change=self._on_backend)
+        self.supervisor = make_supervisor(spec, config, self._on_backend)
         names = ", ".join(fleet.models)
         self._announce(f"{len(fleet.models)} models ({names}); profile "
                        f"{profile.name if profile else '(all in MODELS_DIR)'}, at most "
@@ -358,8 +339,13 @@ class Service:
                 return
             await asyncio.sleep(min(1.0, limit / 4))  # idle check period
 
-    def _forward_sighup(self) -> None:
+    def _on_sighup(self) -> None:
         # Each gateway worker owns its keyring; SIGHUP to `llamagate serve` reloads them all.
+        # A SIGHUP to the process group reaches the workers twice: a reload is idempotent.
+        if not self.config.auth_enabled:
+            log.info("SIGHUP ignored: AUTH_ENABLED=false, no keys to reload")
+            return
+        log.info("SIGHUP: the gateway workers reload the keys file")
         for child in self.children:
             if child.name.startswith("gateway-"):
                 child.signal(signal.SIGHUP)
@@ -395,6 +381,8 @@ class Service:
 
 
 def serve(config: Config) -> int:
+    # until run() installs its handler, a SIGHUP (a terminal hangup) must not end serve
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(Service(config).run())
 
