@@ -14,7 +14,9 @@ private; ``private_sqlite`` does that, and tightens the files an older version l
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from pathlib import Path
 
 FILE_MODE = 0o600
@@ -39,10 +41,23 @@ def private_dir(path: Path) -> None:
 
 
 def private_file(path: Path) -> None:
-    """Create ``path`` empty if it is missing, and make it 0600 either way."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+    """Create ``path`` empty if it is missing, and make it 0600 either way.
+
+    An existing file is never opened: closing any descriptor of a file drops every POSIX
+    lock the process holds on it, SQLite's among them. A second connection's setup (the
+    audit log's, beside the usage recorder's) once dropped the recorder's lock that way; the
+    next `llamagate keys usage` then took itself for the database's last user, checkpointed
+    and deleted the WAL file the gateway was still writing to, and every later flush was
+    lost (issue 22)."""
     try:
-        os.fchmod(fd, FILE_MODE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    except FileExistsError:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path)) from None
+        os.chmod(path, FILE_MODE)
+        return
+    try:
+        os.fchmod(fd, FILE_MODE)  # O_CREAT's mode passes through the umask
     finally:
         os.close(fd)
 
