@@ -1,8 +1,8 @@
 """Graceful shutdown of a worker: stop admitting, let requests finish, then end
 what is left with a final error event.
 
-Under one deadline (SHUTDOWN_GRACE_SECONDS; a second SIGTERM/SIGINT cuts it
-short): new requests, and those still queued for a backend slot, get 503 +
+Under one deadline (SHUTDOWN_GRACE_SECONDS; serve's SIGUSR1, sent on its second
+signal, cuts it short): new requests, and those still queued for a backend slot, get 503 +
 Retry-After from the moment draining starts;
 requests in flight may complete; streams still open at the deadline receive a
 final SSE error event and are closed.

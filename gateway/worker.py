@@ -1,8 +1,9 @@
 """A gateway worker process: `python -m gateway.worker --wiring JSON`.
 
 Started by the serve process (one or GATEWAY_WORKERS of them sharing the port
-with SO_REUSEPORT). On SIGTERM it drains: new requests get 503 with
-Retry-After, requests in flight get up to SHUTDOWN_GRACE_SECONDS to finish.
+with SO_REUSEPORT). On SIGTERM or SIGINT it drains: new requests get 503 with
+Retry-After, requests in flight get up to SHUTDOWN_GRACE_SECONDS to finish;
+SIGUSR1 (serve's second signal) cuts the drain short.
 SIGHUP reloads the keys file with auth on (gateway/keys_wiring.py) and is
 ignored otherwise: it must never end a worker.
 """
@@ -52,17 +53,17 @@ async def run(app: web.Application, host: str, port: int, reuse_port: bool) -> N
     log.info("gateway listening", extra={"host": host, "port": port, "pid": os.getpid()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    signals = 0
 
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
+    def cut_short() -> None:
         stop.set()
-        if signals > 1:
-            state.drain_deadline_now()
+        state.drain_deadline_now()
 
+    # SIGTERM (serve's stop) and SIGINT (a terminal's Ctrl-C reaches serve's whole process
+    # group) start the drain, however many arrive, in whatever order: only serve's SIGUSR1
+    # (its second signal) cuts the drain short.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, cut_short)
     await stop.wait()
     await drain(state)
     await served.close()

@@ -352,9 +352,11 @@ class Service:
 
     def _on_signal(self) -> None:
         if self.stop_event.is_set():
-            # a second signal shortens the drain
+            # A second signal shortens the drain. SIGUSR1, which no terminal sends: a
+            # Ctrl-C (SIGINT to the process group) reaches the workers as well as serve.
             for child in self.children:
-                child.signal(signal.SIGINT)
+                if child.name.startswith("gateway-"):
+                    child.signal(signal.SIGUSR1)
         self.stop_event.set()
 
     async def _shutdown(self, workers: list[Child], health: Child,

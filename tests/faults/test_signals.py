@@ -12,6 +12,7 @@ serve's process group without signalling the test runner.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -174,3 +175,33 @@ def test_sighup_with_auth_off_is_ignored_by_every_process(tmp_path: Path, tiny_m
         assert _chat(svc, None)["usage"]["completion_tokens"] == 3
         _nothing_died(svc, tree, backend_pid)
         assert svc.health()["workers"] == workers
+
+
+
+def test_ctrl_c_drains_and_a_second_ctrl_c_cuts_the_drain_short(
+        tmp_path: Path, tiny_model: Path) -> None:
+    # Ctrl-C in a terminal sends SIGINT to the whole group: each worker gets it from the
+    # terminal and serve's SIGTERM, in either order. That is one request to stop, not the
+    # second signal that cuts the drain short; a second Ctrl-C is.
+    service = Service(tmp_path, {"MODEL_PATH": str(tiny_model), "MODEL_NAME": "tiny",
+                                 "AUTH_ENABLED": "false", "SHUTDOWN_GRACE_SECONDS": "60",
+                                 "CTX": "32768", "PARALLEL": "1"}, own_group=True)
+    with service.running() as svc:
+        with requests.post(f"{svc.url}/v1/chat/completions", stream=True, timeout=60, json={
+                "model": "tiny", "messages": [{"role": "user", "content": "go"}],
+                "max_tokens": 30000, "stream": True}) as stream:
+            assert stream.status_code == 200
+            events = (line.decode() for line in stream.iter_lines() if line.startswith(b"data: "))
+            assert "chat.completion.chunk" in next(events)
+            os.killpg(_pid(svc), signal.SIGINT)
+            wait_for(lambda: svc.ping() == 503, "/ping 503 (draining) after Ctrl-C", within=5)
+            # still streaming well after the drain began (a cut stream ends in a few events)
+            later = list(itertools.islice(events, 1000))
+            assert len(later) == 1000 and not any('"error"' in e for e in later)
+            assert "drain deadline" not in svc.log()  # a cut logs it at once
+            os.killpg(_pid(svc), signal.SIGINT)
+            rest = list(events)
+        assert json.loads(rest[-1].removeprefix("data: "))["error"]["code"] == "shutting_down"
+        assert len(rest) < 25000  # cut short, not run to its end
+        assert svc.wait_exit(60) == 0
+        assert _crashes(svc) == []
