@@ -65,6 +65,13 @@ def _settle(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+def _wait_then_settle(proc: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop,
+                      ended: asyncio.Future[None]) -> None:
+    proc.wait()
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(_settle, ended)
+
+
 async def exited(proc: subprocess.Popen[bytes]) -> int:
     """`proc`'s exit status once it has ended, reaped without blocking the loop: a pidfd
     turns readable when the process ends (Linux 5.3+); elsewhere a thread of its own waits
@@ -76,12 +83,8 @@ async def exited(proc: subprocess.Popen[bytes]) -> int:
     try:
         fd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):  # not Linux, an old kernel, or a seccomp profile
-
-        def wait() -> None:
-            proc.wait()
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(_settle, ended)
-        threading.Thread(target=wait, name=f"wait-{proc.pid}", daemon=True).start()
+        threading.Thread(target=_wait_then_settle, args=(proc, loop, ended),
+                         name=f"wait-{proc.pid}", daemon=True).start()
         await ended
         return proc.wait()
     loop.add_reader(fd, _settle, ended)
