@@ -27,6 +27,7 @@ class ServerSpec:
     extra_args: tuple[str, ...] = ()
     models_preset: Path | None = None  # router mode
     models_max: int = 0
+    cache_ram: int | None = None  # MiB of prompt cache (backend/memory.py); None: llama-server's
 
     @property
     def router(self) -> bool:
@@ -55,6 +56,8 @@ def build_argv(spec: ServerSpec) -> list[str]:
         argv += ["--threads", str(spec.threads)]
     if spec.sleep_idle_seconds > 0:
         argv += ["--sleep-idle-seconds", str(spec.sleep_idle_seconds)]
+    if spec.cache_ram is not None:
+        argv += ["--cache-ram", str(spec.cache_ram)]
     argv += list(spec.extra_args)
     return argv
 
@@ -75,4 +78,6 @@ def common_options(spec: ServerSpec) -> list[tuple[str, str]]:
         options.append(("threads", str(spec.threads)))
     if spec.sleep_idle_seconds > 0:
         options.append(("sleep-idle-seconds", str(spec.sleep_idle_seconds)))
+    if spec.cache_ram is not None:  # each model's child keeps a cache of its own
+        options.append(("cache-ram", str(spec.cache_ram)))
     return options

@@ -15,6 +15,9 @@ unhealthy or draining.
     stopping       503    draining       (shutting down: a balancer must stop sending)
     stopped        503    unhealthy
     circuit_open   503    unhealthy
+    unresponsive   503    unhealthy      (llama-server running but not answering /health:
+                                           stopped, wedged; see backend/liveness.py)
+    model_unavailable 503 unhealthy      (a restart waits for its model file to come back)
     error          503    unhealthy      (an external backend answering /health with an error)
     unreachable    503    unhealthy      (an external backend not answering)
     anything else  204    initializing
@@ -25,8 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # the states of backend/supervisor.py's BackendState and backend/external.py's health_state
-STATES = ("ready", "starting", "restarting", "stopping", "stopped", "circuit_open", "error",
-          "unreachable")
+STATES = ("ready", "starting", "restarting", "stopping", "stopped", "circuit_open",
+          "unresponsive", "model_unavailable", "error", "unreachable")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,10 @@ def backend_readiness(state: str, restarts: int = 0) -> Readiness:
         return Readiness("draining", 503, "backend stopping")
     if state == "circuit_open":
         return Readiness("unhealthy", 503, "backend keeps crashing (circuit open)")
+    if state == "unresponsive":
+        return Readiness("unhealthy", 503, "backend not answering (hung or stopped)")
+    if state == "model_unavailable":
+        return Readiness("unhealthy", 503, "backend's model file unavailable (see last_error)")
     if state in ("error", "unreachable", "stopped"):
         return Readiness("unhealthy", 503, f"backend {state}")
     if state == "restarting" or (state == "starting" and restarts > 0):

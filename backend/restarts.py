@@ -2,7 +2,10 @@
 
 A crash-looping llama-server (bad model, out of VRAM) must not spin: after
 `max_failures` within `window` seconds the circuit opens, and only one probe
-start is attempted after `open_seconds`. The clock is injected for tests.
+start is attempted after `open_seconds`. A probe that reaches ready closes the
+circuit and starts the count again: the crashes that opened it were dealt with, and
+counting them on would re-open it at the next single crash (issue 22). The clock is
+injected for tests.
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ class RestartPolicy:
         return float(min(self.max_delay, self.base_delay * 2.0 ** (len(self._failures) - 1)))
 
     def record_success(self) -> None:
-        """A start that reached ready closes the circuit; old failures still count in the window."""
+        """A start that reached ready. After the circuit's probe, the count starts again;
+        after an ordinary restart, earlier crashes still count in the window (a server
+        that comes up and crashes again and again is a crash loop too)."""
+        if self._opened_at is not None:
+            self._failures.clear()
         self._opened_at = None
 
     def recent_failures(self, now: float) -> int:

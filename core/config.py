@@ -50,6 +50,9 @@ class Config:
     backend_max_restarts: int = 5
     backend_restart_window: float = 300.0
     backend_sleep_seconds: int = 0
+    backend_hang_seconds: float = 5.0
+    backend_hang_restart_seconds: float = 60.0
+    cache_ram: int | None = None  # MiB; None: derived from the memory limit (backend/memory.py)
     # several models (llama-server router mode) and Hub pulls
     profiles_file: Path = Path("data/profiles.yaml")
     profile: str | None = None
@@ -237,6 +240,9 @@ def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
         backend_max_restarts=r.integer("BACKEND_MAX_RESTARTS", 5, 1, 1000),
         backend_restart_window=r.number("BACKEND_RESTART_WINDOW", 300.0, 1, 86400),
         backend_sleep_seconds=r.integer("BACKEND_SLEEP_SECONDS", 0, 0, 10_000_000),
+        backend_hang_seconds=r.number("BACKEND_HANG_SECONDS", 5.0, 0.5, 3600),
+        backend_hang_restart_seconds=r.number("BACKEND_HANG_RESTART_SECONDS", 60.0, 0, 86400),
+        cache_ram=r.opt_integer("CACHE_RAM", -1, 10**9),
         profiles_file=Path(r.raw("PROFILES_FILE") or data_dir / "profiles.yaml"),
         profile=r.raw("PROFILE"),
         max_loaded_models=r.integer("MAX_LOADED_MODELS", 2, 1, 256),
@@ -290,6 +296,10 @@ def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
     if values["model_path"] is not None and values["profile"] is not None:
         r.problems.append("MODEL_PATH and PROFILE: set one, not both (MODEL_PATH serves one model, "
                           "PROFILE the models a profile names)")
+    hang, hang_restart = values["backend_hang_seconds"], values["backend_hang_restart_seconds"]
+    if 0 < hang_restart <= hang:
+        r.problems.append(f"BACKEND_HANG_RESTART_SECONDS={hang_restart:g}: must be more than "
+                          f"BACKEND_HANG_SECONDS ({hang:g}), or 0 for never")
     if values["port"] == values["port_health"] != 0:
         r.problems.append(f"PORT and PORT_HEALTH: must differ (both {values['port']})")
     if r.problems:

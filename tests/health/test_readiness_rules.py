@@ -30,6 +30,8 @@ RULES = [
     ("stopping", 0, 503, "draining"),  # shutting down: a balancer must stop sending
     ("stopped", 0, 503, "unhealthy"),
     ("circuit_open", 5, 503, "unhealthy"),
+    ("unresponsive", 0, 503, "unhealthy"),  # running but not answering: hung or stopped
+    ("model_unavailable", 1, 503, "unhealthy"),
     ("error", 0, 503, "unhealthy"),
     ("unreachable", 0, 503, "unhealthy"),
     ("unknown", 0, 204, "initializing"),
