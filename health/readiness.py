@@ -43,8 +43,8 @@ def judge(serve: dict[str, Any] | None, workers: list[dict[str, Any]], now: floa
 
 def data_files(workers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The workers' usage recording and key set, as /health shows them: the first worker in
-    trouble speaks for all (each has its own database connection and keyring); pending
-    events add up."""
+    trouble speaks for all (each has its own database connection and keyring); the events
+    pending and dropped add up, and usage is spooled if any worker's is."""
     shown: dict[str, dict[str, Any]] = {}
     for part in ("usage", "keys"):
         states = [w[part] for w in workers if isinstance(w.get(part), dict)]
@@ -53,7 +53,9 @@ def data_files(workers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         worst = next((s for s in states if not s.get("ok", True)), states[0])
         shown[part] = dict(worst)
         if part == "usage":
-            shown[part]["pending"] = sum(int(s.get("pending", 0)) for s in states)
+            for count in ("pending", "dropped"):
+                shown[part][count] = sum(int(s.get(count, 0)) for s in states)
+            shown[part]["spooled"] = any(s.get("spooled") for s in states)
     return shown
 
 

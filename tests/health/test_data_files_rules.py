@@ -7,15 +7,17 @@ from backend.readiness import Readiness
 from health.readiness import data_files, with_data_files
 
 HEALTHY = Readiness("healthy", 200, "ready")
-USAGE_OK = {"ok": True, "pending": 2, "error": None}
-USAGE_FAILING = {"ok": False, "pending": 5, "error": "attempt to write a readonly database"}
+USAGE_OK = {"ok": True, "pending": 2, "error": None, "spooled": False, "dropped": 1}
+USAGE_FAILING = {"ok": False, "pending": 5, "error": "attempt to write a readonly database",
+                 "spooled": True, "dropped": 0}
 KEYS_BAD = {"ok": False, "keys": 3, "error": "keys file /d/keys.json is invalid: not valid JSON",
             "using": "last good copy from 2024-01-01T00:00:00Z"}
 
 
 def test_a_failing_usage_database_degrades_but_keeps_serving() -> None:
     shown = data_files([{"usage": USAGE_OK}, {"usage": USAGE_FAILING}])
-    assert shown == {"usage": {**USAGE_FAILING, "pending": 7}}  # the worst, pending summed
+    # the worst speaks, the counts add up
+    assert shown == {"usage": {**USAGE_FAILING, "pending": 7, "dropped": 1}}
     verdict = with_data_files(HEALTHY, shown)
     assert verdict.status == "degraded" and verdict.ping == 200
     assert "usage not written: attempt to write a readonly database" in verdict.reason
