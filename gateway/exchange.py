@@ -32,6 +32,12 @@ class Exchange:
     unstream: bool = False  # a non-streaming completion fetched as a stream (gateway/upstream/fold.py)
     n: int = 1  # choices per prompt
     tasks: int = 1  # final events the backend ends with: n per prompt (gateway/observe/metering.py)
+    # how it ended, when not as it should (gateway/observe/record.py ENDS): None is completed
+    end: str | None = None
+    forwarded: bool = False  # handed to the backend: from then on its prompt is charged
+    generated: int = 0  # token events relayed: a cut-short request's completion (upstream/cut.py)
+    head: bytes = b""  # a stream's first chunk (an Anthropic stream's input tokens are in it)
+    estimated: bool = False  # tokens counted by the gateway's estimate, not the backend
 
     @property
     def ttft(self) -> float | None:

@@ -62,6 +62,7 @@ async def handle(call: Call) -> None:
         status = call.status or 499
     except (asyncio.CancelledError, ConnectionResetError):
         ex.error = ex.error or "client_disconnected"
+        ex.end = ex.end or "client_closed"
         raise
     except BaseException:
         status = call.status or 500  # a stream cut short by a bug: what its head said

@@ -142,6 +142,16 @@ def tokens_from_stream(head: bytes, tail: bytes) -> tuple[int, int] | None:
     return _from_usage({**first, "output_tokens": last.get("output_tokens")})
 
 
+def anthropic_input_tokens(head: bytes) -> int | None:
+    """The prompt tokens of an Anthropic Messages stream, from its first event
+    (message_start's usage: those read now and those taken from the cache)."""
+    if b'"input_tokens"' not in head:
+        return None
+    usage = _object_after(head.decode("utf-8", "replace"), "usage", last=False)
+    counted = None if usage is None else _from_usage({**usage, "output_tokens": 0})
+    return None if counted is None else counted[0]
+
+
 def tokens_from_body(body: bytes) -> tuple[int, int] | None:
     if b'"usage"' not in body and b'"timings"' not in body:
         return None

@@ -16,12 +16,17 @@ access_log = logging.getLogger("llamagate.access")
 
 # probes and scrapes must not flood the log or the request metrics
 QUIET: Final = frozenset({"/ping", "/health", "/health/live", "/health/ready", "/metrics"})
+# how a request ended (Exchange.end; None reads as completed): the answer was delivered
+# whole, whatever its status, or the client left, the backend failed under it, its timeout
+# or the shutdown grace ended it. Bounded: these are the label's only values.
+ENDS: Final = ("completed", "client_closed", "backend_failed", "timeout", "shutdown")
 
 
 def record(metrics: GatewayMetrics, ex: Exchange, status: int, method: str) -> None:
     duration = time.monotonic() - ex.started
     model, key_id, tokens = ex.model, ex.key_id, ex.tokens
-    metrics.requests_for(ex.route, str(status), model, key_id).inc()
+    ended = ex.end or "completed"
+    metrics.requests_for(ex.route, str(status), model, key_id, ended).inc()
     metrics.duration_for(ex.route).observe(duration)
     if ex.queue_wait is not None:
         metrics.queue_wait.observe(ex.queue_wait)
@@ -47,8 +52,11 @@ def record(metrics: GatewayMetrics, ex: Exchange, status: int, method: str) -> N
         "queue_ms": None if ex.queue_wait is None else round(ex.queue_wait * 1000, 2),
         "tokens_in": tokens[0] if tokens else None,
         "tokens_out": tokens[1] if tokens else None,
+        "ended": ended,
         "error": ex.error,
     }
+    if ex.estimated:  # cut short with the backend unable to count its prompt (upstream/cut.py)
+        fields["tokens_estimated"] = True
     if ex.prompt is not None:  # set only with LOG_PROMPTS=true
         fields["prompt"] = ex.prompt
     info_fields(access_log, "request", fields)

@@ -3,6 +3,12 @@
 
 Waiters are served first in, first out. A waiter whose task is cancelled (its
 client went away) leaves the queue and never takes a slot.
+
+A full queue refuses with the time it would take to drain (``QueueFull.drain``): the
+places ahead of a newcomer times the measured gap between releases while every place is
+taken, an exponentially weighted mean (1/5 weight to the newest), which is the backend's
+pace under load. The Retry-After built from it (gateway/upstream/slots.py) spreads the
+refused clients' retries instead of sending them all back one second later.
 """
 
 from __future__ import annotations
@@ -10,11 +16,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from typing import Protocol
+import time
+from collections.abc import Callable
+from typing import Final, Protocol
+
+# the drain estimate before any release was measured under load: nothing is known yet
+UNMEASURED_DRAIN: Final = 5.0
+_WEIGHT: Final = 0.2  # of the newest gap in the mean
 
 
 class QueueFull(Exception):
-    pass
+    def __init__(self, drain: float) -> None:
+        super().__init__(drain)
+        self.drain = drain  # seconds the queue would take to drain at the measured pace
 
 
 class QueueTimeout(Exception):
@@ -42,12 +56,16 @@ class Slots(Protocol):
 
 
 class Admission:
-    def __init__(self, limit: int, max_queue: int, timeout: float) -> None:
+    def __init__(self, limit: int, max_queue: int, timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
+        self._clock = clock
         self.max_queue = max_queue
         self.timeout = timeout
         self.in_flight = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._gap = 0.0  # mean seconds between releases while every place is taken
+        self._last_release = 0.0  # of the run of such releases, 0 outside one
 
     @property
     def queued(self) -> int:
@@ -60,7 +78,7 @@ class Admission:
             self.in_flight += 1
             return None
         if len(self._waiters) >= self.max_queue:
-            raise QueueFull
+            raise QueueFull(self.drain_seconds())
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._waiters.append(fut)
@@ -103,7 +121,19 @@ class Admission:
         with contextlib.suppress(ValueError):
             self._waiters.remove(fut)
 
+    def drain_seconds(self) -> float:
+        """How long the queue ahead of a newcomer takes to drain at the measured pace."""
+        if self._gap <= 0:
+            return UNMEASURED_DRAIN
+        return (len(self._waiters) + 1) * self._gap
+
     def release(self) -> None:
+        if self.in_flight >= self.limit:  # every place taken: releases pace the queue
+            now = self._clock()
+            if self._last_release:  # and they were since the last one
+                gap = now - self._last_release
+                self._gap = gap if not self._gap else self._gap + _WEIGHT * (gap - self._gap)
+            self._last_release = now
         # hand the slot straight to the next waiter so in_flight never dips and a
         # newcomer cannot overtake the queue
         while self._waiters:
@@ -112,6 +142,7 @@ class Admission:
                 fut.set_result(None)
                 return
         self.in_flight -= 1
+        self._last_release = 0.0  # a place is free: what follows is not the backend's pace
 
 
 def _expire(fut: asyncio.Future[None]) -> None:

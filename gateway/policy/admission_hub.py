@@ -9,7 +9,10 @@ The price is one round trip per request, paid only with several workers.
 Messages are 9 bytes both ways: an op and a request number chosen by the worker.
 
     worker → hub   ACQUIRE n    CANCEL n (its client left while queued)    RELEASE 0
-    hub → worker   GRANTED n    FULL n    TIMEOUT n
+    hub → worker   GRANTED n    DRAIN ms, then FULL n    TIMEOUT n
+
+DRAIN carries the full queue's drain estimate in milliseconds (QueueFull.drain) for the
+FULL that follows it.
 
 A worker whose connection drops (it crashed) gives back every place it held and its
 waiters leave the queue.
@@ -27,7 +30,7 @@ from gateway.policy.admission import Admission, QueueFull
 
 MESSAGE = struct.Struct("!cQ")
 ACQUIRE, CANCEL, RELEASE = b"a", b"c", b"r"
-GRANTED, FULL, TIMEOUT = b"g", b"f", b"t"
+GRANTED, FULL, TIMEOUT, DRAIN = b"g", b"f", b"t", b"d"
 
 
 def messages(buffer: bytes, data: bytes) -> tuple[list[tuple[bytes, int]], bytes]:
@@ -69,7 +72,8 @@ class _Worker(asyncio.Protocol):
     def _acquire(self, number: int) -> None:
         try:
             fut = self.admission.join()
-        except QueueFull:
+        except QueueFull as full:
+            self._reply(DRAIN, round(full.drain * 1000))
             self._reply(FULL, number)
             return
         if fut is None:

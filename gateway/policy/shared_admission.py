@@ -13,8 +13,17 @@ import itertools
 from pathlib import Path
 from typing import cast
 
-from gateway.policy.admission import AdmissionClosed, QueueFull, QueueTimeout
-from gateway.policy.admission_hub import ACQUIRE, CANCEL, FULL, GRANTED, MESSAGE, RELEASE, messages
+from gateway.policy.admission import UNMEASURED_DRAIN, AdmissionClosed, QueueFull, QueueTimeout
+from gateway.policy.admission_hub import (
+    ACQUIRE,
+    CANCEL,
+    DRAIN,
+    FULL,
+    GRANTED,
+    MESSAGE,
+    RELEASE,
+    messages,
+)
 
 _RELEASE = MESSAGE.pack(RELEASE, 0)
 
@@ -27,6 +36,8 @@ class SharedAdmission(asyncio.Protocol):
         self._waiting: dict[int, asyncio.Future[bytes]] = {}
         self._numbers = itertools.count(1)
         self._buffer = b""
+        self._drain = UNMEASURED_DRAIN  # the last DRAIN: the hub sends one before each FULL
+        self._drains: dict[int, float] = {}  # refused request → the drain estimate it got
 
     @property
     def queued(self) -> int:
@@ -57,10 +68,13 @@ class SharedAdmission(asyncio.Protocol):
             raise
         finally:
             self._waiting.pop(number, None)
+            drain = self._drains.pop(number, UNMEASURED_DRAIN)
         if answer == GRANTED:
             self.in_flight += 1
             return
-        raise QueueFull if answer == FULL else QueueTimeout
+        if answer == FULL:
+            raise QueueFull(drain)
+        raise QueueTimeout
 
     def release(self) -> None:
         self.in_flight -= 1
@@ -85,6 +99,11 @@ class SharedAdmission(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         received, self._buffer = messages(self._buffer, data)
         for answer, number in received:
+            if answer == DRAIN:
+                self._drain = number / 1000
+                continue
+            if answer == FULL and number in self._waiting:
+                self._drains[number] = self._drain
             waiter = self._waiting.get(number)
             if waiter is not None and not waiter.done():
                 waiter.set_result(answer)

@@ -247,6 +247,16 @@ def _check_prompt_size(field: str, value: object, max_bytes: int, ctx: int) -> N
                          code="context_length_exceeded", param=field)
 
 
+def estimated_prompt_tokens(path: str, body: dict[str, Any] | None) -> int:
+    """The prompt's size in tokens by the estimate above: what a request cut short is
+    charged when the backend cannot count it (gateway/upstream/cut.py)."""
+    prompt = prompt_of(path, body)
+    if prompt is None:
+        return 0
+    size, ids = _text_size(prompt)
+    return -(-size // BYTES_PER_TOKEN) + ids
+
+
 def _text_size(value: object) -> tuple[int, int]:
     """(UTF-8 bytes of the text in ``value``, token ids in it), media left out. A loop, not
     recursion: the decoder takes deeper nesting than Python's stack would."""

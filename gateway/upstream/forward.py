@@ -15,6 +15,7 @@ from gateway.policy.validation import RequestInfo
 from gateway.state import AppState
 from gateway.upstream import fold as unstream
 from gateway.upstream.client import BackendBroken, BackendError, Response
+from gateway.upstream.connection import BackendConnectError
 
 
 async def send(call: Call, state: AppState, ex: Exchange, raw: bytes) -> Response:
@@ -24,10 +25,14 @@ async def send(call: Call, state: AppState, ex: Exchange, raw: bytes) -> Respons
     # its answer is the GET's head, whose length only the GET's body gives (a key's filtered
     # model list among them); the edge writes no body for a HEAD
     method = "GET" if call.method == "HEAD" else call.method
+    ex.forwarded = True  # from here its prompt is charged, however it ends (upstream/cut.py)
     try:
         return await state.upstream.send(method, call.path_qs, raw,
                                          call.headers.get("content-type"), ex.request_id)
     except BackendError as exc:  # its message says which: no connection, or one that broke
+        # a connection that broke may have carried the request: charged only if it did
+        ex.forwarded = not isinstance(exc, BackendConnectError)
+        ex.end = "backend_failed"
         raise BackendUnavailable(str(exc), retry_after=2) from None
 
 

@@ -31,8 +31,8 @@ from gateway.observe.metering import tokens_from_body
 from gateway.policy import auth, ratelimit, validation
 from gateway.policy.validation import RequestInfo, model_of, prompt_of, validate
 from gateway.state import AppState
+from gateway.upstream import cut, forward, slots, sse
 from gateway.upstream import fold as unstream
-from gateway.upstream import forward, slots, sse
 from gateway.upstream.client import BackendBroken, Response
 
 log = logging.getLogger("llamagate.gateway.proxy")
@@ -88,6 +88,7 @@ async def handle(call: Call) -> None:
         await _exchange(call, state, ex, raw, info)
     except asyncio.CancelledError:
         if not (ex.shutdown or ex.timed_out):
+            ex.end = "client_closed"
             raise  # the client went away
         task.uncancel()
         _cut_short(call, ex, timeout)
@@ -96,7 +97,11 @@ async def handle(call: Call) -> None:
             state.admission.release()
             if counted:
                 metrics.in_flight.dec()
-        slots.leave(state, ex)
+        try:
+            if cut.needs_charge(ex):  # the backend slot is free: counting may take a moment
+                await cut.charge(state, ex, call.path, None if info is None else info.body)
+        finally:
+            slots.leave(state, ex)  # still active until charged: a drain waits for the count
 
 
 def _answered_here(call: Call) -> bool:
@@ -193,6 +198,7 @@ def _may_proceed(call: Call, state: AppState, ex: Exchange) -> float:
 
 def _cut_short(call: Call, ex: Exchange, timeout: float) -> None:
     """A request cancelled by shutdown or its timeout: a final event, a 503 or a 504."""
+    ex.end = "shutdown" if ex.shutdown else "timeout"
     if ex.shutdown:
         _end_stream(call, ex, BackendUnavailable("the server is shutting down",
                                                  code="shutting_down", retry_after=5))
@@ -258,6 +264,7 @@ async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,
         try:
             body = await resp.read()
         except BackendBroken as exc:
+            ex.end = "backend_failed"
             raise BackendUnavailable(str(exc), retry_after=2) from None
         _meter_whole(ex, resp.status, body)
         if resp.status >= 400 and resp.content_type.startswith("application/json"):
@@ -323,13 +330,17 @@ _refused_key_logged = False
 async def _fold(call: Call, resp: Response, ex: Exchange) -> None:
     """A non-streaming request's answer, read as a stream and sent as one body."""
     collector = unstream.collector_for(call.path, ex.n)
+    marker = cut.MARKERS.get(call.path)
     try:
         while chunk := await resp.read_chunk():
             if ex.first_byte_at is None:  # the backend's first event: its time to first token
                 ex.first_byte_at = time.monotonic()
             collector.feed(chunk)
+            if marker is not None:  # a split event may be counted late or not at all: fine
+                ex.generated += cut.token_events(chunk, marker)
         body = collector.result()
     except BackendBroken as exc:
+        ex.end = "backend_failed"
         raise BackendUnavailable(str(exc), retry_after=2) from None
     except unstream.UpstreamError as exc:
         # llama-server reported an error after it started streaming: answer as it would have

@@ -9,8 +9,11 @@ per request: a per-request timer costs every request ~10 µs (uvloop timer handl
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import re
 import time
+from typing import Final
 
 from gateway.errors import BackendUnavailable, BadRequest, RateLimited, UpstreamTimeout
 from gateway.exchange import Exchange
@@ -19,6 +22,7 @@ from gateway.state import AppState
 
 # how often the sweeper looks for requests past their timeout; bounds how late one fires
 SWEEP_INTERVAL = 0.05
+MAX_RETRY_AFTER: Final = 60  # seconds: a longer wait is better learnt by trying again
 _SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?").fullmatch  # X-Request-Timeout
 
 
@@ -46,11 +50,11 @@ async def wait_for_slot(state: AppState, ex: Exchange, counted: bool) -> None:
     waited = True
     try:
         await state.admission.acquire()
-    except QueueFull:
+    except QueueFull as full:
         waited = False
         metrics.rejections.labels("queue_full").inc()
         raise RateLimited("too many requests are queued; retry shortly", code="queue_full",
-                          retry_after=1) from None
+                          retry_after=retry_after(full.drain)) from None
     except QueueTimeout:
         metrics.rejections.labels("queue_timeout").inc()
         raise BackendUnavailable("timed out waiting for a free backend slot", code="queue_timeout",
@@ -75,6 +79,14 @@ async def wait_for_slot(state: AppState, ex: Exchange, counted: bool) -> None:
             ex.queue_wait = time.monotonic() - queued_at
     if counted:
         metrics.in_flight.inc()
+
+
+def retry_after(drain: float) -> int:
+    """Retry-After for a full queue: its drain time plus a jitter as long again (at least a
+    second), in whole seconds, at most MAX_RETRY_AFTER. Clients refused together come back
+    spread over that span rather than all at once into a queue that is still full."""
+    spread = random.uniform(0.0, max(1.0, drain))
+    return max(1, min(MAX_RETRY_AFTER, math.ceil(drain + spread)))
 
 
 def leave(state: AppState, ex: Exchange) -> None:

@@ -21,6 +21,7 @@ from gateway.errors import BadGateway, sse_error_event
 from gateway.exchange import Exchange
 from gateway.observe.metering import ChoiceTally, tokens_from_stream
 from gateway.upstream.client import BackendBroken, Response
+from gateway.upstream.cut import MARKERS, token_events
 from gateway.upstream.events import boundary
 
 log = logging.getLogger("llamagate.gateway.sse")
@@ -59,6 +60,8 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
     tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
     # several tasks (n > 1, several prompts) end with a final event each, not all in the tail
     tally = ChoiceTally(ex.n) if ex.tasks > 1 else None
+    # token events relayed: what a stream cut short is charged (gateway/upstream/cut.py)
+    marker = MARKERS.get(call.path)
     # the first event usually comes with the backend's head: one write, one wake-up
     first = await upstream.read_chunk() if upstream.has_data else b""
     head = first  # an Anthropic stream's input tokens are in its first event
@@ -66,16 +69,19 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
     call.start(upstream.status, _headers(upstream), first)
     if head:
         ex.first_byte_at = time.monotonic()
+        ex.head = head
         tail.append(first)
         if tally is not None:
             tally.feed(first)
+        if marker is not None:
+            ex.generated += token_events(first, marker)
     while True:
         try:
             # everything that arrived since the last read, as one write
             chunk = await upstream.read_chunk()
         except BackendBroken as exc:
             log.warning("backend stream broke: %s", exc)
-            ex.error = "backend_stream_error"
+            ex.error, ex.end = "backend_stream_error", "backend_failed"
             await call.write(sse_error_event(BadGateway(
                 "the backend stopped in the middle of the stream", code="backend_disconnected")))
             break
@@ -89,7 +95,7 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
             break
         if ex.first_byte_at is None:
             ex.first_byte_at = time.monotonic()
-            head = chunk
+            head = ex.head = chunk
         if held or boundary(chunk) != len(chunk):
             chunk, held = split(held + chunk)
             if not chunk:
@@ -99,6 +105,8 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
         tail.append(chunk)
         if tally is not None:
             tally.feed(chunk)
+        if marker is not None:
+            ex.generated += token_events(chunk, marker)
     if tally is not None:  # a broken stream's tally lacks tasks: the reservation is the charge
         tally.end()
         ex.tokens = tally.result() if ex.completed else None

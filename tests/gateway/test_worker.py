@@ -48,7 +48,7 @@ def test_two_workers_report_the_totals_of_both(two_workers: Service) -> None:
             samples = Samples.parse(s.get(f"{two_workers.url}/metrics", timeout=10).text)
         assert samples.total("llamagate_requests_total") == N
         assert samples.get_value("llamagate_requests_total", route="/v1/completions", status="200",
-                                 model="tiny", key_id="-") == N
+                                 model="tiny", key_id="-", ended="completed") == N
         assert samples.get_value("llamagate_completion_tokens_total", model="tiny",
                                  key_id="-") == completion_tokens
         assert samples.get_value("llamagate_in_flight_requests") == 0

@@ -70,7 +70,7 @@ async def test_a_refusal_is_answered_logged_and_counted(
     assert (line["request_id"], line["status"], line["route"], line["error"]) == \
         (request_id, status, route, code)
     _, samples = await scrape(http, gateway.url)
-    assert samples.get_value("llamagate_requests_total", route=route, status=str(status),
+    assert samples.get_value("llamagate_requests_total", ended="completed", route=route, status=str(status),
                              model="-", key_id="-") == 1
     assert fake.requests() == []
 

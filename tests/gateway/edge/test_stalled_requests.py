@@ -139,5 +139,5 @@ async def test_a_stalled_request_is_answered_logged_and_counted_by_the_gateway(
     assert [(x["request_id"], x["status"], x["route"]) for x in lines] == [
         ("slow-1", 408, "/v1/chat/completions")]
     _, samples = await scrape(http, gateway.url)
-    assert samples.get_value("llamagate_requests_total", route="/v1/chat/completions",
+    assert samples.get_value("llamagate_requests_total", ended="completed", route="/v1/chat/completions",
                              status="408", model="-", key_id="-") == 1

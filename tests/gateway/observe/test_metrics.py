@@ -32,10 +32,10 @@ async def test_request_token_and_backend_metrics(gateway: Gateway, fake: FakeLla
     await _traffic(gateway, http)
     text, samples = await scrape(http, gateway.url)
     labels = {"route": CHAT, "model": "tiny", "key_id": "-"}
-    assert samples.get_value("llamagate_requests_total", status="200", **labels) == 2
+    assert samples.get_value("llamagate_requests_total", ended="completed", status="200", **labels) == 2
     # the unknown model is not a label value: cardinality stays bounded
     assert samples.get_value("llamagate_requests_total", route=CHAT, status="404", model="-",
-                             key_id="-") == 1
+                             key_id="-", ended="completed") == 1
     # 5 from the reply's usage; 3 from the stream's final `timings` event
     assert samples.get_value("llamagate_completion_tokens_total", model="tiny", key_id="-") == 8
     assert samples.get_value("llamagate_prompt_tokens_total", model="tiny", key_id="-") == 14
@@ -75,7 +75,8 @@ async def test_metrics_as_json(gateway: Gateway, fake: FakeLlama,
     ok = [s for s in requests["samples"]
           if s["name"] == "llamagate_requests_total" and s["labels"]["status"] == "200"]
     assert [(s["labels"], s["value"]) for s in ok] == [
-        ({"route": CHAT, "status": "200", "model": "tiny", "key_id": "-"}, 2.0)]
+        ({"route": CHAT, "status": "200", "model": "tiny", "key_id": "-", "ended": "completed"},
+         2.0)]
     backend = families["llamacpp_requests_processing"]
     assert backend["samples"] == [{"name": "llamacpp_requests_processing",
                                    "labels": {"model": "tiny"}, "value": 0.0}]

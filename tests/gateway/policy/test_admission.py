@@ -7,13 +7,17 @@ import asyncio
 import contextlib
 import json
 import time
+from pathlib import Path
 
 import aiohttp
 import openai
 import pytest
 
 from gateway.drain import drain
-from gateway.policy.admission import Admission, QueueFull, QueueTimeout
+from gateway.policy.admission import UNMEASURED_DRAIN, Admission, QueueFull, QueueTimeout
+from gateway.policy.admission_hub import AdmissionHub
+from gateway.policy.shared_admission import SharedAdmission
+from gateway.upstream import slots
 from tests.gateway.conftest import StartGateway
 from tests.support.fake_llama import FakeLlama
 from tests.support.gateway import Gateway, assert_openai_error
@@ -224,3 +228,93 @@ async def test_admission_timeout_and_cancellation_leave_the_queue() -> None:
     assert adm.queued == 0
     adm.release()
     assert adm.in_flight == 0
+
+
+# -- a full queue's Retry-After (issue 22: 44 clients told "1" all failed their retries) ------
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_full_queue_reports_its_drain_time_at_the_measured_pace() -> None:
+    clock = _Clock()
+    adm = Admission(limit=1, max_queue=2, timeout=60, clock=clock)
+    await adm.acquire()
+    waiters = [asyncio.create_task(adm.acquire()) for _ in range(2)]
+    await wait_until(lambda: adm.queued == 2, "two waiters")
+    with pytest.raises(QueueFull) as unmeasured:
+        await adm.acquire()
+    assert unmeasured.value.drain == UNMEASURED_DRAIN  # nothing has finished under load yet
+    # the backend finishes one request every 3 s while every place is taken
+    for _ in range(2):
+        clock.now += 3.0
+        adm.release()
+        waiters.append(asyncio.create_task(adm.acquire()))
+        await wait_until(lambda: adm.queued == 2, "the queue full again")
+    with pytest.raises(QueueFull) as measured:
+        await adm.acquire()
+    # one gap measured (the first release opens the run): 3 s for each of 2 ahead and itself
+    assert measured.value.drain == pytest.approx(9.0)
+    for task in waiters:
+        task.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+
+
+async def test_an_idle_spell_is_not_taken_for_the_backends_pace() -> None:
+    clock = _Clock()
+    adm = Admission(limit=1, max_queue=1, timeout=60, clock=clock)
+    for gap in (2.0, 2.0):  # saturated: released with a waiter behind, every 2 s
+        await adm.acquire()
+        waiter = asyncio.create_task(adm.acquire())
+        await wait_until(lambda: adm.queued == 1, "a waiter")
+        clock.now += gap
+        adm.release()
+        await waiter
+        clock.now += gap
+        adm.release()  # the last one out: nobody waits, the run ends
+        clock.now += 3600.0  # an hour idle
+    assert adm.drain_seconds() == pytest.approx(2.0)
+
+
+def test_retry_after_spreads_refused_clients_over_the_drain_time() -> None:
+    values = [slots.retry_after(4.0) for _ in range(400)]
+    assert min(values) >= 4 and max(values) <= 8
+    assert len(set(values)) >= 4  # spread, not one instant for everyone
+    assert {slots.retry_after(0.01) for _ in range(200)} == {1, 2}
+    assert slots.retry_after(10_000.0) == slots.MAX_RETRY_AFTER
+
+
+async def test_the_hubs_full_answer_carries_its_drain_time(tmp_path: Path) -> None:
+    clock = _Clock()
+    hub = AdmissionHub(Admission(limit=1, max_queue=1, timeout=60, clock=clock),
+                       tmp_path / "admission.sock")
+    await hub.start()
+    worker = SharedAdmission(tmp_path / "admission.sock")
+    await worker.connect()
+    queued: list[asyncio.Task[None]] = []
+    try:
+        await worker.acquire()  # the one place
+        queued.append(asyncio.create_task(worker.acquire()))
+        await wait_until(lambda: hub.admission.queued == 1, "a request queued at the hub")
+        with pytest.raises(QueueFull) as refused:
+            await worker.acquire()
+        assert refused.value.drain == UNMEASURED_DRAIN
+        for _ in range(2):  # the place handed on every 1.5 s
+            clock.now += 1.5
+            worker.release()
+            await queued[-1]
+            queued.append(asyncio.create_task(worker.acquire()))
+            await wait_until(lambda: hub.admission.queued == 1, "the queue full again")
+        with pytest.raises(QueueFull) as refused:
+            await worker.acquire()
+        assert refused.value.drain == pytest.approx(3.0)  # 1.5 s for the one ahead and itself
+    finally:
+        for task in queued:
+            task.cancel()
+        await asyncio.gather(*queued, return_exceptions=True)
+        worker.close()
+        await hub.close()

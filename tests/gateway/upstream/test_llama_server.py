@@ -216,9 +216,9 @@ async def test_metrics_count_what_clients_saw(backend: Backend, gateway: Gateway
     key = {"model": "tiny", "key_id": "-"}
     assert samples.get_value("llamagate_prompt_tokens_total", **key) == seen_prompt
     assert samples.get_value("llamagate_completion_tokens_total", **key) == seen_completion
-    assert samples.get_value("llamagate_requests_total", route="/v1/chat/completions",
+    assert samples.get_value("llamagate_requests_total", ended="completed", route="/v1/chat/completions",
                              status="200", **key) == 3
-    assert samples.get_value("llamagate_requests_total", route="/v1/completions",
+    assert samples.get_value("llamagate_requests_total", ended="completed", route="/v1/completions",
                              status="200", **key) == 1
     # the two streams; short non-streaming answers come whole, with no first token to time
     assert samples.get_value("llamagate_time_to_first_token_seconds_count", model="tiny") == 2
@@ -278,7 +278,8 @@ async def test_other_apis_are_metered_as_the_openai_ones(backend: Backend, gatew
     assert samples.get_value("llamagate_prompt_tokens_total", **key) == prompt
     assert samples.get_value("llamagate_completion_tokens_total", **key) == completion
     for route in ("/v1/messages", "/v1/responses"):
-        assert samples.get_value("llamagate_requests_total", route=route, status="200", **key) == 2
+        assert samples.get_value("llamagate_requests_total", route=route, status="200", **key,
+                                 ended="completed") == 2
 
 
 async def test_aliases_answer_as_the_v1_routes(backend: Backend, gateway: Gateway,

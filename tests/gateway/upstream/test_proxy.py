@@ -220,12 +220,17 @@ async def test_backend_dying_mid_stream_ends_the_stream_with_an_error_event(
                 pass
     assert "backend" in str(info.value)
     assert gateway.state.admission.in_flight == 0
-    # both were answered 200; what alerting can see is that they ended early
-    _, samples = await scrape(http, gateway.url)
-    assert samples.get_value("llamagate_responses_cut_short_total", route=CHAT,
-                             reason="backend_stream_error") == 2
-    assert samples.get_value("llamagate_requests_total", route=CHAT, status="200",
-                             model="tiny", key_id="-") == 2
+    # both were answered 200; what alerting can see is that they ended early. The record is
+    # written once the cut request's prompt is counted (gateway/upstream/cut.py), which can
+    # be after the client has read the error event
+    async def recorded() -> Any:
+        _, samples = await scrape(http, gateway.url)
+        return samples if samples.get_value("llamagate_responses_cut_short_total", route=CHAT,
+                                            reason="backend_stream_error") == 2 else None
+
+    samples = await wait_until(recorded, "both cut streams to be recorded", within=5)
+    assert samples.get_value("llamagate_requests_total", ended="backend_failed", route=CHAT,
+                             status="200", model="tiny", key_id="-") == 2
 
 
 async def test_a_backend_refusing_the_gateways_key_is_not_the_clients_fault(
