@@ -23,6 +23,28 @@ def test_circuit_opens_after_max_failures_in_window_and_closes_on_success() -> N
     assert not policy.is_open
 
 
+def test_a_probe_that_reached_ready_starts_the_count_again() -> None:
+    """Issue 22: the crashes that opened the circuit counted on after its probe succeeded,
+    so the next single crash opened it again."""
+    policy = RestartPolicy(max_failures=3, window=300, base_delay=0.5, open_seconds=60)
+    for t in (0, 1, 2):
+        policy.record_failure(t)
+    assert policy.is_open
+    policy.record_success()  # the probe start after open_seconds reached ready
+    assert policy.recent_failures(70) == 0
+    assert policy.record_failure(70) == 0.5 and not policy.is_open  # a first crash again
+
+
+def test_an_ordinary_restart_keeps_the_count() -> None:
+    """A server that comes up and crashes again and again is a crash loop too."""
+    policy = RestartPolicy(max_failures=3, window=300, open_seconds=60)
+    policy.record_failure(0)
+    policy.record_success()
+    policy.record_failure(10)
+    policy.record_success()
+    assert policy.record_failure(20) == 60 and policy.is_open
+
+
 def test_failures_outside_the_window_are_forgotten() -> None:
     policy = RestartPolicy(max_failures=3, window=60)
     policy.record_failure(0)

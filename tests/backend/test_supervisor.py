@@ -261,3 +261,27 @@ async def test_stop_while_waiting_to_restart_starts_nothing_more(tmp_path: Path)
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert len(made.starts()) == 1
+
+
+async def test_a_restart_waits_for_a_deleted_model_and_starts_once_it_is_back(
+        tmp_path: Path) -> None:
+    """The circuit opens at the first crash (an hour's wait): the model's return starts the
+    backend all the same, and until then last_error names the file."""
+    policy = RestartPolicy(max_failures=1, open_seconds=3600.0)
+    made = Backend(tmp_path, policy=policy, start_timeout=20.0, stop_grace=5.0)
+    model = made.spec.model_path
+    assert model is not None
+    await made.supervisor.start()
+    pid = made.supervisor.pid
+    assert pid is not None
+    async with watching(made.supervisor):
+        model.rename(tmp_path / "elsewhere.gguf")
+        os.kill(pid, signal.SIGKILL)
+        waiting = await made.reached(BackendState.MODEL_UNAVAILABLE)
+        assert waiting.last_error == f"model file not found: {model}" and waiting.pid is None
+        assert len(made.starts()) == 1  # nothing started without its model
+        (tmp_path / "elsewhere.gguf").rename(model)
+        ready = await made.reached(BackendState.READY, after=made.seen.index(waiting))
+        assert ready.restarts == 1 and ready.last_error is None
+    assert [s.state for s in made.seen[-5:-2]] == [BackendState.MODEL_UNAVAILABLE,
+                                                     BackendState.STARTING, BackendState.READY]
