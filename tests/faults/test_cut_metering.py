@@ -26,7 +26,7 @@ pytestmark = pytest.mark.llama_server
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "tell me a long story about the sea"}]
 # a stream long enough to cut anywhere: the tiny model may sample its end-of-text token
-LONG = {"model": "tiny", "messages": MESSAGES, "stream": True, "max_tokens": 12000,
+LONG: dict[str, Any] = {"model": "tiny", "messages": MESSAGES, "stream": True, "max_tokens": 12000,
         "ignore_eos": True}
 
 
@@ -50,6 +50,12 @@ def _usage(keys: KeyTool) -> dict[str, int]:
     rows = json.loads(keys.ok("usage", "--json"))
     return {field: sum(r[field] for r in rows)
             for field in ("requests", "prompt_tokens", "completion_tokens")}
+
+
+def _usage_once(keys: KeyTool, requests_above: int) -> dict[str, int] | None:
+    """The usage totals once more than ``requests_above`` requests are written."""
+    usage = _usage(keys)
+    return usage if usage["requests"] > requests_above else None
 
 
 def _access_line(svc: Service, request_id: str) -> dict[str, Any] | None:
@@ -85,8 +91,7 @@ def test_a_client_that_hangs_up_pays_for_the_prompt_and_the_tokens_it_was_sent(
         metered: tuple[Service, KeyTool, str]) -> None:
     svc, keys, secret = metered
     prompt = _prompt_tokens(svc, secret)
-    before = wait_for(lambda: (u := _usage(keys))["requests"] >= 1 and u, "the first request's usage",
-                      within=10)
+    before = wait_for(lambda: _usage_once(keys, 0), "the first request's usage", within=10)
     rid = uuid.uuid4().hex
     with requests.post(svc.url + CHAT, json=LONG, stream=True, timeout=30,
                        headers={"Authorization": f"Bearer {secret}", "X-Request-ID": rid}) as r:
@@ -101,7 +106,7 @@ def test_a_client_that_hangs_up_pays_for_the_prompt_and_the_tokens_it_was_sent(
     # at least what the client read; never more than the stream could hold
     assert 40 <= line["tokens_out"] <= LONG["max_tokens"]
 
-    after = wait_for(lambda: (u := _usage(keys))["requests"] > before["requests"] and u,
+    after = wait_for(lambda: _usage_once(keys, before["requests"]),
                      "the cut request's usage", within=10)
     assert after["requests"] == before["requests"] + 1
     assert after["prompt_tokens"] - before["prompt_tokens"] == prompt
@@ -130,7 +135,7 @@ def test_a_request_past_its_timeout_is_charged_and_says_so(
     assert line["ended"] == "timeout"
     assert line["tokens_out"] == relayed > 0
     assert line["tokens_in"] > 0
-    after = wait_for(lambda: (u := _usage(keys))["requests"] > before["requests"] and u,
+    after = wait_for(lambda: _usage_once(keys, before["requests"]),
                      "the timed-out request's usage", within=10)
     assert after["completion_tokens"] - before["completion_tokens"] == relayed
 
@@ -152,7 +157,7 @@ def test_a_stream_whose_llama_server_dies_is_charged(tmp_path: Path, tiny_model:
         assert line["ended"] == "backend_failed"
         assert line["tokens_out"] >= 20
         assert line["tokens_in"] > 0  # counted again, or estimated while llama-server restarts
-        usage = wait_for(lambda: (u := _usage(keys))["requests"] == 1 and u, "the usage",
+        usage = wait_for(lambda: _usage_once(keys, 0), "the usage",
                          within=10)
         assert usage["completion_tokens"] == line["tokens_out"]
 
