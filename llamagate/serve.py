@@ -126,10 +126,12 @@ class Service:
         return errors[0].strip()[-300:] if errors else None
 
     def _on_backend(self, snap: Any) -> None:
+        # ready after a start, not after a hang that ended (unresponsive → ready)
+        started = snap.state.value == "ready" and self.backend_state.get("state") == "starting"
         self.backend_state = {"state": snap.state.value, "restarts": snap.restarts, "pid": snap.pid,
                               "last_error": snap.last_error, "retry_at": snap.retry_at}
         self.publish()
-        if self.fleet is not None and snap.state.value == "ready" and snap.restarts > 0:
+        if self.fleet is not None and started and snap.restarts > 0:
             # a restarted router starts with nothing loaded: preload the profile's models again
             self._preload = asyncio.ensure_future(self.fleet.preload())
 
