@@ -60,7 +60,8 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), Health).serve_forever()
 class Backend:
     """A supervisor of the stand-in, and every snapshot it reported."""
 
-    def __init__(self, folder: Path, policy: RestartPolicy | None = None, **options: float) -> None:
+    def __init__(self, folder: Path, policy: RestartPolicy | None = None, *,
+                 start_timeout: float, stop_grace: float) -> None:
         self.folder = folder
         binary = folder / "llama-server"
         binary.write_text(f"#!{sys.executable}\n{STAND_IN}")
@@ -72,7 +73,7 @@ class Backend:
                                extra_args=("--stand-in-dir", str(folder)))
         self.seen: list[Snapshot] = []
         self.supervisor = Supervisor(self.spec, policy=policy, on_change=self.seen.append,
-                                     **options)
+                                     start_timeout=start_timeout, stop_grace=stop_grace)
 
     def set_mode(self, mode: str) -> None:
         (self.folder / "mode").write_text(mode)

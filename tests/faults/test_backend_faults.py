@@ -108,7 +108,8 @@ def test_a_stopped_llama_server_is_unhealthy_within_the_bound_and_healthy_after_
             assert "unresponsive" in r.json()["error"]["message"]
         wait_for(lambda: svc.ping() == 200, "/ping to be 200 again after SIGCONT", within=5)
         assert _pid(svc) == pid and _backend(svc)["restarts"] == 0  # recovered, not restarted
-        assert _backend_up(svc) == 1
+        # the gateway worker reads the state file apart from the health process
+        wait_for(lambda: _backend_up(svc) == 1, "llamagate_backend_up 1", within=2)
         r = requests.post(f"{svc.url}/v1/completions", json={"prompt": "a", "max_tokens": 2},
                           timeout=30)
         assert r.status_code == 200
