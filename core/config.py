@@ -14,7 +14,7 @@ import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from core.platform import Platform, default_data_dir, detect_platform
 
@@ -59,6 +59,8 @@ class Config:
     max_loaded_models: int = 2
     model_ttl_seconds: int = 0
     model_cooldown_seconds: float = 60.0
+    # other names for served models (MODEL_ALIASES): (alias, model), "*" for any unknown name
+    model_aliases: tuple[tuple[str, str], ...] = ()
     hf_endpoint: str | None = None
     hf_token: str | None = field(default=None, repr=False)
     pull_concurrency: int = 1
@@ -71,6 +73,8 @@ class Config:
     gateway_workers: int = 1
     # auth and limits
     auth_enabled: bool = True
+    # which header's key counts when a request sends both (RunPod's balancer takes Authorization)
+    auth_header: str = "authorization"
     auth_keys_file: Path = Path("data/keys.json")
     metrics_public: bool = False
     backend_metrics_names: str = "prometheus"  # llama-server's families as llamacpp_* (or :*)
@@ -113,20 +117,50 @@ class Config:
         return self.backend_url is None
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One setting as `load_config` reads it: what `llamagate serve --help` lists and the
+    flags are made from, so that neither can drift from the reader."""
+
+    name: str  # the environment variable
+    default: Any  # None: unset (the meaning says what that means)
+    form: str  # what it accepts, as a bad value's message says
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.lower().replace("_", "-")
+
+    @property
+    def secret(self) -> bool:
+        """Environment only: a flag would show the value to anyone who can run `ps`."""
+        return self.name.lower() in _SECRET_FIELDS
+
+
 class _Reader:
-    """Parses variables one by one, remembering every problem instead of stopping."""
+    """Parses variables one by one, remembering every problem instead of stopping, and
+    each setting it was asked for (`settings()`)."""
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.env = environ
         self.problems: list[str] = []
+        self.seen: dict[str, Setting] = {}
+
+    def note(self, name: str, default: Any, form: str) -> None:
+        self.seen.setdefault(name, Setting(name, default, form))
+
+    def text(self, name: str, default: str) -> str:
+        self.note(name, default, "text")
+        return self.raw(name) or default
 
     def raw(self, name: str) -> str | None:
+        self.note(name, None, "text")
         value = self.env.get(name)
         if value is None or value.strip() == "":
             return None
         return value.strip()
 
     def parse(self, name: str, conv: Callable[[str], T], default: T, form: str) -> T:
+        self.note(name, default, form)
         value = self.raw(name)
         if value is None:
             return default
@@ -194,6 +228,19 @@ def _url(v: str) -> str:
     return v.rstrip("/")
 
 
+def _aliases(v: str) -> tuple[tuple[str, str], ...]:
+    """`gpt-4o=qwen2.5-7b,*=qwen2.5-7b`: each name once, neither side empty."""
+    pairs: list[tuple[str, str]] = []
+    for item in v.split(","):
+        if not item.strip():
+            continue
+        alias, eq, model = (part.strip() for part in item.partition("="))
+        if not eq or not alias or not model or alias in dict(pairs):
+            raise ValueError
+        pairs.append((alias, model))
+    return tuple(pairs)
+
+
 def _origins(v: str) -> tuple[str, ...]:
     items = tuple(o.strip().rstrip("/") for o in v.split(",") if o.strip())
     for origin in items:
@@ -211,11 +258,28 @@ def _proxies(v: str) -> tuple[str, ...]:
 
 
 _NO_WORDS: tuple[str, ...] = ()
+# fields kept out of repr() are secrets: environment only, never a flag
+_SECRET_FIELDS: Final[frozenset[str]] = frozenset(f.name for f in fields(Config) if not f.repr)
 
 
 def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
     """Build the configuration from `environ`; raise ConfigError listing every bad variable."""
     r = _Reader(environ)
+    values = _read(r, environ, root)
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Config(**values)
+
+
+def settings() -> list[Setting]:
+    """Every setting in the order `load_config` reads them, with its default and form."""
+    r = _Reader({})
+    _read(r, {}, Path("/nonexistent"))
+    r.note("PLATFORM", None, "one of " + ", ".join(p.value for p in Platform))
+    return list(r.seen.values())
+
+
+def _read(r: _Reader, environ: Mapping[str, str], root: Path) -> dict[str, Any]:
     platform = detect_platform(environ, root)
     data_dir = Path(r.raw("DATA_DIR") or default_data_dir(platform))
     models_dir = Path(r.raw("MODELS_DIR") or data_dir / "models")
@@ -248,16 +312,19 @@ def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
         max_loaded_models=r.integer("MAX_LOADED_MODELS", 2, 1, 256),
         model_ttl_seconds=r.integer("MODEL_TTL_SECONDS", 0, 0, 10_000_000),
         model_cooldown_seconds=r.number("MODEL_COOLDOWN_SECONDS", 60.0, 0, 86400),
+        model_aliases=r.parse("MODEL_ALIASES", _aliases, (),
+                              "a comma list of NAME=MODEL, each NAME once (NAME * for any other)"),
         hf_endpoint=r.parse("HF_ENDPOINT", _url, None, "an http:// or https:// URL"),
         hf_token=r.raw("HF_TOKEN"),
         pull_concurrency=r.integer("PULL_CONCURRENCY", 1, 1, 16),
         pull_resume=r.boolean("PULL_RESUME", True),
         pull_retries=r.integer("PULL_RETRIES", 5, 0, 100),
-        host=r.raw("HOST") or "0.0.0.0",
+        host=r.text("HOST", "0.0.0.0"),
         port=r.port("PORT", 8000),
         port_health=r.port("PORT_HEALTH", 8001),
         gateway_workers=r.integer("GATEWAY_WORKERS", 1, 1, 64),
         auth_enabled=r.boolean("AUTH_ENABLED", True),
+        auth_header=r.choice("AUTH_HEADER", "authorization", ("authorization", "x-api-key")),
         auth_keys_file=Path(r.raw("AUTH_KEYS_FILE") or data_dir / "keys.json"),
         metrics_public=r.boolean("METRICS_PUBLIC", False),
         backend_metrics_names=r.choice("BACKEND_METRICS_NAMES", "prometheus",
@@ -302,9 +369,7 @@ def load_config(environ: Mapping[str, str], root: Path = Path("/")) -> Config:
                           f"BACKEND_HANG_SECONDS ({hang:g}), or 0 for never")
     if values["port"] == values["port_health"] != 0:
         r.problems.append(f"PORT and PORT_HEALTH: must differ (both {values['port']})")
-    if r.problems:
-        raise ConfigError(r.problems)
-    return Config(**values)
+    return values
 
 
 def setting_names() -> list[str]:

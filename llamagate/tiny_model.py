@@ -272,6 +272,7 @@ def write_model(path: str | Path, seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
     parser = argparse.ArgumentParser(
+        prog="llamagate make-test-model",
         description="Write a deterministic tiny random-weight llama GGUF for tests."
     )
     parser.add_argument("path", type=Path, help="output .gguf file")

@@ -69,11 +69,18 @@ def is_canonical_target(path: str, target: bytes) -> bool:
     return is_canonical(path) and not (b"%" in target and _ENCODED_DELIMITER(target))
 
 
-def presented_secret(headers: Mapping[str, str]) -> str | None:
-    """The key from `Authorization: Bearer` or, failing that, `x-api-key`.
+def presented_secret(headers: Mapping[str, str], prefer: str = "authorization") -> str | None:
+    """The key from `Authorization: Bearer` or, failing that, `x-api-key`; the other way
+    round when ``prefer`` (AUTH_HEADER) is "x-api-key": a balancer in front (RunPod's) may
+    put its own key in Authorization, and the client's llamagate key then travels in
+    x-api-key.
 
     ``headers``: aiohttp's (case-insensitive) or the edge server's (names in lower case).
     """
+    if prefer == "x-api-key":
+        api_key = headers.get("x-api-key", "").strip()
+        if api_key:
+            return api_key
     header = headers.get("authorization", "")
     scheme, _, value = header.strip().partition(" ")
     if scheme.lower() == "bearer" and value.strip():
@@ -91,7 +98,8 @@ def authenticate(headers: Mapping[str, str], remote: str | None, state: AppState
             raise RateLimited("too many failed authentications from this address",
                               code="too_many_auth_failures", retry_after=wait)
     keyring = state.keys.keyring if state.keys is not None else _EMPTY
-    result = keyring.authenticate(presented_secret(headers), state.clock())
+    result = keyring.authenticate(presented_secret(headers, state.config.auth_header),
+                                  state.clock())
     if result.key is not None:
         if state.usage is not None:  # any request is a use (a metrics scraper's key too)
             state.usage.seen(result.key.id, time.time())

@@ -47,10 +47,13 @@ def gated_llama_server(tmp: Path, gate: Path) -> Path:
 
 
 class Service:
-    def __init__(self, tmp: Path, env: dict[str, str], own_group: bool = False) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str], own_group: bool = False,
+                 args: tuple[str, ...] = ()) -> None:
         # own_group: serve leads its own process group (and session), so a test can signal
-        # that whole group (`kill -- -PGID`) without signalling the test runner
+        # that whole group (`kill -- -PGID`) without signalling the test runner;
+        # args: `llamagate serve`'s command line after `serve` (flags)
         self.own_group = own_group
+        self.args = args
         self.port, self.port_health = free_port(), free_port()
         self.log_path = tmp / f"service-{self.port}.log"
         self.env = {**os.environ, "PORT": str(self.port), "PORT_HEALTH": str(self.port_health),
@@ -72,7 +75,8 @@ class Service:
 
     def start(self) -> Service:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed by stop/wait_exit)
-        self.proc = subprocess.Popen([sys.executable, "-m", "llamagate.cli", "serve"], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "llamagate.cli", "serve", *self.args],
+                                     cwd=ROOT,
                                      env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=self.own_group)
         return self
