@@ -258,6 +258,7 @@ def _proxies(v: str) -> tuple[str, ...]:
 
 
 _NO_WORDS: tuple[str, ...] = ()
+_NO_ALIASES: tuple[tuple[str, str], ...] = ()
 # fields kept out of repr() are secrets: environment only, never a flag
 _SECRET_FIELDS: Final[frozenset[str]] = frozenset(f.name for f in fields(Config) if not f.repr)
 
@@ -312,7 +313,7 @@ def _read(r: _Reader, environ: Mapping[str, str], root: Path) -> dict[str, Any]:
         max_loaded_models=r.integer("MAX_LOADED_MODELS", 2, 1, 256),
         model_ttl_seconds=r.integer("MODEL_TTL_SECONDS", 0, 0, 10_000_000),
         model_cooldown_seconds=r.number("MODEL_COOLDOWN_SECONDS", 60.0, 0, 86400),
-        model_aliases=r.parse("MODEL_ALIASES", _aliases, (),
+        model_aliases=r.parse("MODEL_ALIASES", _aliases, _NO_ALIASES,
                               "a comma list of NAME=MODEL, each NAME once (NAME * for any other)"),
         hf_endpoint=r.parse("HF_ENDPOINT", _url, None, "an http:// or https:// URL"),
         hf_token=r.raw("HF_TOKEN"),

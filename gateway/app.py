@@ -32,7 +32,7 @@ from gateway.policy.shared_admission import SharedAdmission
 from gateway.policy.shared_limits import SharedTable
 from gateway.router import PUBLIC, Router
 from gateway.state import APP_STATE, AppState
-from gateway.upstream import proxy, slots
+from gateway.upstream import llama_routes, proxy, slots
 from gateway.upstream.backend import Upstream
 from keys.model import SCOPE_INFERENCE, SCOPE_METRICS
 
@@ -64,7 +64,7 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
         Admission(config.concurrency_limit, config.max_queue_size, config.queue_timeout),
         metrics=GatewayMetrics(made),
         models=ModelCatalog(wiring.models, wiring.models[0] if wiring.models else None,
-                            known=wiring.models_known),
+                            known=wiring.models_known, aliases=dict(config.model_aliases)),
         exposed_registry=exposed,
     )
     state.models.reread = upstream.refresh
@@ -100,6 +100,10 @@ def _routes(router: Router, config: Config, wiring: Wiring) -> None:
     # only the methods llama-server routes: the table answers any other 405 (issue 21)
     router.add(proxy.METHODS, "/v1/*", proxy.handle, SCOPE_INFERENCE,
                only=dict.fromkeys(proxy.INFERENCE_ROUTES, ("POST",)))
+    # llama-server's native routes the gateway serves (exact paths: one dict lookup each);
+    # every other path, the ones that change its state included, is no route
+    for methods, path, scope in llama_routes.table():
+        router.add(methods, path, proxy.handle, scope)
 
 
 @dataclass

@@ -4,17 +4,21 @@ In multi-model mode the served set changes (profile switches, pulls, rescans) an
 each model has a state: a model in cooldown after a failed load is refused (503,
 Retry-After) or replaced by its profile's fallback; any other state is routed, and
 llama-server's router loads an unloaded model while the request waits.
+
+A name a request gives resolves (``resolve``) to a served model: itself when served, else
+its MODEL_ALIASES entry, else the wildcard's (`*`), else, with one model, that model (a
+lone llama-server answers to any name); with several an unknown name is None (404).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.errors import BackendUnavailable
+from gateway.errors import BackendUnavailable, NotFound
 
 
 @dataclass
@@ -28,6 +32,7 @@ class ModelCatalog:
     # re-reads serve's state file (the app sets it), so a request is never refused on an
     # older state than the health port has just reported
     reread: Callable[[], object] = field(default=lambda: None, repr=False, compare=False)
+    aliases: Mapping[str, str] = field(default_factory=dict)  # MODEL_ALIASES; "*": any other
 
     def resolve(self, requested: str | None) -> str | None:
         """Name to route to; None when the model is unknown. An empty catalog accepts all;
@@ -42,8 +47,46 @@ class ModelCatalog:
             return self.default or (self.names[0] if self.names else "-")
         if not self.names or requested in self.names:
             return requested
+        other = self._other_name(requested)
+        if other is not None:
+            return other
         self.reread()  # a 404 must not come from an older list than the health port reports
-        return requested if self.known and (not self.names or requested in self.names) else None
+        if self.known and (not self.names or requested in self.names):
+            return requested
+        return self._other_name(requested) if self.known else None
+
+    def require(self, requested: str | None) -> str:
+        """``resolve``, or 404 ``model_not_found`` naming the models served."""
+        model = self.resolve(requested)
+        if model is None:  # the name stays out of metric labels: a client must not mint them
+            raise NotFound(f"model '{requested}' does not exist; available: "
+                           f"{', '.join(self.names)}", code="model_not_found", param="model")
+        return model
+
+    def _other_name(self, requested: str) -> str | None:
+        """The served model a name that is not one stands for, if any."""
+        aliases = self.aliases
+        if aliases:
+            target = aliases.get(requested) or aliases.get("*")
+            if target is not None and target in self.names:
+                return target
+        return self.names[0] if self.single else None
+
+    @property
+    def single(self) -> bool:
+        """One model, not behind llama-server's router (which picks by name): any name
+        reaches it."""
+        return len(self.names) == 1 and self.mode != "router"
+
+    def renames(self, named: object, model: str) -> bool:
+        """Whether a request naming ``named`` must be sent naming ``model``: a router (ours,
+        or maybe the one at BACKEND_URL) picks its model by the name; a lone llama-server
+        ignores it, so its requests go byte for byte."""
+        if named == model or model == "-":
+            return False
+        if self.mode == "router":
+            return True
+        return self.mode == "external" and isinstance(named, str) and named != ""
 
     def route(self, name: str, allowed: Callable[[str], bool] = lambda m: True) -> str:
         """The model that serves a request for `name`: itself, or its fallback while it cools

@@ -75,6 +75,30 @@ def _inference(summary: str, field: str) -> dict[str, Any]:
             *_PROXIED)}}
 
 
+def _native(method: str, summary: str) -> dict[str, Any]:
+    """One of llama-server's native routes (gateway/upstream/llama_routes.py): its answer, or
+    the gateway's errors."""
+    return {method: {"summary": summary, "responses": {
+        "default": {"description": "llama-server's answer, in its own format"}}
+        | _responses({}, "400", "413", *_PROXIED)}}
+
+
+_NATIVE: dict[str, Any] = {
+    "/completion": _native("post", "Text completion (llama-server's native format)"),
+    "/completions": _native("post", "Text completion (llama-server's native format)"),
+    "/infill": _native("post", "Fill in the middle (llama-server)"),
+    "/embedding": _native("post", "Embeddings (llama-server's native format)"),
+    "/embeddings": _native("post", "Embeddings (llama-server's native format)"),
+    "/rerank": _native("post", "Rerank documents (llama-server)"),
+    "/reranking": _native("post", "Rerank documents (llama-server)"),
+    "/tokenize": _native("post", "Tokenize text (llama-server; no backend slot)"),
+    "/detokenize": _native("post", "Token ids to text (llama-server; no backend slot)"),
+    "/apply-template": _native("post", "A chat's prompt by the model's template (llama-server)"),
+    "/props": _native("get", "The model's properties (llama-server; ?model= with several)"),
+    "/slots": _native("get", "The backend's slots, their prompts included (admin scope)"),
+}
+
+
 def _admin_op(summary: str, ok: str = "200", *, body: bool = False,
               params: tuple[str, ...] = ()) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary,
@@ -155,7 +179,7 @@ def _paths() -> dict[str, Any]:
 
 
 def document(admin: bool, models_admin: bool = False) -> dict[str, Any]:
-    paths = _paths()
+    paths = _paths() | _NATIVE
     if admin:
         paths |= _KEYS_ADMIN
     if admin and models_admin:

@@ -29,10 +29,12 @@ if TYPE_CHECKING:  # a call and its connection call each other on every request:
 log = logging.getLogger("llamagate.gateway.http")
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
-# paths without `/v1` that llama-server accepts too (clients whose base URL lacks it): the
-# edge server serves them as the `/v1` path, so auth, validation, limits and metrics agree
-ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions",
-           "/embeddings": "/v1/embeddings", "/models": "/v1/models"}
+# paths without `/v1` that llama-server routes to the same handler as its `/v1` path (clients
+# whose base URL lacks it): the edge server serves them as the `/v1` path, so auth,
+# validation, limits and metrics agree. Not /completions and /embeddings: llama-server's are
+# its native routes (gateway/upstream/llama_routes.py), answering in its own format
+ALIASES = {"/chat/completions": "/v1/chat/completions", "/responses": "/v1/responses",
+           "/models": "/v1/models"}
 
 _date = ("", 0)
 

@@ -16,6 +16,10 @@ Each choice reports the whole prompt, but the prompt is evaluated once, by one s
 state and prompt counts are then copied to the others (server_slot::copy_state_to;
 llamacpp:prompt_tokens_total rises once): so the completions are summed, the prompt is
 counted once.
+
+llama-server's native routes (/completion, /infill) end each task with an event, or a
+result, of `"stop": true` carrying `timings` (and `tokens_evaluated` / `tokens_predicted`,
+the same counts); several tasks answered whole are a JSON array of such results.
 """
 
 from __future__ import annotations
@@ -99,7 +103,11 @@ def _finals(events: list[bytes]) -> list[tuple[int, int]]:
 
 
 def _final_counts(event: dict[str, Any]) -> tuple[int, int] | None:
-    if event.get("object") not in _CHUNKS:
+    kind = event.get("object")
+    if kind is None and event.get("stop") is True:  # a native task's final event
+        timings = event.get("timings")
+        return _from_timings(timings) if isinstance(timings, dict) else None
+    if kind not in _CHUNKS:
         return None
     usage = event.get("usage")
     if isinstance(usage, dict):
@@ -152,6 +160,22 @@ def anthropic_input_tokens(head: bytes) -> int | None:
     return None if counted is None else counted[0]
 
 
+def tokens_from_results(body: bytes, n: int) -> tuple[int, int] | None:
+    """The counts of a native answer to several tasks (``n`` choices of each prompt): a
+    JSON array of results, each with its `timings`, combined."""
+    try:
+        results = json.loads(body)
+    except ValueError:
+        return None
+    counts = []
+    for result in results if isinstance(results, list) else ():
+        timings = result.get("timings") if isinstance(result, dict) else None
+        counted = _from_timings(timings) if isinstance(timings, dict) else None
+        if counted is not None:
+            counts.append(counted)
+    return combined(counts, n) if counts else None
+
+
 def tokens_from_body(body: bytes) -> tuple[int, int] | None:
     if b'"usage"' not in body and b'"timings"' not in body:
         return None
@@ -178,3 +202,4 @@ class ChoiceTally:
 
     def result(self) -> tuple[int, int] | None:
         return combined(self.counts, self.n) if self.counts else None
+

@@ -12,8 +12,8 @@ from gateway.policy import validation
 
 _SAFE = re.compile(r"[A-Za-z0-9._:\-]{1,128}").fullmatch
 
-_KNOWN = validation.ROUTES | {"/v1/models", "/v1/audio/transcriptions", "/health", "/ping",
-                              "/metrics"}
+_KNOWN = validation.ROUTES | validation.NATIVE | {
+    "/v1/models", "/v1/audio/transcriptions", "/health", "/ping", "/metrics", "/props", "/slots"}
 
 
 def route_label(path: str) -> str:

@@ -1,18 +1,30 @@
-"""Checks a request body before it is forwarded, so bad input fails with a clear
-400 from us rather than an opaque error (or wasted work) in llama-server.
+"""Checks a request body before it is forwarded: only what llama-server itself refuses
+(with the same status: a 400 from us is one round trip and no slot sooner) and what the
+gateway must read to do its job (issue 26: a drop-in must not refuse what llama-server
+serves). Each route's table entry (``_ROUTES``) names the fields it reads:
 
-Only the fields the gateway needs are looked at; the body itself is forwarded
-byte for byte.
+- the body must be a JSON object (400 ``invalid_json``; llama-server answers a body it
+  cannot parse with a 500, which the SDKs retry in vain: the one status we choose apart);
+- the field llama-server requires on the route (``required``: one of them present), and
+  for chat and /apply-template ``messages`` an array; a rerank ``query`` a string;
+- ``stream`` a boolean or null, the route's caps on generated tokens (``tokens``) a number
+  from -1 to 2**31-1, and ``n`` a number of at least 1, where llama-server checks them;
+  ``model`` is read when it is a string (anything else names no model, as llama-server's
+  single-model server reads it).
+
+Everything else (the messages' shape, a prompt's type) is llama-server's to judge: the
+body is forwarded byte for byte.
 
 It also bounds what one request may cost before it reaches llama-server, which cannot
 stop tokenizing a prompt once it has begun (issue 21: 300,000 empty messages kept it busy
 for minutes after the client left): at most ``max_messages`` messages (400), a prompt of at
-most ``max_prompt_bytes`` bytes of text (413), an estimated prompt of at most ``ctx`` tokens
-and ``max_tokens`` at most ``ctx`` (400 ``context_length_exceeded``). The estimate is the
-prompt's UTF-8 bytes / 4 (about 4 bytes a token in English text with common tokenizers;
-fewer for other scripts, so it errs towards letting a prompt through) plus one per token
-id; images and audio are not text and are not counted. The prompt is measured only when
-the body itself is over a limit: most requests cost one len().
+most ``max_prompt_bytes`` bytes of text (413), and on the routes that run a model an
+estimated prompt of at most ``ctx`` tokens and a token cap of at most ``ctx`` (400
+``context_length_exceeded``). The estimate is the prompt's UTF-8 bytes / 4 (about 4 bytes a
+token in English text with common tokenizers; fewer for other scripts, so it errs towards
+letting a prompt through) plus one per token id; images and audio are not text and are not
+counted. The prompt is measured only when the body itself is over a limit: most requests
+cost one len().
 """
 
 from __future__ import annotations
@@ -23,31 +35,66 @@ import math
 import re
 from dataclasses import dataclass
 from email.parser import BytesParser
-from typing import Any
+from typing import Any, Final
 
 from gateway.errors import BadRequest, GatewayError, error_for
 
-MAX_TOKENS_CAP = 1_000_000
+MAX_TOKENS_CAP: Final = 2**31 - 1  # llama-server's own bound on every token cap
 BYTES_PER_TOKEN = 4  # the prompt-size estimate: see the module's docstring
 # parts of a prompt that are not text: their bytes are not prompt bytes
 _MEDIA = frozenset({"image_url", "input_audio", "image", "file", "source", "audio"})
 
-# path → the field that must be present (its type is checked below). /v1/messages is
-# Anthropic's Messages API and /v1/responses OpenAI's Responses API, both of which
-# llama-server serves; /v1/rerank is its reranking endpoint.
-_REQUIRED = {
-    "/v1/chat/completions": "messages",
-    "/v1/completions": "prompt",
-    "/v1/embeddings": "input",
-    "/v1/messages": "messages",
-    "/v1/responses": "input",
-    "/v1/rerank": "query",
-    "/v1/reranking": "query",  # llama-server's alias of /v1/rerank
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    required: tuple[str, ...] = ()  # one of these must be there (llama-server's 400)
+    prompt: tuple[str, ...] = ()  # the prompt's fields: bounded, estimated, logged
+    tokens: tuple[str, ...] = ()  # caps on generated tokens llama-server checks (400)
+    lenient: tuple[str, ...] = ()  # caps it reads if they are numbers, and ignores if not
+    streams: bool = False  # reads `stream`
+    choices: bool = False  # reads `n`
+    inference: bool = True  # runs a model on a slot; else answered in llama-server's HTTP thread
+
+
+_CHAT = _Route(("messages",), ("messages",),
+               ("max_tokens", "max_completion_tokens", "n_predict"), streams=True, choices=True)
+_TEXT = _Route(("prompt",), ("prompt",), ("max_tokens", "n_predict"), streams=True, choices=True)
+_EMBED = _Route(("input", "content"), ("input", "content"))
+_RERANK = _Route(("query",), ("query", "documents", "texts"))
+_NATIVE_TEXT = _Route(("prompt",), ("prompt",), ("n_predict",), ("max_tokens",),
+                      streams=True, choices=True)
+# /v1/messages is Anthropic's Messages API and /v1/responses OpenAI's Responses API, both
+# of which llama-server serves; the paths without /v1 are llama-server's native API
+_ROUTES: Final[dict[str, _Route]] = {
+    "/v1/chat/completions": _CHAT,
+    "/v1/completions": _TEXT,
+    "/v1/embeddings": _EMBED,
+    # without `messages` llama-server answers 500: it is left to answer so
+    "/v1/messages": _Route((), ("messages",), ("max_tokens",), streams=True),
+    "/v1/responses": _Route(("input",), ("input",), ("max_output_tokens", "max_tokens"),
+                            streams=True, choices=True),
+    "/v1/rerank": _RERANK,
+    "/v1/reranking": _RERANK,  # llama-server's alias of /v1/rerank
+    "/completion": _NATIVE_TEXT,
+    "/completions": _NATIVE_TEXT,  # llama-server's: the native route, not the OpenAI one
+    "/infill": _Route((), ("input_prefix", "input_suffix", "prompt", "input_extra"),
+                      ("n_predict",), ("max_tokens",), streams=True, choices=True),
+    "/embedding": _EMBED,
+    "/embeddings": _EMBED,  # native, as /embedding
+    "/rerank": _RERANK,
+    "/reranking": _RERANK,
+    "/tokenize": _Route((), ("content",), inference=False),
+    "/detokenize": _Route(inference=False),
+    "/apply-template": _Route(("messages",), ("messages",), inference=False),
 }
-# the routes validated here: the gateway meters and limits them as inference
-ROUTES: frozenset[str] = frozenset(_REQUIRED)
-# the names a cap on generated tokens goes by, across those APIs and llama-server's own
-_MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict")
+# the /v1 routes validated here: the gateway meters and limits them as inference
+ROUTES: Final = frozenset(p for p in _ROUTES if p.startswith("/v1/"))
+# llama-server's native POST routes the gateway serves (gateway/upstream/llama_routes.py)
+NATIVE: Final = frozenset(p for p in _ROUTES if not p.startswith("/v1/"))
+# those answered without a slot and not metered: tokenizing and templating
+UTILITY: Final = frozenset(p for p, r in _ROUTES.items() if not r.inference)
+# fields holding a list of messages: counted against MAX_MESSAGES
+_MESSAGES = "messages"
 
 
 @dataclass(frozen=True)
@@ -112,31 +159,16 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _check_messages(messages: object) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty array", param="messages")
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-            raise BadRequest(f"'messages[{i}]' must be an object with a string 'role'",
-                             param=f"messages[{i}]")
-        content = msg.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise BadRequest(f"'messages[{i}].content' must be a string or an array",
-                             param=f"messages[{i}].content")
-
-
-def _check_text_input(name: str, value: object) -> None:
-    ok = isinstance(value, str) or (
-        isinstance(value, list) and bool(value)
-        and all(isinstance(v, (str, int, list)) for v in value))
-    if not ok:
-        raise BadRequest(f"'{name}' must be a string or a non-empty array", param=name)
-
-
 def prompt_of(path: str, body: dict[str, Any] | None) -> object:
-    """The user's text in `body` (messages, prompt or input), for LOG_PROMPTS."""
-    field = _REQUIRED.get(path)
-    return None if field is None or body is None else body.get(field)
+    """The user's text in `body` (messages, prompt, input, ...), for LOG_PROMPTS: its one
+    prompt field's value, or those of several (infill, rerank) by name."""
+    route = _ROUTES.get(path)
+    if route is None or body is None or not route.prompt:
+        return None
+    if len(route.prompt) == 1:
+        return body.get(route.prompt[0])
+    found = {name: body[name] for name in route.prompt if name in body}
+    return found or None
 
 
 def model_of(raw: bytes, content_type: str | None) -> str | None:
@@ -176,64 +208,96 @@ def _form_model(raw: bytes, content_type: str) -> str | None:
 
 def validate(path: str, raw: bytes, max_messages: int = 0, max_prompt_bytes: int = 0,
              ctx: int = 0) -> RequestInfo:
-    """Validate an inference body for `path`; raise BadRequest naming the field. The
-    limits (0: none) are the module docstring's."""
+    """Validate a body for `path` (a route in ``_ROUTES``); raise BadRequest naming the
+    field. The limits (0: none) are the module docstring's."""
     body = parse_json(raw)
-    required = _REQUIRED.get(path)
-    if required is not None and required not in body:
-        raise BadRequest(f"missing required field '{required}'", param=required)
-    if required == "messages":
-        messages = body["messages"]
-        if max_messages and isinstance(messages, list) and len(messages) > max_messages:
-            raise BadRequest(f"'messages' has {len(messages)} messages; the limit is "
-                             f"{max_messages} (MAX_MESSAGES)", code="too_many_messages",
-                             param="messages")
-        _check_messages(messages)
-    elif required == "query":
-        if not isinstance(body["query"], str):  # the documents may come as `texts` (TEI's form)
-            raise BadRequest("'query' must be a string", param="query")
-    elif path == "/v1/responses":  # a string, or a list of input items (objects)
-        value = body["input"]
-        if not isinstance(value, str) and not (isinstance(value, list) and value):
-            raise BadRequest("'input' must be a string or a non-empty array", param="input")
-    elif required is not None:
-        _check_text_input(required, body[required])
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise BadRequest("'model' must be a string", param="model")
-    stream = body.get("stream")
-    if stream is None:  # OpenAI takes null for "not streamed"
+    route = _ROUTES[path]
+    required = route.required
+    if required and not any(name in body for name in required):
+        raise BadRequest(f"missing required field '{required[0]}'", param=required[0])
+    messages = body.get(_MESSAGES) if _MESSAGES in required else None
+    if messages is not None:
+        if not isinstance(messages, list):  # llama-server: "Expected 'messages' to be an array"
+            raise BadRequest("'messages' must be an array", param="messages")
+    elif route.prompt == (_MESSAGES,) and isinstance(body.get(_MESSAGES), list):
+        messages = body[_MESSAGES]
+    if max_messages and messages is not None and len(messages) > max_messages:
+        raise BadRequest(f"'messages' has {len(messages)} messages; the limit is "
+                         f"{max_messages} (MAX_MESSAGES)", code="too_many_messages",
+                         param="messages")
+    if route is _RERANK and not isinstance(body["query"], str):
+        raise BadRequest("'query' must be a string", param="query")
+    stream = body.get("stream") if route.streams else None
+    if stream is None:  # OpenAI takes null for "not streamed", and so does llama-server
         stream = False
     elif not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", param="stream")
+    ctx = ctx if route.inference else 0  # tokenizing is not bounded by the context
+    max_tokens = _max_tokens(body, route, ctx)
+    if route.prompt and ((max_prompt_bytes and len(raw) > max_prompt_bytes)
+                         or (ctx and len(raw) // BYTES_PER_TOKEN > ctx)):
+        # the body bounds its prompt: only a body over a limit has its prompt measured
+        _check_prompt_size(route.prompt, body, max_prompt_bytes, ctx)
+    n = _number(body, "n") if route.choices else None
+    if n is not None and n < 1:
+        raise BadRequest("'n' must be at least 1", param="n")
+    n = n or 1
+    prompts = _prompts(body.get("prompt")) if "prompt" in required else 1
+    model = body.get("model")
+    return RequestInfo(model=model if isinstance(model, str) else None, stream=stream,
+                       max_tokens=max_tokens, body=body, n=n, tasks=n * prompts)
+
+
+def _number(body: dict[str, Any], name: str) -> int | None:
+    """A field llama-server reads as an integer: any JSON number (a fraction truncated, a
+    boolean as 0 or 1, as it reads them) or null; anything else is its 400 too."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)):
+        raise BadRequest(f"'{name}' must be a number", param=name)
+    return int(value)
+
+
+def _max_tokens(body: dict[str, Any], route: _Route, ctx: int) -> int | None:
+    """The cap on generated tokens (None: none), from the fields the route reads; the
+    last one read wins (a native route's ``n_predict`` over its ``max_tokens``)."""
     max_tokens = None
-    for name in _MAX_TOKEN_FIELDS:
-        value = body.get(name)
+    for name in route.lenient + route.tokens:
+        if name in route.lenient and not isinstance(body.get(name), (int, float)):
+            continue  # llama-server ignores it
+        value = _number(body, name)
         if value is None:
             continue
-        if not _is_int(value) or not (value == -1 or 1 <= value <= MAX_TOKENS_CAP):
-            raise BadRequest(f"'{name}' must be an integer from 1 to {MAX_TOKENS_CAP}", param=name)
+        if not -1 <= value <= MAX_TOKENS_CAP:
+            raise BadRequest(f"'{name}' must be from -1 to {MAX_TOKENS_CAP}", param=name)
         if ctx and value > ctx:
             raise BadRequest(f"'{name}' is {value}; the context holds {ctx} tokens (CTX)",
                              code="context_length_exceeded", param=name)
         max_tokens = value if value > 0 else None
-    if required is not None and ((max_prompt_bytes and len(raw) > max_prompt_bytes)
-                                 or (ctx and len(raw) // BYTES_PER_TOKEN > ctx)):
-        # the body bounds its prompt: only a body over a limit has its prompt measured
-        _check_prompt_size(required, body[required], max_prompt_bytes, ctx)
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or not 1 <= n <= 128):
-        raise BadRequest("'n' must be an integer from 1 to 128", param="n")
-    n = n or 1
-    prompt = body.get("prompt") if path == "/v1/completions" else None
-    # several prompts: strings or token lists (a list of token ids is one prompt)
-    prompts = len(prompt) if isinstance(prompt, list) and not _is_int(prompt[0]) else 1
-    return RequestInfo(model=model, stream=stream, max_tokens=max_tokens,
-                       body=body, n=n, tasks=n * prompts)
+    return max_tokens
 
 
-def _check_prompt_size(field: str, value: object, max_bytes: int, ctx: int) -> None:
-    size, ids = _text_size(value)
+def _prompts(prompt: object) -> int:
+    """How many prompts llama-server makes of a text completion's ``prompt``: a list of
+    strings or of token lists is several, a list of token ids (with strings among them or
+    not) is one, as its tokenize_input_prompts reads them."""
+    if not isinstance(prompt, list) or not prompt:
+        return 1
+    first = prompt[0]
+    if _is_int(first) or (isinstance(first, str) and any(_is_int(p) for p in prompt)):
+        return 1
+    return len(prompt)
+
+
+def _check_prompt_size(fields: tuple[str, ...], body: dict[str, Any], max_bytes: int,
+                       ctx: int) -> None:
+    sizes = {name: _text_size(body[name]) for name in fields if name in body}
+    if not sizes:
+        return
+    field = max(sizes, key=lambda name: sizes[name][0])  # named in the error
+    size = sum(found[0] for found in sizes.values())
+    ids = sum(found[1] for found in sizes.values())
     if max_bytes and size > max_bytes:
         error: GatewayError = error_for(
             413, f"'{field}' holds {size} bytes of text; the limit is {max_bytes} "

@@ -29,13 +29,26 @@ from gateway.state import AppState
 from gateway.upstream.client import BackendError
 
 # route → (the bytes each token event of its stream holds, the bytes of events among those
-# that are not tokens): a chat stream opens each choice with an event that only names the role
+# that are not tokens): a chat stream opens each choice with an event that only names the
+# role; llama-server's native stream (/completion) marks each token event "stop":false, and
+# so its prompt-progress events (return_progress), which carry no token
+_NATIVE: Final = (b'"stop":false', b'"prompt_progress"')
 MARKERS: Final[dict[str, tuple[bytes, bytes]]] = {
     "/v1/chat/completions": (b'"delta":{"', b'"delta":{"role"'),
     "/v1/completions": (b'"finish_reason":null', b""),
     "/v1/messages": (b'"type":"content_block_delta"', b""),
     "/v1/responses": (b'.delta","', b""),
+    "/completion": _NATIVE,
+    "/completions": _NATIVE,
+    "/infill": _NATIVE,
 }
+# routes whose answer may carry no counts (llama-server's native embeddings, and its OpenAI
+# route given `content`): their prompt is counted as a cut request's is, once answered
+COUNTED_AFTER: Final = frozenset({"/embedding", "/embeddings", "/v1/embeddings"})
+# a text prompt's routes: `prompt` is a string, token ids, or several of those
+_TEXT: Final = frozenset({"/v1/completions", "/completion", "/completions"})
+# inputs of one embeddings request counted one by one; more are estimated
+_MAX_COUNTED_INPUTS: Final = 16
 # how long a cut request's prompt may take to count: the slot is already given back
 COUNT_DEADLINE: Final = 1.0
 
@@ -94,14 +107,33 @@ async def _counted_prompt(state: AppState, ex: Exchange, path: str,
         applied = await _post(state, ex, "/apply-template", {**template, **model})
         text = applied.get("prompt") if applied is not None else None
         return None if not isinstance(text, str) else await _tokens(state, ex, text, model)
-    if path == "/v1/completions":
+    if path in _TEXT:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return len(prompt)  # token ids
-        return await _tokens(state, ex, prompt, model) if isinstance(prompt, str) else None
+        return await _input_tokens(state, ex, prompt, model)
+    if path in COUNTED_AFTER:  # each input is one prompt
+        inputs = body.get("input", body.get("content"))
+        if not isinstance(inputs, list) or not inputs or isinstance(inputs[0], int):
+            return await _input_tokens(state, ex, inputs, model)
+        if len(inputs) > _MAX_COUNTED_INPUTS:
+            return None
+        total = 0
+        for item in inputs:
+            counted = await _input_tokens(state, ex, item, model)
+            if counted is None:
+                return None
+            total += counted
+        return total
     return None
+
+
+async def _input_tokens(state: AppState, ex: Exchange, prompt: object,
+                        model: dict[str, str]) -> int | None:
+    """One prompt's tokens: a string's as llama-server tokenizes it, token ids counted."""
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return len(prompt)  # token ids
+    return await _tokens(state, ex, prompt, model) if isinstance(prompt, str) else None
 
 
 async def _tokens(state: AppState, ex: Exchange, text: str, model: dict[str, str]) -> int | None:

@@ -1,10 +1,12 @@
-"""Forwards /v1/* requests to llama-server: validate, admit, forward, relay.
+"""Forwards /v1/* requests, and llama-server's native routes (gateway/upstream/llama_routes.py),
+to llama-server: validate, admit, forward, relay.
 
 The body is forwarded byte for byte; only inference routes are parsed (for
-validation, the model name and token limits). Backend work is cancelled as soon
-as the client goes away: the edge server cancels the request's task, and an
-unfinished upstream response is closed, not returned to the pool, which makes
-llama-server drop the request and free its slot.
+validation, the model name and token limits); a multi-model backend is sent the name of
+the model a request resolved to (an alias's, the default), as its router picks by name.
+Backend work is cancelled as soon as the client goes away: the edge server cancels the
+request's task, and an unfinished upstream response is closed, not returned to the pool,
+which makes llama-server drop the request and free its slot.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.exchange import Exchange
-from gateway.observe.metering import tokens_from_body
+from gateway.observe.metering import tokens_from_body, tokens_from_results
 from gateway.policy import auth, ratelimit, validation
 from gateway.policy.validation import RequestInfo, model_of, prompt_of, validate
 from gateway.state import AppState
-from gateway.upstream import cut, forward, slots, sse
+from gateway.upstream import cut, forward, llama_routes, slots, sse
 from gateway.upstream import fold as unstream
 from gateway.upstream.client import BackendBroken, Response
 
@@ -40,6 +42,8 @@ log = logging.getLogger("llamagate.gateway.proxy")
 # validated, metered and limited: the OpenAI ones, and llama-server's Anthropic Messages,
 # OpenAI Responses and rerank endpoints, which run the same models on the same slots
 INFERENCE_ROUTES = validation.ROUTES
+# those and llama-server's native POST routes: every body the proxy parses and checks
+_VALIDATED = validation.ROUTES | validation.NATIVE
 # generation routes whose bodies are forms (an audio file): metered, not validated
 METERED_FORMS = frozenset({"/v1/audio/transcriptions"})
 # the methods llama-server routes (tools/server registers Get and Post handlers only; its
@@ -56,15 +60,15 @@ async def handle(call: Call) -> None:
     state: AppState = call.state
     ex: Exchange = call.ex
     info: RequestInfo | None = None
-    if call.method == "POST" and call.path in INFERENCE_ROUTES:
+    if call.method == "POST" and call.path in _VALIDATED:
         config = state.config
         # CTX is the context of a llama-server we start; a BACKEND_URL one's is not known here
         info = validate(call.path, call.body, config.max_messages, config.max_prompt_bytes,
                         config.ctx if config.supervise_backend else 0)
         _resolve_model(call, state, ex, info)
+        raw = _forwarded_body(call, state, ex, info)
     else:
-        _resolve_named_model(call, state, ex)
-    raw = _forwarded_body(call, state, ex, info)
+        raw = _resolve_named_model(call, state, ex)
     timeout = _may_proceed(call, state, ex)
     loop = asyncio.get_running_loop()
     # the timeout counts queueing too (expire() below enforces it): a client's deadline is
@@ -76,8 +80,9 @@ async def handle(call: Call) -> None:
     state.idle.clear()
     metrics = state.metrics
     counted = not metrics.live_gauges
-    # reads (model listings, props) take no slot: llama-server answers them at once
-    reads = call.method in ("GET", "HEAD")
+    # reads (model listings, props) and tokenizing or templating take no backend slot:
+    # llama-server answers them at once, in its HTTP threads
+    reads = call.method in ("GET", "HEAD") or call.path in validation.UTILITY
     if not reads:
         try:
             await slots.wait_for_slot(state, ex, counted)
@@ -122,42 +127,47 @@ def _answered_here(call: Call) -> bool:
 
 
 def _resolve_model(call: Call, state: AppState, ex: Exchange, info: RequestInfo) -> None:
-    """An inference request's model: one served, one the key may use, or its fallback."""
-    ex.inference, ex.stream, ex.max_tokens = True, info.stream, info.max_tokens
-    ex.n, ex.tasks = info.n, info.tasks
+    """A validated request's model: one served (an alias's, the default), one the key may
+    use, or, for inference, its fallback."""
+    inference = call.path not in validation.UTILITY
+    if inference:
+        ex.inference, ex.stream, ex.max_tokens = True, info.stream, info.max_tokens
+        ex.n, ex.tasks = info.n, info.tasks
     if state.config.log_prompts:
         ex.prompt = prompt_of(call.path, info.body)
-    model = state.models.resolve(info.model)
-    if model is None:  # ex.model stays "-": a client must not mint metric label values
-        raise NotFound(f"model '{info.model}' does not exist; available: "
-                       f"{', '.join(state.models.names)}", code="model_not_found", param="model")
-    ex.model = model
+    ex.model = model = state.models.require(info.model)
     key = call.key
     auth.check_model(key, ex, call.method, state)  # the model asked for, before any fallback
+    state.activity.touch()
+    if not inference:  # tokenizing with a fallback's vocabulary would answer wrongly
+        state.models.touch(model)
+        return
     # 503 while it cools down, or its fallback (only one the key may use too)
     routed = state.models.route(model, lambda m: auth.may_use(key, m))
     ex.model = routed
     if routed != model:
         ex.fallback = routed
-    state.activity.touch()
 
 
-def _resolve_named_model(call: Call, state: AppState, ex: Exchange) -> None:
+def _resolve_named_model(call: Call, state: AppState, ex: Exchange) -> bytes:
     """Any other route whose body names a model (count_tokens, and whatever llama-server adds)
-    runs that model: it must be one served, and one the key may use."""
+    runs that model: it must be one served, and one the key may use. The body to forward."""
+    if call.method in ("GET", "HEAD") and call.path in llama_routes.READS:
+        llama_routes.name_in_query(call, state, ex)
+        return call.body
     if call.method != "POST" or not call.body:
-        return
+        return call.body
     named = model_of(call.body, call.headers.get("content-type"))
     if named is not None or call.path in METERED_FORMS:
-        model = state.models.resolve(named)
-        if model is None:
-            raise NotFound(f"model '{named}' does not exist; available: "
-                           f"{', '.join(state.models.names)}", code="model_not_found",
-                           param="model")
-        ex.model = model
+        ex.model = model = state.models.require(named)
+        if named is not None and state.models.renames(named, model) \
+                and call.body.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"{":
+            # an alias (a JSON body; a form's is sent as it is): the router picks by name
+            return json.dumps({**validation.parse_json(call.body), "model": model}).encode()
     if call.path in METERED_FORMS:
         ex.inference = True  # it generates, and its answer carries usage
         state.activity.touch()
+    return call.body
 
 
 def _forwarded_body(call: Call, state: AppState, ex: Exchange, info: RequestInfo | None) -> bytes:
@@ -173,7 +183,9 @@ def _forwarded_body(call: Call, state: AppState, ex: Exchange, info: RequestInfo
         # Several tasks never do: llama-server's own body counts one task's tokens
         ex.unstream = True
         return unstream.stream_body({**info.body, "model": ex.model}, call.path)
-    if ex.fallback is not None:
+    if ex.fallback is not None or state.models.renames(info.model, ex.model):
+        # another model answers, or a router must be told the one resolved (an alias's,
+        # the default where the client named none)
         return json.dumps({**(info.body or {}), "model": ex.model}).encode()
     return call.body
 
@@ -215,7 +227,8 @@ def retrieves_model(call: Call) -> bool:
 
 def _retrieve_model(call: Call, state: AppState, name: str) -> None:
     """GET /v1/models/{model} (the SDK's models.retrieve), which llama-server lacks."""
-    # only a name the catalog lists (an empty catalog accepts any name for a request)
+    # only a name the catalog lists (an empty catalog accepts any name for a request; an
+    # alias, or any name with one model, reaches a model but is none)
     if state.models.resolve(name) != name or name not in state.models.names \
             or not auth.may_use(call.key, name):
         raise NotFound(f"model '{name}' does not exist", code="model_not_found", param="model")
@@ -267,6 +280,10 @@ async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,
             ex.end = "backend_failed"
             raise BackendUnavailable(str(exc), retry_after=2) from None
         _meter_whole(ex, resp.status, body)
+        if ex.tokens is None and resp.status == 200 and call.path in cut.COUNTED_AFTER:
+            # an answer without counts (llama-server's native embeddings): its prompt is
+            # counted now, before the answer settles the key's limits and usage
+            await cut.charge(state, ex, call.path, None if info is None else info.body)
         if resp.status >= 400 and resp.content_type.startswith("application/json"):
             body = backend_error(resp.status, body)
         _respond(call, resp.status, body, resp.content_type or None, resp.headers)
@@ -280,7 +297,10 @@ def _meter_whole(ex: Exchange, status: int, body: bytes) -> None:
     # so this request has no time to first token to observe
     ex.completed = True
     if ex.inference and status == 200:
-        ex.tokens = tokens_from_body(body)
+        # several tasks answered natively (/completion with n > 1 or several prompts): a
+        # JSON array of results, each with its counts
+        ex.tokens = tokens_from_results(body, ex.n) if ex.tasks > 1 and body[:1] == b"[" \
+            else tokens_from_body(body)
     elif ex.inference and 400 <= status < 500:
         ex.tokens = (0, 0)  # refused before any work: its reservation is not a charge
 

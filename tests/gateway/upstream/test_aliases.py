@@ -1,7 +1,8 @@
-"""The paths without `/v1` that llama-server accepts too (POST /chat/completions,
-/completions, /embeddings, GET /models) are served as their `/v1` routes: the same
-validation, auth, limits, metrics route and cancellation. Other llama-server paths
-stay unknown to the gateway."""
+"""The paths without `/v1` that llama-server routes as its `/v1` ones (POST /chat/completions,
+/responses, GET /models) are served as their `/v1` routes: the same validation, auth,
+limits, metrics route and cancellation. Its /completions and /embeddings are its native
+routes, served as such (tests/gateway/upstream/test_native_routes.py); the paths the gateway
+does not serve stay unknown to it."""
 
 from __future__ import annotations
 
@@ -22,10 +23,9 @@ from tests.support.rawhttp import Client, json_request
 from tests.support.wait import wait_until
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+# (/responses too: the fake llama-server has no /v1/responses; tests/serving/test_drop_in.py)
 ALIASES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/chat/completions", {"messages": MESSAGES, "max_tokens": 2}),
-    ("POST", "/completions", {"prompt": "hi", "max_tokens": 2}),
-    ("POST", "/embeddings", {"input": "hi"}),
     ("GET", "/models", None),
 ]
 
@@ -58,15 +58,16 @@ async def test_an_alias_is_answered_as_its_v1_route(
 
 async def test_an_alias_is_validated_as_its_v1_route(gateway: Gateway, fake: FakeLlama,
                                                      http: aiohttp.ClientSession) -> None:
-    async with http.post(gateway.url + "/chat/completions", json={"messages": []}) as r:
+    async with http.post(gateway.url + "/chat/completions", json={"messages": "hi"}) as r:
         assert r.status == 400
         assert r.headers["X-Request-ID"]
         error = assert_openai_error(await r.json(), "invalid_request_error", "invalid_request")
         assert error["param"] == "messages"
-    async with http.post(gateway.url + "/completions",
-                         json={"prompt": "a", "model": "no-such-model"}) as r:
-        assert r.status == 404
-        assert_openai_error(await r.json(), "invalid_request_error", "model_not_found")
+    async with http.post(gateway.url + "/chat/completions",
+                         json={"messages": MESSAGES, "stream": "yes"}) as r:
+        assert r.status == 400
+        error = assert_openai_error(await r.json(), "invalid_request_error", "invalid_request")
+        assert error["param"] == "stream"
     assert fake.requests() == []
 
 
@@ -119,7 +120,8 @@ async def test_a_client_leaving_an_alias_cancels_the_backend_request(gateway: Ga
 
 
 @pytest.mark.parametrize(("method", "path"), [
-    ("POST", "/completion"), ("POST", "/embedding"), ("POST", "/tokenize"), ("GET", "/props"),
+    ("POST", "/lora-adapters"), ("GET", "/lora-adapters"), ("POST", "/slots/0"),
+    ("POST", "/models/load"), ("POST", "/api/chat"),
     ("POST", "/chat/completions/"), ("GET", "/models/tiny"),
 ])
 async def test_other_llama_server_paths_stay_unknown(gateway: Gateway, fake: FakeLlama,

@@ -284,8 +284,8 @@ async def test_other_apis_are_metered_as_the_openai_ones(backend: Backend, gatew
 
 async def test_aliases_answer_as_the_v1_routes(backend: Backend, gateway: Gateway,
                                                http: aiohttp.ClientSession) -> None:
-    """The `/v1`-less paths answer as the `/v1` routes, OpenAI-shaped, whatever llama-server's
-    own path of that name answers (its /completions is its native /completion format)."""
+    """The `/v1`-less paths llama-server routes as its `/v1` ones answer as the `/v1` routes;
+    its /completions is its native /completion (issue 26: answered as llama-server does)."""
     url = gateway.url
     async with http.get(url + "/models") as r:
         assert r.status == 200
@@ -298,11 +298,13 @@ async def test_aliases_answer_as_the_v1_routes(backend: Backend, gateway: Gatewa
         assert r.status == 200
         chat = await r.json()
     assert chat["object"] == "chat.completion" and chat["usage"]["completion_tokens"] == 3
-    async with http.post(url + "/completions", json={"prompt": "once", "max_tokens": 3}) as r:
+    async with http.post(url + "/completions", json={"prompt": "once", "n_predict": 3}) as r:
         assert r.status == 200
         completion = await r.json()
-    assert completion["object"] == "text_completion" and "choices" in completion
+    assert completion["stop"] is True and completion["tokens_predicted"] == 3
     _, samples = await scrape(http, url)
     assert samples.total("llamagate_requests_total", route="/v1/chat/completions",
                          status="200") == 1
-    assert samples.total("llamagate_prompt_tokens_total") > 0  # usage was read: OpenAI-shaped
+    assert samples.total("llamagate_requests_total", route="/completions", status="200") == 1
+    # both metered: 3 tokens each, from the usage and from the native timings
+    assert samples.total("llamagate_completion_tokens_total") == 6
