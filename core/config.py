@@ -368,8 +368,6 @@ def _read(r: _Reader, environ: Mapping[str, str], root: Path) -> dict[str, Any]:
     if 0 < hang_restart <= hang:
         r.problems.append(f"BACKEND_HANG_RESTART_SECONDS={hang_restart:g}: must be more than "
                           f"BACKEND_HANG_SECONDS ({hang:g}), or 0 for never")
-    if values["port"] == values["port_health"] != 0:
-        r.problems.append(f"PORT and PORT_HEALTH: must differ (both {values['port']})")
     return values
 
 

@@ -23,7 +23,7 @@ from gateway.admin import openapi
 from gateway.admin.catalog import ModelCatalog
 from gateway.edge.client_address import ClientAddress
 from gateway.edge.server import HttpServer
-from gateway.observe import probes
+from gateway.observe import health_link, probes
 from gateway.observe.metrics import BackendCollector, GatewayMetrics, make_registries
 from gateway.observe.model_metrics import ModelStateCollector
 from gateway.policy.admission import Admission
@@ -50,6 +50,8 @@ class Wiring:
     admission_socket: Path | None = None  # several workers: the serve process's single queue
     limits_file: Path | None = None  # several workers: per-key rate limits they share
     worker_index: int = 0  # which of GATEWAY_WORKERS this is
+    # PORT == PORT_HEALTH: the health process's socket, which answers the probes on PORT
+    health_socket: Path | None = None
 
 
 def create_app(config: Config, wiring: Wiring) -> web.Application:
@@ -74,7 +76,11 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     app[APP_STATE] = state
     state.cors = Cors(config.cors_origins)
     state.clients = ClientAddress(config.trusted_proxies)
-    _routes(state.router, config, wiring)
+    link = None
+    if wiring.health_socket is not None:  # one listener for both tiers
+        link = health_link.HealthLink(wiring.health_socket)
+        app.cleanup_ctx.append(link.ctx)
+    _routes(state.router, config, wiring, link)
     # keyring, limits, usage, audit, /admin routes (models, pulls and profiles via the socket)
     shared = wiring.limits_file if config.auth_enabled else None  # several workers
     keys_wiring.install(
@@ -90,10 +96,15 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     return app
 
 
-def _routes(router: Router, config: Config, wiring: Wiring) -> None:
+def _routes(router: Router, config: Config, wiring: Wiring,
+            link: health_link.HealthLink | None) -> None:
     """The gateway's own routes; keys_wiring adds /admin/* when auth is on."""
-    router.add(["GET"], "/ping", probes.ping, PUBLIC)
-    router.add(["GET"], "/health", probes.health, PUBLIC)
+    if link is None:
+        router.add(["GET"], "/ping", probes.ping, PUBLIC)
+        router.add(["GET"], "/health", probes.health, PUBLIC)
+    else:  # PORT == PORT_HEALTH: the health process answers them (gateway/observe/health_link.py)
+        for path in health_link.PROBES:
+            router.add(["GET"], path, health_link.handler(link), PUBLIC)
     router.add(["GET"], "/metrics", probes.metrics, SCOPE_METRICS)
     router.add(["GET"], "/openapi.json", openapi.handler(
         admin=config.auth_enabled, models_admin=wiring.control_socket is not None), PUBLIC)

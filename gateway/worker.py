@@ -44,7 +44,8 @@ def parse_wiring(raw: str) -> Wiring:
                   admission_socket=Path(data["admission_socket"])
                   if data.get("admission_socket") else None,
                   limits_file=Path(data["limits_file"]) if data.get("limits_file") else None,
-                  worker_index=int(data.get("worker_index", 0)))
+                  worker_index=int(data.get("worker_index", 0)),
+                  health_socket=Path(data["health_socket"]) if data.get("health_socket") else None)
 
 
 async def run(app: web.Application, host: str, port: int, reuse_port: bool) -> None:

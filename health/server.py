@@ -107,11 +107,13 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
     response.headers["Server"] = "llamagate"  # not aiohttp's, which names its version
 
 
-async def _serve(app: web.Application, host: str, port: int) -> None:
+async def _serve(app: web.Application, host: str, port: int, unix: Path | None) -> None:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        site: web.BaseSite = (web.TCPSite(runner, host, port) if unix is None
+                              else web.UnixSite(runner, str(unix)))
+        await site.start()
         stopped = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
         await stopped.wait()
@@ -127,9 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="health.server")
     parser.add_argument("--runtime-dir", required=True, type=Path)
+    # PORT == PORT_HEALTH: no port of its own; the gateway answers the probes by asking here
+    parser.add_argument("--unix", type=Path, default=None, help="listen on this socket instead")
     args = parser.parse_args(argv)
     config = config_or_exit("health")
-    asyncio.run(_serve(create_app(config, args.runtime_dir), config.host, config.port_health))
+    asyncio.run(_serve(create_app(config, args.runtime_dir), config.host, config.port_health,
+                       args.unix))
     return 0
 
 

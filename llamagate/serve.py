@@ -82,6 +82,7 @@ class Service:
                          retries=config.pull_retries),
             on_success=self._pulled)
         self.control_socket = self.runtime_dir / "control.sock"
+        self.one_listener = config.port == config.port_health != 0
         self._preload: asyncio.Future[None] | None = None
         self.started = time.time()
 
@@ -149,8 +150,12 @@ class Service:
         await control.setup()
         await web.UnixSite(control, str(self.control_socket)).start()
         await self.pulls.start()
+        # PORT == PORT_HEALTH (RunPod's default): one listener, the gateway's; the health
+        # process answers the probes it forwards over a socket (gateway/observe/health_link.py)
+        health_socket = self.runtime_dir / "health.sock" if self.one_listener else None
         health = Child("health", [sys.executable, "-m", "health.server",
-                                  "--runtime-dir", str(self.runtime_dir)], env)
+                                  "--runtime-dir", str(self.runtime_dir),
+                                  *(["--unix", str(health_socket)] if health_socket else [])], env)
         await health.start()
         health.supervise()
         self.children.append(health)
@@ -166,6 +171,8 @@ class Service:
             await control.cleanup()
             return 1
         wiring["control_socket"] = str(self.control_socket)
+        if health_socket is not None:
+            wiring["health_socket"] = str(health_socket)
         hub = None
         if self.config.gateway_workers > 1:  # one admission queue for all of them
             c = self.config

@@ -42,9 +42,10 @@ def test_extra_args_are_shell_split() -> None:
     assert config.extra_args == ("--flash-attn", "on", "--chat-template", "chat ml")
 
 
-def test_same_port_twice_is_rejected() -> None:
-    with pytest.raises(ConfigError, match="PORT and PORT_HEALTH"):
-        load_config({"PORT": "9000", "PORT_HEALTH": "9000"})
+def test_same_port_twice_is_one_listener() -> None:
+    # RunPod's default: serve then answers the probes on the gateway's port
+    config = load_config({"PORT": "9000", "PORT_HEALTH": "9000"})
+    assert config.port == config.port_health == 9000
 
 
 @pytest.mark.parametrize(("platform", "data_dir"), [
