@@ -53,6 +53,7 @@ class Snapshot:
     last_error: str | None = None
     since: float = 0.0
     retry_at: float | None = None  # wall time of the next start attempt, while restarting
+    load_seconds: float | None = None  # the last start's time to ready: the model's cold start
 
 
 class StartupError(RuntimeError):
@@ -126,10 +127,12 @@ class Supervisor:
         self._proc = ServerProcess(build_argv(self.spec), env=build_env(self.spec),
                                    tail_lines=400 if self.spec.router else 40)
         self._set(BackendState.STARTING, pid=None)
+        began = time.monotonic()
         await self._proc.start()
         self.snapshot = replace(self.snapshot, pid=self._proc.pid)
         await self._wait_ready(self._proc)
-        self._set(BackendState.READY, last_error=None)
+        self._set(BackendState.READY, last_error=None,
+                  load_seconds=round(time.monotonic() - began, 3))
 
     async def _wait_ready(self, proc: ServerProcess) -> None:
         loop = asyncio.get_running_loop()

@@ -102,6 +102,9 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "json"
     log_prompts: bool = False
+    # OpenTelemetry's own variable: set, traces and metrics are pushed over OTLP/HTTP (the
+    # SDK reads every other OTEL_* variable itself: gateway/observe/otel.py)
+    otel_exporter_otlp_endpoint: str | None = None
     # lifecycle
     shutdown_grace_seconds: float = 30.0
     idle_shutdown_seconds: int = 0
@@ -354,6 +357,8 @@ def _read(r: _Reader, environ: Mapping[str, str], root: Path) -> dict[str, Any]:
         log_level=r.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),
         log_format=r.choice("LOG_FORMAT", "json", ("json", "text")),
         log_prompts=r.boolean("LOG_PROMPTS", False),
+        otel_exporter_otlp_endpoint=r.parse("OTEL_EXPORTER_OTLP_ENDPOINT", _url, None,
+                                            "an http:// or https:// URL"),
         shutdown_grace_seconds=r.number("SHUTDOWN_GRACE_SECONDS", 30.0, 0, 86400),
         idle_shutdown_seconds=r.integer("IDLE_SHUTDOWN_SECONDS", 0, 0, 10_000_000),
         platform=platform,

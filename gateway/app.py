@@ -24,8 +24,9 @@ from gateway.admin.catalog import ModelCatalog
 from gateway.edge.client_address import ClientAddress
 from gateway.edge.server import HttpServer
 from gateway.observe import health_link, probes
-from gateway.observe.metrics import BackendCollector, GatewayMetrics, make_registries
+from gateway.observe.metrics import GatewayMetrics, make_registries
 from gateway.observe.model_metrics import ModelStateCollector
+from gateway.observe.process_metrics import BackendCollector, ProcessCollector, service_processes
 from gateway.policy.admission import Admission
 from gateway.policy.cors import Cors
 from gateway.policy.shared_admission import SharedAdmission
@@ -70,7 +71,9 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
         exposed_registry=exposed,
     )
     state.models.reread = upstream.refresh
-    exposed.register(BackendCollector(lambda: (upstream.status.ready, upstream.status.restarts)))
+    exposed.register(BackendCollector(lambda: upstream.status.ready, lambda: upstream.serve_state))
+    exposed.register(ProcessCollector(service_processes(wiring.runtime_dir,
+                                                        lambda: upstream.serve_state)))
     exposed.register(ModelStateCollector(state.models))
     state.metrics.follow(state.admission)
     app[APP_STATE] = state
@@ -93,7 +96,25 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     app.cleanup_ctx.append(_background(lambda: slots.expire(state), "request-timeouts"))
     if wiring.runtime_dir is not None:
         app.cleanup_ctx.append(_heartbeat_ctx(state, wiring.runtime_dir))
+    if config.otel_exporter_otlp_endpoint is not None:
+        app.cleanup_ctx.append(_telemetry_ctx(state))
     return app
+
+
+def _telemetry_ctx(state: AppState
+                   ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    """OTLP export (gateway/observe/otel.py), flushed at shutdown. Imported here only: the
+    SDK costs a worker its import time and memory, and most deployments scrape instead."""
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        from gateway.observe.otel import Telemetry
+        state.telemetry = Telemetry()
+        try:
+            yield
+        finally:
+            telemetry, state.telemetry = state.telemetry, None
+            await asyncio.to_thread(telemetry.shutdown)  # its exporters post synchronously
+    return ctx
 
 
 def _routes(router: Router, config: Config, wiring: Wiring,

@@ -38,6 +38,10 @@ class Exchange:
     generated: int = 0  # token events relayed: a cut-short request's completion (upstream/cut.py)
     head: bytes = b""  # a stream's first chunk (an Anthropic stream's input tokens are in it)
     estimated: bool = False  # tokens counted by the gateway's estimate, not the backend
+    finish: str | None = None  # why the generation ended (metering.finish_reason)
+    forwarded_at: float | None = None  # when it was handed to the backend: the gateway's share
+    answered_at: float | None = None  # when the backend's answer head came (OpenTelemetry spans)
+    traceparent: str | None = None  # the client's W3C trace context, kept only for OTLP export
 
     @property
     def ttft(self) -> float | None:

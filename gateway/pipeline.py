@@ -56,6 +56,8 @@ async def handle(call: Call) -> None:
     ex = Exchange(request_id=request_id_of(call.headers), route=route_label(call.path))
     call.ex = ex
     request_id_var.set(ex.request_id)  # this task's own context: no reset needed
+    if state.telemetry is not None:
+        ex.traceparent = call.headers.get("traceparent")
     status = 499  # client closed the request, unless we learn otherwise
     try:
         await _errors(call, state, ex)
@@ -69,7 +71,7 @@ async def handle(call: Call) -> None:
         raise
     finally:
         if call.path not in QUIET:  # probes and scrapes must not flood the log or metrics
-            record(state.metrics, ex, status, call.method)
+            record(state.metrics, ex, status, call.method, state.telemetry)
 
 
 async def _errors(call: Call, state: AppState, ex: Exchange) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -21,6 +22,9 @@ from gateway.policy.cors import Cors
 from gateway.policy.throttle import AddressThrottle
 from gateway.router import Router
 from gateway.upstream.backend import Upstream
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK is loaded only where export is on
+    from gateway.observe.otel import Telemetry
 from keys.reloader import KeyReloader
 from keys.usage_recorder import UsageRecorder
 
@@ -59,6 +63,7 @@ class AppState:
     # who the client is behind TRUSTED_PROXIES (gateway/edge/client_address.py)
     clients: ClientAddress = field(default_factory=lambda: ClientAddress(()))
     router: Router = field(default_factory=Router)  # every route on the port (gateway/app.py)
+    telemetry: Telemetry | None = None  # OTLP export, when OTEL_EXPORTER_OTLP_ENDPOINT is set
 
     def drain_deadline_now(self) -> None:
         self.drain_now.set()

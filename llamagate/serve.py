@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import multiprocess
 
 from backend.argv import ServerSpec, common_options
-from backend.binary import BinaryNotFound, find_llama_server
+from backend.binary import BinaryNotFound, find_llama_server, version_of
 from backend.external import ExternalBackend
 from backend.models.errors import ModelsError
 from backend.models.hub import HubClient
@@ -66,6 +66,7 @@ class Service:
         self.backend_state: dict[str, Any] = {"state": "starting", "restarts": 0}
         self.models: tuple[str, ...] = ()
         self.models_known = True  # False: BACKEND_URL's list not read yet
+        self.llama_cpp: str | None = None  # the supervised llama-server's build (build_info)
         self.supervisor: Supervisor | None = None
         self.external: ExternalBackend | None = None
         self.children: list[Child] = []
@@ -96,7 +97,7 @@ class Service:
             "mode": self.mode, "profile": fleet.profile.name if fleet and fleet.profile else None,
             "model_states": fleet.published() if fleet else {},
             "auth": self.config.auth_enabled, "platform": self.config.platform.value,
-            "started": self.started})
+            "started": self.started, "llama_cpp": self.llama_cpp})
 
     async def models_changed(self) -> None:
         """A rescan or an override edit: the served set follows when it is every model."""
@@ -130,7 +131,8 @@ class Service:
         # ready after a start, not after a hang that ended (unresponsive → ready)
         started = snap.state.value == "ready" and self.backend_state.get("state") == "starting"
         self.backend_state = {"state": snap.state.value, "restarts": snap.restarts, "pid": snap.pid,
-                              "last_error": snap.last_error, "retry_at": snap.retry_at}
+                              "last_error": snap.last_error, "retry_at": snap.retry_at,
+                              "load_seconds": snap.load_seconds}
         self.publish()
         if self.fleet is not None and started and snap.restarts > 0:
             # a restarted router starts with nothing loaded: preload the profile's models again
@@ -235,6 +237,7 @@ class Service:
                     "models": list(self.models), "models_known": self.models_known}
         choice = self._single_model()
         binary = find_llama_server(config.llama_server_path)
+        self.llama_cpp = await asyncio.to_thread(version_of, binary)
         key_file = self.runtime_dir / "backend.key"
         runtime.write_secret(key_file, secrets.token_urlsafe(32))
         port = config.port_backend or free_port()

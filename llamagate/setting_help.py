@@ -85,6 +85,8 @@ SECTIONS: Final[tuple[tuple[str, dict[str, str]], ...]] = (
         "LOG_LEVEL": "log level; warning and above also turn the access log off",
         "LOG_FORMAT": "json (one object per line) or text",
         "LOG_PROMPTS": "put prompt text in the access log",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "push traces and metrics over OTLP/HTTP to this "
+                                       "collector; unset = off",
     }),
     ("lifecycle", {
         "SHUTDOWN_GRACE_SECONDS": "seconds in-flight requests get to finish after SIGTERM",

@@ -10,6 +10,7 @@ import openai
 import pytest
 import requests
 
+from tests.support.metrics import Samples
 from tests.support.service import Service, gated_llama_server
 from tests.support.wait import wait_for
 
@@ -165,3 +166,18 @@ def test_bad_setting_fails_fast_naming_the_variable(tmp_path: Path) -> None:
     assert svc.wait_exit(30) == 2
     log = svc.log()
     assert "PORT_HEALTH='eighty'" in log and "CTX='-1'" in log
+
+
+def test_metrics_cover_the_services_processes_and_build(service: Service) -> None:
+    samples = Samples.parse(requests.get(service.url + "/metrics", timeout=10).text)
+    health = service.health()
+    for process in ("serve", "gateway", "llama-server"):
+        assert samples.total("llamagate_process_resident_memory_bytes", process=process) > 0
+    llama_pid = str(health["backend"]["pid"])
+    assert samples.total("llamagate_process_cpu_seconds_total", pid=llama_pid) >= 0
+    assert samples.total("llamagate_process_resident_memory_bytes", pid=llama_pid) > 0
+    assert samples.get_value("llamagate_backend_restarts_total") == 0
+    assert 0 < (samples.get_value("llamagate_backend_load_seconds") or 0) < 60
+    builds = [dict(labels) for (name, labels) in samples if name == "llamagate_build_info"]
+    assert len(builds) == 1 and builds[0]["llama_cpp"].startswith("b")
+    assert builds[0]["version"] and builds[0]["cuda"] == "none"

@@ -25,7 +25,7 @@ the same counts); several tasks answered whole are a JSON array of such results.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Final
 
 from gateway.upstream.events import EventParser
 
@@ -203,3 +203,31 @@ class ChoiceTally:
     def result(self) -> tuple[int, int] | None:
         return combined(self.counts, self.n) if self.counts else None
 
+
+# why a generation ended, as each API spells it → the OpenAI name: a bounded label
+_FINISH_FIELDS: Final = (b'"finish_reason"', b'"stop_reason"', b'"stop_type"')
+_FINISH_NAMES: Final = {
+    "stop": "stop", "length": "length", "tool_calls": "tool_calls",
+    "content_filter": "content_filter", "function_call": "tool_calls",
+    "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+    "eos": "stop", "word": "stop", "limit": "length",  # llama-server's native stop_type
+}
+
+
+def finish_reason(data: bytes) -> str | None:
+    """The last finish reason in an answer's body or a stream's tail (OpenAI's finish_reason,
+    Anthropic's stop_reason, llama-server's native stop_type), as OpenAI names it; "other"
+    for a value not known here; None when there is none."""
+    for field in _FINISH_FIELDS:
+        at = data.rfind(field)
+        if at < 0:
+            continue
+        start = at + len(field)
+        while start < len(data) and data[start] in b' \t:':  # `":"` or `": "`
+            start += 1
+        if data[start:start + 1] != b'"':
+            return None  # null: not ended (a stream cut short)
+        end = data.find(b'"', start + 1)
+        if end > start + 1:
+            return _FINISH_NAMES.get(data[start + 1:end].decode("ascii", "replace"), "other")
+    return None

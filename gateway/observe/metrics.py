@@ -8,17 +8,17 @@ and `collect_registry()` sums them, so any worker's /metrics reports totals.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
 from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1)
+_TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+_OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1)
 
 
 _M = TypeVar("_M", Counter, Histogram)
@@ -54,8 +54,28 @@ class GatewayMetrics:
             "they ended (completed, client_closed, backend_failed, timeout, shutdown)",
             ["route", "status", "model", "key_id", "ended"], registry=registry)
         self.duration = Histogram(
-            "llamagate_request_duration_seconds", "Time from request to the end of the response",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=registry)
+            "llamagate_request_duration_seconds",
+            "Time from request to the end of the response (end to end), by route, model and status",
+            ["route", "model", "status"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.inter_token = Histogram(
+            "llamagate_inter_token_latency_seconds",
+            "Mean time between a streamed answer's tokens after the first, one observation "
+            "per stream", ["model"], buckets=_ITL_BUCKETS, registry=registry)
+        self.request_prompt_tokens = Histogram(
+            "llamagate_request_prompt_tokens", "Prompt tokens per request",
+            ["model"], buckets=_TOKEN_BUCKETS, registry=registry)
+        self.request_completion_tokens = Histogram(
+            "llamagate_request_completion_tokens", "Completion tokens per request",
+            ["model"], buckets=_TOKEN_BUCKETS, registry=registry)
+        self.finish_reasons = Counter(
+            "llamagate_request_finish_reasons", "Why generations ended (stop, length, "
+            "tool_calls, content_filter, other), for answers that completed",
+            ["model", "reason"], registry=registry)
+        self.overhead = Histogram(
+            "llamagate_gateway_overhead_seconds",
+            "The gateway's own time before a request is handed to the backend: from its "
+            "arrival, less its wait for a slot", ["route"], buckets=_OVERHEAD_BUCKETS,
+            registry=registry)
         self.ttft = Histogram(
             "llamagate_time_to_first_token_seconds",
             "Time from request to the backend's first event: streamed answers, and "
@@ -100,6 +120,11 @@ class GatewayMetrics:
         # the per-request paths take labelled children from here
         self.requests_for = Children(self.requests)
         self.duration_for = Children(self.duration)
+        self.inter_token_for = Children(self.inter_token)
+        self.request_prompt_tokens_for = Children(self.request_prompt_tokens)
+        self.request_completion_tokens_for = Children(self.request_completion_tokens)
+        self.finish_reasons_for = Children(self.finish_reasons)
+        self.overhead_for = Children(self.overhead)
         self.ttft_for = Children(self.ttft)
         self.prompt_tokens_for = Children(self.prompt_tokens)
         self.completion_tokens_for = Children(self.completion_tokens)
@@ -113,19 +138,6 @@ class GatewayMetrics:
         self.in_flight.set_function(lambda: admission.in_flight)
         self.queue_depth.set_function(lambda: admission.queued)
         self.live_gauges = True
-
-
-class BackendCollector(Collector):
-    """Backend up/restarts, read from the live status at scrape time."""
-
-    def __init__(self, status: Callable[[], tuple[bool, int]]) -> None:
-        self._status = status
-
-    def collect(self) -> Iterable[Metric]:
-        up, restarts = self._status()
-        yield GaugeMetricFamily("llamagate_backend_up", "1 when the backend is ready", value=int(up))
-        yield GaugeMetricFamily("llamagate_backend_restarts",
-                                "Restarts of the supervised backend since boot", value=restarts)
 
 
 def make_registries() -> tuple[CollectorRegistry, CollectorRegistry]:

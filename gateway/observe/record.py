@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from core.logs import info_fields
 from gateway.exchange import Exchange
 from gateway.observe.metrics import GatewayMetrics
+
+if TYPE_CHECKING:  # imported only where export is on: the SDK is not loaded otherwise
+    from gateway.observe.otel import Telemetry
 
 access_log = logging.getLogger("llamagate.access")
 
@@ -22,12 +25,18 @@ QUIET: Final = frozenset({"/ping", "/health", "/health/live", "/health/ready", "
 ENDS: Final = ("completed", "client_closed", "backend_failed", "timeout", "shutdown")
 
 
-def record(metrics: GatewayMetrics, ex: Exchange, status: int, method: str) -> None:
+def record(metrics: GatewayMetrics, ex: Exchange, status: int, method: str,
+           telemetry: Telemetry | None = None) -> None:
     duration = time.monotonic() - ex.started
     model, key_id, tokens = ex.model, ex.key_id, ex.tokens
     ended = ex.end or "completed"
+    if telemetry is not None:  # OTLP export on (gateway/observe/otel.py)
+        telemetry.record(ex, status, method, ended)
     metrics.requests_for(ex.route, str(status), model, key_id, ended).inc()
-    metrics.duration_for(ex.route).observe(duration)
+    metrics.duration_for(ex.route, model, str(status)).observe(duration)
+    if ex.forwarded_at is not None:
+        metrics.overhead_for(ex.route).observe(
+            ex.forwarded_at - ex.started - (ex.queue_wait or 0.0))
     if ex.queue_wait is not None:
         metrics.queue_wait.observe(ex.queue_wait)
     ttft = ex.ttft
@@ -39,6 +48,8 @@ def record(metrics: GatewayMetrics, ex: Exchange, status: int, method: str) -> N
     if tokens is not None:
         metrics.prompt_tokens_for(model, key_id).inc(tokens[0])
         metrics.completion_tokens_for(model, key_id).inc(tokens[1])
+        if ex.inference:
+            _per_request(metrics, ex, model, tokens[1])
     if not access_log.isEnabledFor(logging.INFO):
         return  # LOG_LEVEL above info: do not build a line nobody writes
     fields = {
@@ -60,3 +71,17 @@ def record(metrics: GatewayMetrics, ex: Exchange, status: int, method: str) -> N
     if ex.prompt is not None:  # set only with LOG_PROMPTS=true
         fields["prompt"] = ex.prompt
     info_fields(access_log, "request", fields)
+
+
+def _per_request(metrics: GatewayMetrics, ex: Exchange, model: str, completion: int) -> None:
+    """An inference request's own distributions: its tokens, why it ended, and for a stream
+    the mean gap between tokens after the first (from its first event to its end)."""
+    tokens = ex.tokens
+    assert tokens is not None
+    metrics.request_prompt_tokens_for(model).observe(tokens[0])
+    metrics.request_completion_tokens_for(model).observe(completion)
+    if ex.finish is not None:
+        metrics.finish_reasons_for(model, ex.finish).inc()
+    if ex.stream and ex.completed and ex.first_byte_at is not None and completion > 1:
+        metrics.inter_token_for(model).observe(
+            (time.monotonic() - ex.first_byte_at) / (completion - 1))

@@ -41,6 +41,7 @@ class Upstream:
         self.auth_header = f"Bearer {api_key}" if api_key else None
         self._api_key = api_key
         self.status = BackendStatus()
+        self.serve_state: dict[str, Any] | None = None  # serve's last published state
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
         self._pool: BackendPool | None = None
@@ -117,6 +118,7 @@ class Upstream:
 
     def apply(self, state: dict[str, Any]) -> None:
         """Take the backend's state from the serve process's published state."""
+        self.serve_state = state  # read whole at scrape time (gateway/observe/process_metrics.py)
         backend = state.get("backend", {})
         self.status = BackendStatus(
             state=str(backend.get("state", "unknown")),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 from gateway.edge.call import Call
 from gateway.errors import BackendUnavailable
@@ -26,14 +27,17 @@ async def send(call: Call, state: AppState, ex: Exchange, raw: bytes) -> Respons
     # model list among them); the edge writes no body for a HEAD
     method = "GET" if call.method == "HEAD" else call.method
     ex.forwarded = True  # from here its prompt is charged, however it ends (upstream/cut.py)
+    ex.forwarded_at = time.monotonic()
     try:
-        return await state.upstream.send(method, call.path_qs, raw,
+        resp = await state.upstream.send(method, call.path_qs, raw,
                                          call.headers.get("content-type"), ex.request_id)
     except BackendError as exc:  # its message says which: no connection, or one that broke
         # a connection that broke may have carried the request: charged only if it did
         ex.forwarded = not isinstance(exc, BackendConnectError)
         ex.end = "backend_failed"
         raise BackendUnavailable(str(exc), retry_after=2) from None
+    ex.answered_at = time.monotonic()
+    return resp
 
 
 def retargeted(call: Call, ex: Exchange, info: RequestInfo, model: str) -> bytes:

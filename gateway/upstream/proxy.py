@@ -29,7 +29,7 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.exchange import Exchange
-from gateway.observe.metering import tokens_from_body, tokens_from_results
+from gateway.observe.metering import finish_reason, tokens_from_body, tokens_from_results
 from gateway.policy import auth, ratelimit, validation
 from gateway.policy.validation import RequestInfo, model_of, prompt_of, validate
 from gateway.state import AppState
@@ -301,6 +301,7 @@ def _meter_whole(ex: Exchange, status: int, body: bytes) -> None:
         # JSON array of results, each with its counts
         ex.tokens = tokens_from_results(body, ex.n) if ex.tasks > 1 and body[:1] == b"[" \
             else tokens_from_body(body)
+        ex.finish = finish_reason(body)
     elif ex.inference and 400 <= status < 500:
         ex.tokens = (0, 0)  # refused before any work: its reservation is not a charge
 
@@ -371,4 +372,5 @@ async def _fold(call: Call, resp: Response, ex: Exchange) -> None:
         raise BackendUnavailable("the backend sent an unreadable stream", retry_after=2) from None
     ex.completed = True
     ex.tokens = tokens_from_body(body)
+    ex.finish = finish_reason(body)
     _respond(call, 200, body, headers=resp.headers)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from gateway.edge.call import Call
 from gateway.errors import BadGateway, sse_error_event
 from gateway.exchange import Exchange
-from gateway.observe.metering import ChoiceTally, tokens_from_stream
+from gateway.observe.metering import ChoiceTally, finish_reason, tokens_from_stream
 from gateway.upstream.client import BackendBroken, Response
 from gateway.upstream.cut import MARKERS, token_events
 from gateway.upstream.events import boundary
@@ -111,5 +111,7 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
         tally.end()
         ex.tokens = tally.result() if ex.completed else None
     else:
-        ex.tokens = tokens_from_stream(head, b"".join(tail))
+        ended = b"".join(tail)
+        ex.tokens = tokens_from_stream(head, ended)
+        ex.finish = finish_reason(ended)
     call.finish()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -108,3 +109,21 @@ def test_healthcheck_command_passes_only_when_ping_is_200(
     assert run_healthcheck(kind, service.port_health) == 0
     assert run_healthcheck(kind, initializing_health_port) != 0
     assert run_healthcheck(kind, free_port()) != 0  # nothing listening
+
+
+# a family a scrape of the `service` fixture (one model, auth off) may not declare
+_NOT_IN_THIS_SCRAPE: frozenset[str] = frozenset()
+
+
+def test_the_docs_metrics_table_lists_every_exported_family(scrape: str) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.ship.project import ROOT
+    exported = {f.name + ("_total" if f.type == "counter" else "")
+                for f in text_string_to_metric_families(scrape)
+                if f.name.startswith("llamagate_") and not f.name.endswith("_created")}
+    api = (ROOT / "docs" / "api.md").read_text()
+    table = api[api.index("## Metrics"):]
+    documented = set(re.findall(r"^\| `(llamagate_[a-z_]+)` \|", table, re.MULTILINE))
+    assert exported - documented == set(), "exported but not in docs/api.md's metrics table"
+    assert documented - exported - _NOT_IN_THIS_SCRAPE == set(), "documented but not exported"

@@ -57,3 +57,14 @@ def test_a_responses_stream_without_its_final_event_is_unreadable() -> None:
     collector.feed(b'data: {"type": "response.completed", "response": {"id": "r", '
                    b'"usage": {"input_tokens": 3, "output_tokens": 1}}}\n\n')
     assert tokens_from_body(collector.result()) == (3, 1)
+
+
+def test_finish_reasons_come_out_in_openais_names() -> None:
+    from gateway.observe.metering import finish_reason
+    assert finish_reason(b'{"choices":[{"finish_reason":"stop","index":0}]}') == "stop"
+    assert finish_reason(b'data: {"finish_reason": "length"}\n\ndata: [DONE]\n\n') == "length"
+    assert finish_reason(b'{"delta":{"stop_reason":"tool_use"},"usage":{}}') == "tool_calls"
+    assert finish_reason(b'{"stop":true,"stop_type":"eos"}') == "stop"
+    assert finish_reason(b'{"finish_reason":"something_new"}') == "other"  # a bounded label
+    assert finish_reason(b'{"choices":[{"finish_reason":null}]}') is None  # cut short
+    assert finish_reason(b'{"usage":{"prompt_tokens":3}}') is None

@@ -43,7 +43,7 @@ async def test_request_token_and_backend_metrics(gateway: Gateway, fake: FakeLla
     # the stream's; the short non-streaming answer came whole, with no first token to time
     assert samples.get_value("llamagate_time_to_first_token_seconds_count", model="tiny") == 1
     assert samples.get_value("llamagate_queue_wait_seconds_count") == 3
-    assert samples.get_value("llamagate_request_duration_seconds_count", route=CHAT) == 3
+    assert samples.total("llamagate_request_duration_seconds_count", route=CHAT) == 3
     assert samples.get_value("llamagate_in_flight_requests") == 0
     assert samples.get_value("llamagate_queue_depth") == 0
     assert samples.get_value("llamagate_backend_up") == 1
@@ -53,6 +53,20 @@ async def test_request_token_and_backend_metrics(gateway: Gateway, fake: FakeLla
     assert samples.get_value("llamacpp_prompt_tokens_total", model="tiny") == 14
     assert "# TYPE llamacpp_n_tokens_max gauge" in text and "llamacpp:" not in text
     assert samples.total("llamagate_requests_total", route="/metrics") == 0
+    # per request: end to end by model and status, tokens, why each ended, our own share
+    assert samples.get_value("llamagate_request_duration_seconds_count", route=CHAT,
+                             model="tiny", status="200") == 3
+    assert samples.get_value("llamagate_request_completion_tokens_count", model="tiny") == 3
+    assert samples.get_value("llamagate_request_completion_tokens_sum", model="tiny") == 13
+    assert samples.get_value("llamagate_request_prompt_tokens_sum", model="tiny") == 21
+    assert samples.total("llamagate_request_finish_reasons_total", model="tiny") == 3
+    assert samples.get_value("llamagate_gateway_overhead_seconds_count", route=CHAT) == 3
+    # one stream of 3 tokens: one mean gap observed
+    assert samples.get_value("llamagate_inter_token_latency_seconds_count", model="tiny") == 1
+    # the backend and this process, read at scrape time
+    assert samples.get_value("llamagate_backend_restarts_total") == 0
+    assert samples.total("llamagate_build_info") == 1
+    assert samples.total("llamagate_process_resident_memory_bytes", process="gateway") > 0
     promtool_check(text)
 
 
