@@ -92,6 +92,7 @@ class Seen:
     headers: dict[str, str]
     body: bytes
     peer: str = ""  # the client's address and port: which connection carried the request
+    query: str = ""  # the query string, as it arrived
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     dropped: bool = False  # the fake closed the connection without answering (drop_requests)
     client_closed: bool = False  # the gateway dropped the connection before we were done
@@ -167,7 +168,7 @@ class FakeLlama:
         async def wrapper(request: web.Request) -> web.StreamResponse:
             seen = Seen(request.method, request.path, dict(request.headers), await request.read(),
                         peer=str(request.transport.get_extra_info("peername")
-                                 if request.transport else None))
+                                 if request.transport else None), query=request.query_string)
             self.seen.append(seen)
             if self.switches.drop_requests > 0:
                 self.switches.drop_requests -= 1
