@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class ServerSpec:
     models_preset: Path | None = None  # router mode
     models_max: int = 0
     cache_ram: int | None = None  # MiB of prompt cache (backend/memory.py); None: llama-server's
+    in_flight: int = 0  # requests the gateway may send at once (MAX_CONCURRENT_REQUESTS)
 
     @property
     def router(self) -> bool:
@@ -42,7 +44,8 @@ def build_argv(spec: ServerSpec) -> list[str]:
         # per-model settings (context, slots, GPU layers) live in the preset: command-line
         # values would override every model's
         return argv + ["--models-preset", str(spec.models_preset),
-                       "--models-max", str(spec.models_max)]
+                       "--models-max", str(spec.models_max),
+                       "--threads-http", str(http_threads(spec))]
     argv += [
         "--model", str(spec.model_path),
         "--alias", spec.alias or "model",
@@ -58,8 +61,23 @@ def build_argv(spec: ServerSpec) -> list[str]:
         argv += ["--sleep-idle-seconds", str(spec.sleep_idle_seconds)]
     if spec.cache_ram is not None:
         argv += ["--cache-ram", str(spec.cache_ram)]
+    argv += ["--threads-http", str(http_threads(spec))]
     argv += list(spec.extra_args)
     return argv
+
+
+def http_threads(spec: ServerSpec) -> int:
+    """llama-server's HTTP threads: one per request the gateway may have in flight, and
+    HTTP_HEADROOM more. Each request holds a thread until its answer ends, and llama-server's
+    own default (parallel + 2, or the cores less one) can be fewer than the gateway sends
+    with MAX_CONCURRENT_REQUESTS above PARALLEL: its /health then waited for a stream to
+    end, and the liveness probe (backend/liveness.py) read a busy server as a hung one."""
+    return max(spec.parallel, spec.in_flight) + HTTP_HEADROOM
+
+
+# threads beyond the requests in flight: the liveness probe, the gateway's slot-free reads
+# (/props, /tokenize, /v1/models), a request cut short whose prompt is being counted
+HTTP_HEADROOM: Final = 4
 
 
 def build_env(spec: ServerSpec) -> dict[str, str]:
@@ -71,7 +89,8 @@ def build_env(spec: ServerSpec) -> dict[str, str]:
 
 def common_options(spec: ServerSpec) -> list[tuple[str, str]]:
     """Router mode: the defaults every model's child gets (the preset's `[*]` section)."""
-    options = [("ctx-size", str(spec.ctx)), ("parallel", str(spec.parallel))]
+    options = [("ctx-size", str(spec.ctx)), ("parallel", str(spec.parallel)),
+               ("threads-http", str(http_threads(spec)))]
     if spec.ngl is not None:
         options.append(("n-gpu-layers", str(spec.ngl)))
     if spec.threads is not None:

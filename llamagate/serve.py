@@ -247,7 +247,8 @@ class Service:
                           ngl=config.ngl, threads=config.threads,
                           sleep_idle_seconds=config.backend_sleep_seconds,
                           extra_args=config.extra_args,
-                          cache_ram=cache_ram(config, choice.path if choice else None))
+                          cache_ram=cache_ram(config, choice.path if choice else None),
+                          in_flight=config.concurrency_limit)
         if choice is None:
             return await self._prepare_router(spec, key_file)
         self.supervisor = make_supervisor(spec, config, self._on_backend)

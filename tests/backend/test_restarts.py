@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from backend.argv import ServerSpec, build_argv
+from pathlib import Path
+
+from backend.argv import HTTP_HEADROOM, ServerSpec, build_argv
 from backend.restarts import RestartPolicy
 
 
@@ -63,3 +65,17 @@ def test_argv_keeps_the_backend_on_loopback_and_its_key_off_the_command_line(tmp
     assert "--api-key" not in argv and argv[argv.index("--api-key-file") + 1] == str(tmp_path / "key")
     assert argv[argv.index("--sleep-idle-seconds") + 1] == "60"
     assert argv[-2:] == ["--flash-attn", "on"] and "--metrics" in argv
+
+
+def test_llama_server_has_an_http_thread_for_every_request_and_the_probe(tmp_path: Path) -> None:
+    """Each request holds one of llama-server's HTTP threads until its answer ends: with
+    fewer threads than the gateway sends, /health waited behind streams and the liveness
+    probe read a busy server as a hung one (tests/faults/test_backend_faults.py)."""
+    def threads(parallel: int, in_flight: int) -> int:
+        argv = build_argv(ServerSpec(binary=tmp_path / "llama-server", model_path=tmp_path / "m",
+                                     alias="m", port=9, api_key_file=tmp_path / "key",
+                                     parallel=parallel, in_flight=in_flight))
+        return int(argv[argv.index("--threads-http") + 1])
+
+    assert threads(parallel=2, in_flight=8) == 8 + HTTP_HEADROOM
+    assert threads(parallel=4, in_flight=0) == 4 + HTTP_HEADROOM  # MAX_CONCURRENT_REQUESTS unset

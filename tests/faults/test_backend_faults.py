@@ -136,7 +136,9 @@ def test_a_busy_llama_server_is_not_taken_for_a_hung_one(tmp_path: Path,
                                                         tiny_model: Path) -> None:
     """Four times as many streams as slots, with a two-second bound: /health keeps
     answering from llama-server's HTTP threads (within 0.6 s at worst, measured on a loaded
-    2-core machine, most often in 10 ms), so it never reads as hung."""
+    2-core machine, most often in 10 ms), so it never reads as hung. It has an HTTP thread
+    to answer on: with llama-server's default (parallel + 2) the eight requests held them all
+    and /health waited for a stream to end (backend/argv.py http_threads)."""
     svc = Service(tmp_path, {"MODEL_PATH": str(tiny_model), "MODEL_NAME": "tiny",
                              "AUTH_ENABLED": "false", "BACKEND_HANG_SECONDS": "2",
                              "PARALLEL": "2", "MAX_CONCURRENT_REQUESTS": "8"})
