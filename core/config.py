@@ -39,6 +39,11 @@ class Config:
     llama_server_path: Path | None = None
     backend_url: str | None = None
     backend_api_key: str | None = field(default=None, repr=False)
+    # an upstream pool (gateway/upstream/pool.py): more llama-servers, by URL or from a file
+    backend_urls: tuple[str, ...] = ()
+    backends_file: Path | None = None
+    pool_affinity: bool = True
+    pool_affinity_margin: int = 2
     port_backend: int = 8080
     ngl: int | None = None
     ctx: int = 4096
@@ -116,8 +121,14 @@ class Config:
         return self.max_concurrent_requests or self.parallel
 
     @property
+    def pool(self) -> bool:
+        """Several llama-servers behind one gateway (BACKEND_URLS or BACKENDS_FILE)."""
+        return bool(self.backend_urls) or self.backends_file is not None
+
+    @property
     def supervise_backend(self) -> bool:
-        return self.backend_url is None
+        """The one backend is the llama-server we start (so its context size is ours)."""
+        return self.backend_url is None and not self.pool
 
 
 @dataclass(frozen=True)
@@ -209,6 +220,10 @@ class _Reader:
         return self.integer(name, default, 0, 65535)
 
 
+def _path(v: str | None) -> Path | None:
+    return Path(v) if v else None
+
+
 def _bounded_int(v: str, lo: int, hi: int) -> int:
     n = int(v)
     if not lo <= n <= hi:
@@ -229,6 +244,14 @@ def _url(v: str) -> str:
     if not v.startswith(("http://", "https://")):
         raise ValueError
     return v.rstrip("/")
+
+
+def _urls(v: str) -> tuple[str, ...]:
+    """`http://gpu1:8080,http://gpu2:8080`: each an http(s) URL, each once."""
+    urls = tuple(_url(u.strip()) for u in v.split(",") if u.strip())
+    if len(set(urls)) != len(urls):
+        raise ValueError
+    return urls
 
 
 def _aliases(v: str) -> tuple[tuple[str, str], ...]:
@@ -297,6 +320,11 @@ def _read(r: _Reader, environ: Mapping[str, str], root: Path) -> dict[str, Any]:
         llama_server_path=Path(server_path) if server_path else None,
         backend_url=r.parse("BACKEND_URL", _url, None, "an http:// or https:// URL"),
         backend_api_key=r.raw("BACKEND_API_KEY"),
+        backend_urls=r.parse("BACKEND_URLS", _urls, _NO_WORDS,
+                             "a comma list of http:// or https:// URLs, each once"),
+        backends_file=_path(r.raw("BACKENDS_FILE")),
+        pool_affinity=r.boolean("POOL_AFFINITY", True),
+        pool_affinity_margin=r.integer("POOL_AFFINITY_MARGIN", 2, 0, 100_000),
         port_backend=r.port("PORT_BACKEND", 8080),
         ngl=r.opt_integer("NGL", -1, 100000),
         ctx=r.integer("CTX", 4096, 0, 10_000_000),
@@ -369,6 +397,14 @@ def _read(r: _Reader, environ: Mapping[str, str], root: Path) -> dict[str, Any]:
     if values["model_path"] is not None and values["profile"] is not None:
         r.problems.append("MODEL_PATH and PROFILE: set one, not both (MODEL_PATH serves one model, "
                           "PROFILE the models a profile names)")
+    if (values["backend_urls"] or values["backends_file"] is not None) \
+            and values["gateway_workers"] > 1:
+        r.problems.append("BACKEND_URLS or BACKENDS_FILE with GATEWAY_WORKERS > 1: the upstream "
+                          "pool routes and admits in one gateway worker; set GATEWAY_WORKERS=1")
+    if (values["backend_urls"] or values["backends_file"] is not None) \
+            and values["profile"] is not None:
+        r.problems.append("PROFILE with BACKEND_URLS or BACKENDS_FILE: a pool's local "
+                          "llama-server serves one model (MODEL_PATH)")
     hang, hang_restart = values["backend_hang_seconds"], values["backend_hang_restart_seconds"]
     if 0 < hang_restart <= hang:
         r.problems.append(f"BACKEND_HANG_RESTART_SECONDS={hang_restart:g}: must be more than "

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from backend.upstreams import UpstreamSpec
 from core import runtime
 from core.config import Config
 from gateway import keys_wiring, pipeline
@@ -27,6 +28,7 @@ from gateway.observe import health_link, probes
 from gateway.observe.metrics import GatewayMetrics, make_registries
 from gateway.observe.model_metrics import ModelStateCollector
 from gateway.observe.process_metrics import BackendCollector, ProcessCollector, service_processes
+from gateway.observe.upstream_metrics import UpstreamCollector
 from gateway.policy.admission import Admission
 from gateway.policy.cors import Cors
 from gateway.policy.shared_admission import SharedAdmission
@@ -35,6 +37,8 @@ from gateway.router import PUBLIC, Router
 from gateway.state import APP_STATE, AppState
 from gateway.upstream import llama_routes, proxy, slots
 from gateway.upstream.backend import Upstream
+from gateway.upstream.members import Member
+from gateway.upstream.pool import Pool
 from keys.model import SCOPE_INFERENCE, SCOPE_METRICS
 
 
@@ -53,13 +57,17 @@ class Wiring:
     worker_index: int = 0  # which of GATEWAY_WORKERS this is
     # PORT == PORT_HEALTH: the health process's socket, which answers the probes on PORT
     health_socket: Path | None = None
+    # an upstream pool (BACKEND_URLS, BACKENDS_FILE): its llama-servers, in serve's order
+    upstreams: tuple[UpstreamSpec, ...] = ()
 
 
 def create_app(config: Config, wiring: Wiring) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes)
     made, exposed = make_registries()
-    upstream = Upstream(wiring.backend_url, wiring.backend_key,
-                        pool_size=max(16, config.concurrency_limit * 2))
+    pool = _pool(config, wiring.upstreams) if wiring.upstreams else None
+    upstream = pool.members[0].upstream if pool is not None else \
+        Upstream(wiring.backend_url, wiring.backend_key,
+                 pool_size=max(16, config.concurrency_limit * 2))
     state = AppState(
         config=config,
         upstream=upstream,
@@ -71,11 +79,13 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
         exposed_registry=exposed,
     )
     state.models.reread = upstream.refresh
+    state.pool = pool
+    exposed.register(UpstreamCollector(pool))
     exposed.register(BackendCollector(lambda: upstream.status.ready, lambda: upstream.serve_state))
     exposed.register(ProcessCollector(service_processes(wiring.runtime_dir,
                                                         lambda: upstream.serve_state)))
     exposed.register(ModelStateCollector(state.models))
-    state.metrics.follow(state.admission)
+    state.metrics.follow(pool if pool is not None else state.admission)
     app[APP_STATE] = state
     state.cors = Cors(config.cors_origins)
     state.clients = ClientAddress(config.trusted_proxies)
@@ -99,6 +109,17 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
     if config.otel_exporter_otlp_endpoint is not None:
         app.cleanup_ctx.append(_telemetry_ctx(state))
     return app
+
+
+def _pool(config: Config, specs: tuple[UpstreamSpec, ...]) -> Pool:
+    """The upstream pool's members, in serve's order (its published states follow it)."""
+    members = [Member(i, spec.name, Upstream(spec.url, spec.key,
+                                             pool_size=max(16, config.concurrency_limit * 2)),
+                      spec.weight, config.concurrency_limit)
+               for i, spec in enumerate(specs)]
+    return Pool(members, config.max_queue_size, config.queue_timeout,
+                affinity=config.pool_affinity, margin=config.pool_affinity_margin,
+                limit=config.max_concurrent_requests, fallback_slots=config.parallel)
 
 
 def _telemetry_ctx(state: AppState
@@ -190,9 +211,14 @@ def _upstream_ctx(state: AppState, wiring: Wiring
                   ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        await state.upstream.open()
+        pool = state.pool
+        members = [state.upstream] if pool is None else [m.upstream for m in pool.members]
+        for upstream in members:
+            await upstream.open()
         if wiring.runtime_dir is not None:
-            watcher = state.upstream.follow_serve_file(wiring.runtime_dir, state.models.update)
+            watcher = state.upstream.follow_serve_file(
+                wiring.runtime_dir, state.models.update if pool is None
+                else _both(state.models.update, pool.apply))
         else:
             watcher = state.upstream.poll_health()
         task = asyncio.create_task(watcher, name="backend-status")
@@ -200,8 +226,17 @@ def _upstream_ctx(state: AppState, wiring: Wiring
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await state.upstream.close()
+        for upstream in members:
+            await upstream.close()
     return ctx
+
+
+def _both(first: Callable[[dict[str, Any]], None], then: Callable[[dict[str, Any]], None]
+          ) -> Callable[[dict[str, Any]], None]:
+    def both(serve_state: dict[str, Any]) -> None:
+        first(serve_state)
+        then(serve_state)
+    return both
 
 
 def _hub_ctx(admission: SharedAdmission
@@ -220,8 +255,9 @@ def _heartbeat_ctx(state: AppState, runtime_dir: Path
 
     async def beat() -> None:
         while True:
+            counts = state.pool if state.pool is not None else state.admission
             beat_state: dict[str, object] = {
-                "in_flight": state.admission.in_flight, "queued": state.admission.queued,
+                "in_flight": counts.in_flight, "queued": counts.queued,
                 "last_activity": state.activity.last, "draining": state.draining,
                 "models_used": state.models.used}
             # the data files' state, for /health (issue 22): whether usage is written and
@@ -230,6 +266,8 @@ def _heartbeat_ctx(state: AppState, runtime_dir: Path
                 beat_state["usage"] = state.usage.report()
             if state.keys is not None:
                 beat_state["keys"] = state.keys.report()
+            if state.pool is not None:  # each upstream, for the health process's /health
+                beat_state["upstreams"] = state.pool.report()
             runtime.write_state(path, beat_state)
             await asyncio.sleep(runtime.HEARTBEAT)  # heartbeat period
 

@@ -21,6 +21,8 @@ log = logging.getLogger("llamagate.gateway.drain")
 async def drain(state: AppState) -> None:
     state.draining = True
     state.admission.refuse_waiting()  # queued, not started: better retried elsewhere now
+    if state.pool is not None:
+        state.pool.refuse_waiting()
     grace = state.config.shutdown_grace_seconds
     log.info("draining", extra={"in_flight": len(state.active), "grace_s": grace})
     if state.active:

@@ -42,6 +42,13 @@ class Exchange:
     forwarded_at: float | None = None  # when it was handed to the backend: the gateway's share
     answered_at: float | None = None  # when the backend's answer head came (OpenTelemetry spans)
     traceparent: str | None = None  # the client's W3C trace context, kept only for OTLP export
+    # an upstream pool (gateway/upstream/pool.py): the upstream holding its slot (-1: none, or
+    # no pool), what that upstream answered (0: nothing), why it failed (see pool.RETRYABLE),
+    # and whether it was sent again to another after such a failure
+    member: int = -1
+    upstream_status: int = 0
+    upstream_failure: str | None = None
+    retried: bool = False
 
     @property
     def ttft(self) -> float | None:

@@ -22,6 +22,7 @@ from gateway.policy.cors import Cors
 from gateway.policy.throttle import AddressThrottle
 from gateway.router import Router
 from gateway.upstream.backend import Upstream
+from gateway.upstream.pool import Pool
 
 if TYPE_CHECKING:  # the OpenTelemetry SDK is loaded only where export is on
     from gateway.observe.otel import Telemetry
@@ -64,6 +65,9 @@ class AppState:
     clients: ClientAddress = field(default_factory=lambda: ClientAddress(()))
     router: Router = field(default_factory=Router)  # every route on the port (gateway/app.py)
     telemetry: Telemetry | None = None  # OTLP export, when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    # several llama-servers (BACKEND_URLS, BACKENDS_FILE): the pool admits and routes, and
+    # ``upstream`` is the first of them, whose status is the pool's as serve publishes it
+    pool: Pool | None = None
 
     def drain_deadline_now(self) -> None:
         self.drain_now.set()

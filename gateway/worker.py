@@ -22,6 +22,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from backend.upstreams import UpstreamSpec, spec_from_json
 from core.entry import config_or_exit, loop_factory
 from gateway.app import Wiring, create_app, serve
 from gateway.drain import drain
@@ -45,7 +46,15 @@ def parse_wiring(raw: str) -> Wiring:
                   if data.get("admission_socket") else None,
                   limits_file=Path(data["limits_file"]) if data.get("limits_file") else None,
                   worker_index=int(data.get("worker_index", 0)),
-                  health_socket=Path(data["health_socket"]) if data.get("health_socket") else None)
+                  health_socket=Path(data["health_socket"]) if data.get("health_socket") else None,
+                  upstreams=_upstreams(data.get("upstreams_file")))
+
+
+def _upstreams(path: str | None) -> tuple[UpstreamSpec, ...]:
+    """A pool's upstreams, keys included: from a private file, as the backend key is."""
+    if not path:
+        return ()
+    return tuple(spec_from_json(entry) for entry in json.loads(Path(path).read_text()))
 
 
 async def run(app: web.Application, host: str, port: int, reuse_port: bool) -> None:

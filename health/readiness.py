@@ -76,3 +76,26 @@ def with_data_files(verdict: Readiness, shown: dict[str, dict[str, Any]]) -> Rea
     if not reasons:
         return verdict
     return Readiness("degraded", verdict.ping, "; ".join(reasons))
+
+
+def upstreams(serve: dict[str, Any], workers: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """An upstream pool as /health shows it: each upstream's probe as serve publishes it, with
+    what the gateway worker adds (its state after outlier ejection, requests in flight, free
+    slots, why it was ejected). None without a pool."""
+    probed = serve.get("upstreams")
+    if not isinstance(probed, list):
+        return None
+    routed = next((w["upstreams"] for w in workers if isinstance(w.get("upstreams"), list)
+                   and len(w["upstreams"]) == len(probed)), None)
+    shown = []
+    for i, probe in enumerate(probed):
+        entry = {"name": probe.get("name"), "state": probe.get("state"), "in_flight": 0,
+                 "slots": probe.get("slots"), "busy_slots": probe.get("busy"),
+                 "free_slots": None, "models": probe.get("models") or [],
+                 "ejection_reason": None}
+        if routed is not None and isinstance(routed[i], dict):
+            worker = routed[i]
+            entry.update({k: worker.get(k) for k in ("state", "in_flight", "slots",
+                                                      "free_slots", "ejection_reason")})
+        shown.append(entry)
+    return shown

@@ -22,7 +22,7 @@ from core import runtime
 from core.config import Config
 from core.entry import config_or_exit
 from core.gpu import gpu_info
-from health.readiness import data_files, judge, with_data_files
+from health.readiness import data_files, judge, upstreams, with_data_files
 
 VERSION = "0.1.0"
 CONFIG = web.AppKey("config", Config)
@@ -78,6 +78,8 @@ async def health(request: web.Request) -> web.Response:
         "model_states": {name: {k: v for k, v in st.items() if k != "path"}
                          for name, st in (serve.get("model_states") or {}).items()},
         "profile": serve.get("profile"),
+        # an upstream pool (BACKEND_URLS, BACKENDS_FILE): each llama-server behind the gateway
+        **({"upstreams": pool} if (pool := upstreams(serve, workers)) is not None else {}),
         "in_flight": sum(int(w.get("in_flight", 0)) for w in workers),
         "queued": sum(int(w.get("queued", 0)) for w in workers),
         "workers": [int(w.get("pid", 0)) for w in workers],

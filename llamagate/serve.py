@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -37,6 +38,7 @@ from backend.models.registry import ModelRegistry
 from backend.router import RouterClient, args_to_options
 from backend.settings import cache_ram, make_supervisor
 from backend.supervisor import StartupError, Supervisor
+from backend.upstreams import UpstreamSpec
 from core import runtime
 from core.config import Config
 from core.entry import loop_factory
@@ -48,6 +50,7 @@ from llamagate.children import Child, child_env
 from llamagate.control import create_control_app
 from llamagate.fleet import Fleet, FleetError, merge_last_used, read_profile
 from llamagate.models import ModelChoice, choose_model
+from llamagate.pool_watch import PoolWatch, prepare_pool
 
 log = logging.getLogger("llamagate.serve")
 
@@ -69,10 +72,12 @@ class Service:
         self.llama_cpp: str | None = None  # the supervised llama-server's build (build_info)
         self.supervisor: Supervisor | None = None
         self.external: ExternalBackend | None = None
+        self.pool: PoolWatch | None = None  # BACKEND_URLS, BACKENDS_FILE
         self.children: list[Child] = []
         self.stop_event = asyncio.Event()
         self.exit_code = 0
-        self.mode = "single"  # single | router (several models) | external (BACKEND_URL)
+        # single | router (several models) | external (BACKEND_URL) | pool (BACKEND_URLS…)
+        self.mode = "single"
         self.fleet: Fleet | None = None
         self.registry = ModelRegistry(config.models_dir,
                                       OverrideStore(config.data_dir / "model_overrides.json"))
@@ -91,8 +96,11 @@ class Service:
         fleet = self.fleet
         if fleet is not None:
             self.models = tuple(fleet.models)
+        pool = self.pool
+        backend = self.backend_state if pool is None else pool.backend_state(self.backend_state)
         runtime.write_state(self.runtime_dir / runtime.SERVE_FILE, {
-            "phase": self.phase, "backend": self.backend_state, "models": list(self.models),
+            "phase": self.phase, "backend": backend, "models": list(self.models),
+            "upstreams": pool.published() if pool is not None else None,
             "models_known": self.models_known,
             "mode": self.mode, "profile": fleet.profile.name if fleet and fleet.profile else None,
             "model_states": fleet.published() if fleet else {},
@@ -198,6 +206,8 @@ class Service:
         if self.external is not None:
             tasks.append(asyncio.create_task(self.external.follow(self._set_external),
                                              name="external-backend"))
+        if self.pool is not None:
+            tasks.append(asyncio.create_task(self.pool.run(self._pool_changed), name="pool"))
         if self.config.idle_shutdown_seconds:
             tasks.append(asyncio.create_task(self._idle_watch(), name="idle-watch"))
         await self.stop_event.wait()
@@ -220,6 +230,8 @@ class Service:
 
     async def _prepare_backend(self) -> dict[str, Any]:
         config = self.config
+        if config.pool:
+            return await self._prepare_pool()
         if config.backend_url is not None:
             self.mode = "external"
             self.external = ExternalBackend(config.backend_url, config.backend_api_key)
@@ -235,7 +247,11 @@ class Service:
             return {"backend_url": config.backend_url, "runtime_dir": str(self.runtime_dir),
                     "backend_key_file": str(key_file) if config.backend_api_key else None,
                     "models": list(self.models), "models_known": self.models_known}
-        choice = self._single_model()
+        return await self._prepare_supervised(self._single_model())
+
+    async def _prepare_supervised(self, choice: ModelChoice | None) -> dict[str, Any]:
+        """The llama-server we start: one model, or the router for several (choice None)."""
+        config = self.config
         binary = find_llama_server(config.llama_server_path)
         self.llama_cpp = await asyncio.to_thread(version_of, binary)
         key_file = self.runtime_dir / "backend.key"
@@ -259,6 +275,36 @@ class Service:
             raise FileNotFoundError(f"model file not found: {choice.path} (MODEL_PATH)")
         return {"backend_url": self.supervisor.url, "backend_key_file": str(key_file),
                 "runtime_dir": str(self.runtime_dir), "models": list(self.models)}
+
+    async def _prepare_pool(self) -> dict[str, Any]:
+        """Several llama-servers (BACKEND_URLS, BACKENDS_FILE), with BACKEND_URL's or a local
+        one started from MODEL_PATH; the gateway routes among them (gateway/upstream/pool.py)."""
+        config = self.config
+        first: UpstreamSpec | None = None
+        if config.model_path is not None:
+            local = await self._prepare_supervised(choose_model(config))
+            key = await asyncio.to_thread(Path(local["backend_key_file"]).read_text)
+            first = UpstreamSpec(local["backend_url"], key.strip())
+        elif config.backend_url is not None:
+            first = UpstreamSpec(config.backend_url, config.backend_api_key)
+        self.pool, upstreams_file = await prepare_pool(config, first, self.runtime_dir)
+        self.mode, self.models, self.models_known = "pool", (), False
+        specs = self.pool.specs
+        if config.model_path is None:
+            self._announce("(read from each upstream once it is up)",
+                           f"pool of {len(specs)}: " + ", ".join(s.name for s in specs), False)
+        return {"backend_url": specs[0].url, "runtime_dir": str(self.runtime_dir),
+                "upstreams_file": str(upstreams_file), "models": [], "models_known": False}
+
+    def _pool_changed(self) -> None:
+        assert self.pool is not None
+        models = self.pool.models()
+        if models is not None and (models != self.models or not self.models_known):
+            log.info("pool models: %s", ", ".join(models) or "(none listed)")
+            self.models, self.models_known = models, True
+        if self.pool.ready and self.phase == "starting":
+            self.phase = "running"
+        self.publish()
 
     def _single_model(self) -> ModelChoice | None:
         """MODEL_PATH, the one servable model in MODELS_DIR, or the demo; None: several."""

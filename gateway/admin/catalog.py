@@ -86,7 +86,7 @@ class ModelCatalog:
             return False
         if self.mode == "router":
             return True
-        return self.mode == "external" and isinstance(named, str) and named != ""
+        return self.mode in ("external", "pool") and isinstance(named, str) and named != ""
 
     def route(self, name: str, allowed: Callable[[str], bool] = lambda m: True) -> str:
         """The model that serves a request for `name`: itself, or its fallback while it cools
@@ -137,7 +137,12 @@ class ModelCatalog:
         self.states = states if isinstance(states, dict) else {}
 
     def listing(self) -> dict[str, Any]:
-        """GET /v1/models in multi-model mode (OpenAI shape; state as an extra field)."""
+        """GET /v1/models in multi-model mode (OpenAI shape; state as an extra field) and for
+        a pool (the union of what its upstreams serve)."""
+        if self.mode == "pool":
+            return {"object": "list", "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "llamagate"}
+                for name in self.names]}
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "llamagate",
              "status": {"value": self.states.get(name, {}).get("state", "unknown")}}

@@ -35,15 +35,19 @@ async def health(call: Call) -> None:
     state: AppState = call.state
     status = state.upstream.status
     ready = verdict(state.draining, status)
+    pool = state.pool
+    counts = pool if pool is not None else state.admission
     body = {
         "status": ready.status,
         "backend": {"state": status.state, "restarts": status.restarts},
         "models": list(state.models.names),
         "model_states": {n: s.get("state") for n, s in state.models.states.items()},
-        "in_flight": state.admission.in_flight,
-        "queued": state.admission.queued,
+        "in_flight": counts.in_flight,
+        "queued": counts.queued,
         "auth": state.config.auth_enabled,
     }
+    if pool is not None:
+        body["upstreams"] = pool.report()
     reply_json(call, body, status=503 if ready.ping == 503 else 200)
 
 
@@ -67,8 +71,8 @@ async def _backend_metrics(state: AppState) -> str:
 
     In multi-model mode each loaded model's child is scraped through the router (a
     scrape never loads a model)."""
-    if not state.upstream.status.ready:
-        return ""
+    if not state.upstream.status.ready or state.pool is not None:
+        return ""  # a pool's llama-servers are scraped each on its own (docs/deployment.md)
     catalog = state.models
     colons = state.config.backend_metrics_names == "llamacpp"
     if catalog.mode != "router":

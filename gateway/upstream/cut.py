@@ -145,8 +145,10 @@ async def _tokens(state: AppState, ex: Exchange, text: str, model: dict[str, str
 
 async def _post(state: AppState, ex: Exchange, path: str,
                 body: dict[str, Any]) -> dict[str, Any] | None:
-    resp = await state.upstream.send("POST", path, json.dumps(body).encode(),
-                                     "application/json", ex.request_id)
+    pool = state.pool
+    upstream = state.upstream if pool is None else pool.upstream_of(ex)
+    resp = await upstream.send("POST", path, json.dumps(body).encode(), "application/json",
+                               ex.request_id)
     try:
         answer = await resp.read()
     finally:

@@ -28,15 +28,21 @@ async def send(call: Call, state: AppState, ex: Exchange, raw: bytes) -> Respons
     method = "GET" if call.method == "HEAD" else call.method
     ex.forwarded = True  # from here its prompt is charged, however it ends (upstream/cut.py)
     ex.forwarded_at = time.monotonic()
+    pool = state.pool
+    upstream = state.upstream if pool is None else pool.upstream_of(ex)
     try:
-        resp = await state.upstream.send(method, call.path_qs, raw,
-                                         call.headers.get("content-type"), ex.request_id)
+        resp = await upstream.send(method, call.path_qs, raw, call.headers.get("content-type"),
+                                   ex.request_id)
     except BackendError as exc:  # its message says which: no connection, or one that broke
         # a connection that broke may have carried the request: charged only if it did
-        ex.forwarded = not isinstance(exc, BackendConnectError)
+        connect = isinstance(exc, BackendConnectError)
+        ex.forwarded = not connect
         ex.end = "backend_failed"
+        ex.upstream_failure = "broken" if not connect else \
+            "refused" if isinstance(exc.__cause__, ConnectionRefusedError) else "connect"
         raise BackendUnavailable(str(exc), retry_after=2) from None
     ex.answered_at = time.monotonic()
+    ex.upstream_status = resp.status
     return resp
 
 

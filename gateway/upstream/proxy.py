@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
+from typing import Final
 
 from gateway.edge.call import Call
 from gateway.errors import (
@@ -36,6 +37,7 @@ from gateway.state import AppState
 from gateway.upstream import cut, forward, llama_routes, slots, sse
 from gateway.upstream import fold as unstream
 from gateway.upstream.client import BackendBroken, Response
+from gateway.upstream.pool import RETRYABLE
 
 log = logging.getLogger("llamagate.gateway.proxy")
 
@@ -51,6 +53,8 @@ METERED_FORMS = frozenset({"/v1/audio/transcriptions"})
 # other is refused by the route table with 405, never forwarded. OPTIONS preflights are
 # answered by the pipeline before routing.
 METHODS = ("GET", "POST")
+# catalog modes whose GET /v1/models the gateway answers from its catalog
+LISTED_HERE: Final = frozenset({"router", "pool"})
 
 
 async def handle(call: Call) -> None:
@@ -83,14 +87,18 @@ async def handle(call: Call) -> None:
     # reads (model listings, props) and tokenizing or templating take no backend slot:
     # llama-server answers them at once, in its HTTP threads
     reads = call.method in ("GET", "HEAD") or call.path in validation.UTILITY
+    pool = state.pool
     if not reads:
         try:
-            await slots.wait_for_slot(state, ex, counted)
+            await slots.wait_for_slot(state, ex, counted, None if info is None else info.body)
         except BaseException:  # refused, timed out or left while queued: no longer active
             slots.leave(state, ex)
             raise
     try:
-        await _exchange(call, state, ex, raw, info)
+        if pool is None:
+            await _exchange(call, state, ex, raw, info)
+        else:
+            await _pooled(call, state, ex, raw, info)
     except asyncio.CancelledError:
         if not (ex.shutdown or ex.timed_out):
             ex.end = "client_closed"
@@ -98,10 +106,12 @@ async def handle(call: Call) -> None:
         task.uncancel()
         _cut_short(call, ex, timeout)
     finally:
-        if not reads:
+        if pool is not None:
+            pool.release(ex)
+        elif not reads:
             state.admission.release()
-            if counted:
-                metrics.in_flight.dec()
+        if not reads and counted:
+            metrics.in_flight.dec()
         try:
             if cut.needs_charge(ex):  # the backend slot is free: counting may take a moment
                 await cut.charge(state, ex, call.path, None if info is None else info.body)
@@ -109,11 +119,35 @@ async def handle(call: Call) -> None:
             slots.leave(state, ex)  # still active until charged: a drain waits for the count
 
 
+async def _pooled(call: Call, state: AppState, ex: Exchange, raw: bytes,
+                  info: RequestInfo | None) -> None:
+    """``_exchange`` on the pool's upstream, and once more on another when the first failed
+    before the client saw a byte of the answer (gateway/upstream/pool.py RETRYABLE): no
+    connection, one that broke, a 503 while it loads. Never once a stream has begun."""
+    pool = state.pool
+    assert pool is not None
+    try:
+        await _exchange(call, state, ex, raw, info)
+        return
+    except GatewayError:
+        if call.started or ex.retried or ex.upstream_failure not in RETRYABLE \
+                or ex.member < 0 or ex.shutdown or ex.timed_out:
+            raise
+    failed = ex.member
+    pool.release(ex)  # its failure counts against that upstream
+    ex.member, ex.retried = -1, True
+    ex.upstream_status, ex.upstream_failure, ex.end, ex.error = 0, None, None, None
+    ex.forwarded = False  # the work it began died with it: the retry's answer is the charge
+    await slots.wait_for_slot(state, ex, False, None if info is None else info.body, failed)
+    await _exchange(call, state, ex, raw, info)
+
+
 def _answered_here(call: Call) -> bool:
     """What the gateway answers itself, or refuses before anything else."""
     state: AppState = call.state
-    if call.method == "GET" and call.path == "/v1/models" and state.models.mode == "router":
-        # several models: our own listing (the router's would show paths and argv)
+    if call.method == "GET" and call.path == "/v1/models" and state.models.mode in LISTED_HERE:
+        # several models: our own listing (the router's would show paths and argv; a pool's
+        # is the union of its upstreams')
         _respond(call, 200, json.dumps(state.models.listing()).encode(), "application/json")
         return True
     if retrieves_model(call):
@@ -262,7 +296,13 @@ async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,
     """forward → relay (streamed, folded or whole) → meter."""
     resp = await forward.send(call, state, ex, raw)
     if resp.status == 401:
+        ex.upstream_failure = "auth"
         _backend_refused_key(resp)
+    if resp.status == 503 and ex.member >= 0 and not ex.retried:
+        # a pool's upstream that is loading: sent to another instead (the caller's retry)
+        ex.upstream_failure = "loading"
+        resp.close()
+        raise BackendUnavailable("the upstream is loading its model", retry_after=2)
     if resp.status == 500 and info is not None and info.body is not None \
             and state.models.mode == "router":
         resp = await forward.after_failed_load(call, state, ex, resp, info)
@@ -277,7 +317,7 @@ async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,
         try:
             body = await resp.read()
         except BackendBroken as exc:
-            ex.end = "backend_failed"
+            ex.end, ex.upstream_failure = "backend_failed", "broken"
             raise BackendUnavailable(str(exc), retry_after=2) from None
         _meter_whole(ex, resp.status, body)
         if ex.tokens is None and resp.status == 200 and call.path in cut.COUNTED_AFTER:
@@ -361,7 +401,7 @@ async def _fold(call: Call, resp: Response, ex: Exchange) -> None:
                 ex.generated += cut.token_events(chunk, marker)
         body = collector.result()
     except BackendBroken as exc:
-        ex.end = "backend_failed"
+        ex.end, ex.upstream_failure = "backend_failed", "broken"
         raise BackendUnavailable(str(exc), retry_after=2) from None
     except unstream.UpstreamError as exc:
         # llama-server reported an error after it started streaming: answer as it would have

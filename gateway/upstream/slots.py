@@ -13,7 +13,7 @@ import math
 import random
 import re
 import time
-from typing import Final
+from typing import Any, Final
 
 from gateway.errors import BackendUnavailable, BadRequest, RateLimited, UpstreamTimeout
 from gateway.exchange import Exchange
@@ -38,10 +38,13 @@ def request_timeout(raw: str | None, default: float) -> float:
     return value
 
 
-async def wait_for_slot(state: AppState, ex: Exchange, counted: bool) -> None:
-    """Wait for a backend slot; the caller takes the request out of state.active when
-    none is given."""
+async def wait_for_slot(state: AppState, ex: Exchange, counted: bool,
+                        body: dict[str, Any] | None = None, exclude: int = -1) -> None:
+    """Wait for a backend slot (with a pool, on an upstream serving the request's model but
+    not ``exclude``; ``body`` names its conversation); the caller takes the request out of
+    state.active when none is given."""
     metrics = state.metrics
+    pool = state.pool
     queued_at = time.monotonic()
     if counted:
         metrics.queue_depth.inc()
@@ -49,7 +52,10 @@ async def wait_for_slot(state: AppState, ex: Exchange, counted: bool) -> None:
     # ended in a timeout or a departed client are the ones most worth observing
     waited = True
     try:
-        await state.admission.acquire()
+        if pool is None:
+            await state.admission.acquire()
+        else:
+            await pool.acquire(ex, body, exclude)
     except QueueFull as full:
         waited = False
         metrics.rejections.labels("queue_full").inc()

@@ -82,6 +82,7 @@ async def relay(call: Call, upstream: Response, ex: Exchange) -> None:
         except BackendBroken as exc:
             log.warning("backend stream broke: %s", exc)
             ex.error, ex.end = "backend_stream_error", "backend_failed"
+            ex.upstream_failure = "broken"  # a pool's upstream: counts toward its ejection
             await call.write(sse_error_event(BadGateway(
                 "the backend stopped in the middle of the stream", code="backend_disconnected")))
             break
