@@ -67,7 +67,7 @@ def _inference(summary: str, field: str) -> dict[str, Any]:
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": [field],
             "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"},
-                           "max_tokens": {"type": "integer", "minimum": 1}}}}}},
+                           "max_tokens": {"type": "integer", "minimum": -1}}}}}},
         "parameters": [{"name": "X-Request-Timeout", "in": "header", "required": False,
                         "schema": {"type": "number", "minimum": 1, "maximum": 600}}],
         "responses": _responses(
