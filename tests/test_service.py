@@ -42,11 +42,15 @@ def test_sdk_models_list(service: Service) -> None:
     assert ids == ["tiny"]
 
 
-def test_unknown_model_is_404(service: Service) -> None:
+def test_any_model_name_reaches_the_one_model(service: Service) -> None:
+    """As llama-server serving one model does (issue 26): clients hard-code OpenAI names.
+    Only a model served can be retrieved."""
+    reply = client(service).chat.completions.create(
+        model="gpt-3.5-turbo", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    assert reply.model == "tiny"
     with pytest.raises(openai.NotFoundError) as info:
-        client(service).chat.completions.create(
-            model="nope", messages=[{"role": "user", "content": "x"}], max_tokens=2)
-    assert "tiny" in str(info.value)
+        client(service).models.retrieve("gpt-3.5-turbo")
+    assert info.value.code == "model_not_found"
 
 
 def test_request_id_is_echoed(service: Service) -> None:

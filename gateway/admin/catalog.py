@@ -47,10 +47,12 @@ class ModelCatalog:
             return self.default or (self.names[0] if self.names else "-")
         if not self.names or requested in self.names:
             return requested
-        other = self._other_name(requested)
-        if other is not None:
-            return other
-        self.reread()  # a 404 must not come from an older list than the health port reports
+        aliased = self._aliased(requested)
+        if aliased is not None:
+            return aliased
+        # neither a 404 nor "the one model" may come from an older list than the health port
+        # reports (a stat of serve's file, unless it changed)
+        self.reread()
         if self.known and (not self.names or requested in self.names):
             return requested
         return self._other_name(requested) if self.known else None
@@ -63,13 +65,19 @@ class ModelCatalog:
                            f"{', '.join(self.names)}", code="model_not_found", param="model")
         return model
 
+    def _aliased(self, requested: str) -> str | None:
+        """The served model MODEL_ALIASES names for ``requested`` (or for `*`), if any."""
+        aliases = self.aliases
+        if not aliases:
+            return None
+        target = aliases.get(requested) or aliases.get("*")
+        return target if target is not None and target in self.names else None
+
     def _other_name(self, requested: str) -> str | None:
         """The served model a name that is not one stands for, if any."""
-        aliases = self.aliases
-        if aliases:
-            target = aliases.get(requested) or aliases.get("*")
-            if target is not None and target in self.names:
-                return target
+        aliased = self._aliased(requested)
+        if aliased is not None:
+            return aliased
         return self.names[0] if self.single else None
 
     @property

@@ -17,6 +17,8 @@ def test_an_unknown_list_refuses_every_name_until_it_is_read() -> None:
         assert refused.value.status == 503 and refused.value.retry_after == 5
     catalog.update({"models": ["tiny"], "models_known": True, "mode": "external"})
     assert catalog.resolve("tiny") == "tiny" and catalog.resolve(None) == "tiny"
+    assert catalog.resolve("other") == "tiny"  # one model: any name reaches it (issue 26)
+    catalog.update({"models": ["tiny", "tiny-b"], "models_known": True, "mode": "external"})
     assert catalog.resolve("other") is None
 
 
@@ -28,6 +30,9 @@ def test_a_refusal_or_a_404_is_never_from_an_older_state_than_serve_published() 
     assert catalog.resolve("tiny") == "tiny"
     published["models"] = ["tiny-2"]  # the backend came back serving another model
     assert catalog.resolve("tiny-2") == "tiny-2"
+    assert catalog.resolve("tiny") == "tiny-2"  # one model: any name reaches it (issue 26)
+    published["models"] = ["tiny-2", "tiny-3"]  # and then several others
+    assert catalog.resolve("tiny-3") == "tiny-3"
     assert catalog.resolve("tiny") is None
 
 
