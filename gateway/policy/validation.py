@@ -56,12 +56,13 @@ class _Route:
     inference: bool = True  # runs a model on a slot; else answered in llama-server's HTTP thread
 
 
-_CHAT = _Route(("messages",), ("messages",),
+_CHAT: Final = _Route(("messages",), ("messages",),
                ("max_tokens", "max_completion_tokens", "n_predict"), streams=True, choices=True)
-_TEXT = _Route(("prompt",), ("prompt",), ("max_tokens", "n_predict"), streams=True, choices=True)
-_EMBED = _Route(("input", "content"), ("input", "content"))
-_RERANK = _Route(("query",), ("query", "documents", "texts"))
-_NATIVE_TEXT = _Route(("prompt",), ("prompt",), ("n_predict",), ("max_tokens",),
+_TEXT: Final = _Route(("prompt",), ("prompt",), ("max_tokens", "n_predict"), streams=True,
+                     choices=True)
+_EMBED: Final = _Route(("input", "content"), ("input", "content"))
+_RERANK: Final = _Route(("query",), ("query", "documents", "texts"))
+_NATIVE_TEXT: Final = _Route(("prompt",), ("prompt",), ("n_predict",), ("max_tokens",),
                       streams=True, choices=True)
 # /v1/messages is Anthropic's Messages API and /v1/responses OpenAI's Responses API, both
 # of which llama-server serves; the paths without /v1 are llama-server's native API
@@ -94,7 +95,7 @@ NATIVE: Final = frozenset(p for p in _ROUTES if not p.startswith("/v1/"))
 # those answered without a slot and not metered: tokenizing and templating
 UTILITY: Final = frozenset(p for p, r in _ROUTES.items() if not r.inference)
 # fields holding a list of messages: counted against MAX_MESSAGES
-_MESSAGES = "messages"
+_MESSAGES: Final = "messages"
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ log = logging.getLogger("llamagate.gateway.proxy")
 # OpenAI Responses and rerank endpoints, which run the same models on the same slots
 INFERENCE_ROUTES = validation.ROUTES
 # those and llama-server's native POST routes: every body the proxy parses and checks
-_VALIDATED = validation.ROUTES | validation.NATIVE
+_VALIDATED: Final = validation.ROUTES | validation.NATIVE
 # generation routes whose bodies are forms (an audio file): metered, not validated
 METERED_FORMS = frozenset({"/v1/audio/transcriptions"})
 # the methods llama-server routes (tools/server registers Get and Post handlers only; its
