@@ -3,13 +3,15 @@ it (pure: a clock in, a verdict out).
 
     healthy ──(CONSECUTIVE failures, or one refused connection)──▶ ejected
     ejected ──(its time is up: BASE_EJECTION, doubled per ejection in a row)──▶ probation
-    probation ──(a request answered)──▶ healthy        probation ──(a failure)──▶ ejected
+    probation ──(a request answered, or probed down and then ready)──▶ healthy
+    probation ──(a failure)──▶ ejected
 
 A failure is a connection that could not be made or broke, a request that timed out before
 any answer, or a 5xx answer other than 503 (llama-server loading, which takes the upstream
 out of routing until its next probe instead). A refused connection ejects at once: nothing
 listens there, and every request sent meanwhile would fail the same way. In probation the
-upstream is sent one request at a time until one is answered.
+upstream is sent one request at a time until one is answered, or until its active probe
+(serve's, every second) finds it ready after it found it down (it was restarted).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ PROBATION: Final = "probation"
 
 
 class Outlier:
-    __slots__ = ("ejections", "failures", "probation", "reason", "until")
+    __slots__ = ("down_seen", "ejections", "failures", "probation", "reason", "until")
 
     def __init__(self) -> None:
         self.failures = 0  # in a row
@@ -34,6 +36,7 @@ class Outlier:
         self.until = 0.0  # monotonic time the ejection ends
         self.probation = False
         self.reason: str | None = None  # why it was last ejected
+        self.down_seen = False  # its probe found it down since it was ejected
 
     def state(self, now: float) -> str:
         if now < self.until:
@@ -49,8 +52,19 @@ class Outlier:
             return False
         self.ejections += 1
         self.until = now + min(MAX_EJECTION, BASE_EJECTION * 2 ** (self.ejections - 1))
-        self.probation, self.failures, self.reason = True, 0, reason
+        self.probation, self.failures, self.reason, self.down_seen = True, 0, reason, False
         return True
+
+    def probed(self, ready: bool, now: float) -> None:
+        """What its active probe found. Ready again after the probe saw it down since it was
+        ejected (restarted, reloaded) ends its probation once the ejection's time is up; a
+        probe that never saw it down proves nothing about the requests that failed."""
+        if not ready:
+            self.down_seen = self.probation
+            return
+        if self.probation and self.down_seen and now >= self.until:
+            self.probation, self.ejections, self.reason = False, 0, None
+            self.failures, self.down_seen = 0, False
 
     def answered(self, now: float) -> None:
         """A request the upstream answered (any status but a 5xx failure)."""

@@ -8,10 +8,10 @@ slot goes to the oldest waiter that upstream can serve. MAX_QUEUE_SIZE and QUEUE
 bound the queue as they bound a single backend's.
 
 Prefix affinity (gateway/upstream/affinity.py, POOL_AFFINITY): a conversation goes back to
-the upstream that served it last, where llama-server keeps its prompt cached, unless that
-one has no slot free while another has, or has more than POOL_AFFINITY_MARGIN requests in
-flight beyond the least loaded candidate; then it goes where least-request routing sends it,
-and stays there.
+the upstream that served it last, where llama-server keeps its prompt cached, and waits for
+a slot there if it must, unless that one has more than POOL_AFFINITY_MARGIN requests in
+flight beyond the least loaded upstream that serves the model (or is out of routing); then
+it goes where least-request routing sends it, and stays there.
 
 What each request's end says about its upstream is recorded by ``release``: failures feed
 outlier ejection (gateway/upstream/outlier.py); the proxy retries a request that failed
@@ -86,13 +86,14 @@ class Pool:
         now = self.clock()
         if self._waiters:
             self._dispatch(now)  # an ejection ended or a probe came back: the queue goes first
-        candidates = self._candidates(model, exclude, now)
-        if candidates:
-            ex.member = self._route(candidates, key).index
-            return
-        if not any(m.routable(model, now) for m in self.members if m.index != exclude):
+        routable = self._routable(model, exclude, now)
+        if not routable:
             raise BackendUnavailable(f"no upstream serving model '{model}' is ready",
                                      retry_after=self._retry_after(model, now))
+        placed = self._place(routable, key)
+        if placed is not None:
+            ex.member = placed.index
+            return
         if len(self._waiters) >= self.max_queue:
             raise QueueFull(UNMEASURED_DRAIN)
         loop = asyncio.get_running_loop()
@@ -127,6 +128,8 @@ class Pool:
             member.errors[failure] = member.errors.get(failure, 0) + 1
             if member.outlier.failed(now, failure, failure in _AT_ONCE):
                 member.ejections += 1
+                if not member.ready:  # its probe found it down before this failure came
+                    member.outlier.probed(False, now)
         elif ex.upstream_status:
             member.outlier.answered(now)
         self._give_back(member)
@@ -150,25 +153,33 @@ class Pool:
         self.in_flight += 1
         return member
 
-    def _candidates(self, model: str, exclude: int, now: float) -> list[Member]:
-        return [m for m in self.members
-                if m.index != exclude and m.routable(model, now) and m.has_room()]
+    def _routable(self, model: str, exclude: int, now: float) -> list[Member]:
+        return [m for m in self.members if m.index != exclude and m.routable(model, now)]
 
-    def _route(self, candidates: list[Member], key: int | None) -> Member:
-        """Affinity's upstream if it may take it, else the power of two choices; taken."""
-        if key is None:
-            return self._take(choose(candidates))
-        last = self._table.get(key)
-        if last >= 0:
-            previous = self.members[last]
-            least = min(m.in_flight for m in candidates)
-            if previous in candidates and previous.in_flight <= least + self.margin:
-                previous.affinity_hits += 1
-                return self._take(previous)
+    def _place(self, routable: list[Member], key: int | None) -> Member | None:
+        """The upstream that takes the request now (taken), or None: it waits. A known
+        conversation goes home, waiting for a slot there, unless home has more than the
+        margin in flight beyond the least loaded upstream; any other request goes to the
+        better of two with a free slot."""
+        home = None
+        if key is not None:
+            last = self._table.get(key)
+            if last >= 0:
+                home = self.members[last]
+                least = min(m.in_flight for m in routable)
+                if home in routable and home.in_flight <= least + self.margin:
+                    if not home.has_room():
+                        return None  # its slot frees soon; a cold prefill elsewhere costs more
+                    home.affinity_hits += 1
+                    return self._take(home)
+        candidates = [m for m in routable if m.has_room()]
+        if not candidates:
+            return None
         chosen = choose(candidates)
-        if last >= 0:
-            chosen.affinity_misses += 1
-        self._table.served(key, chosen.index)
+        if key is not None:
+            if home is not None:
+                chosen.affinity_misses += 1
+            self._table.served(key, chosen.index)
         return self._take(chosen)
 
     def _dispatch(self, now: float) -> None:
@@ -176,10 +187,11 @@ class Pool:
         for waiter in list(self._waiters):
             if waiter.future.done():
                 continue
-            candidates = self._candidates(waiter.model, waiter.exclude, now)
-            if candidates:
+            routable = self._routable(waiter.model, waiter.exclude, now)
+            placed = self._place(routable, waiter.key) if routable else None
+            if placed is not None:
                 self._waiters.remove(waiter)
-                waiter.future.set_result(self._route(candidates, waiter.key))
+                waiter.future.set_result(placed)
             elif not any(m.has_room() for m in self.members):
                 return  # nothing free for anyone
 
@@ -195,10 +207,13 @@ class Pool:
         published = serve_state.get("upstreams")
         if not isinstance(published, list) or len(published) != len(self.members):
             return
+        now = self.clock()
         for member, entry in zip(self.members, published, strict=True):
             if not isinstance(entry, dict):
                 continue
-            member.ready = entry.get("ready") is True
+            member.ready = ready = entry.get("ready") is True
+            if member.outlier.probation:
+                member.outlier.probed(ready, now)
             member.state = str(entry.get("state", "unknown"))
             models = entry.get("models")
             member.models = frozenset(models) if isinstance(models, list) else frozenset()
@@ -207,7 +222,7 @@ class Pool:
                                           else self.fallback_slots)
             member.busy = busy if isinstance(busy, int) else 0
         if self._waiters:
-            self._dispatch(self.clock())
+            self._dispatch(now)
 
     def upstream_of(self, ex: Exchange) -> Upstream:
         """The upstream a request goes to: its slot's, or, for one that takes no slot (a read,

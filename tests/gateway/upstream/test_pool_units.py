@@ -51,6 +51,19 @@ def test_a_refused_connection_ejects_at_once() -> None:
     assert o.state(5.0) == EJECTED
 
 
+def test_a_probe_that_saw_it_down_and_up_again_ends_its_probation() -> None:
+    o = Outlier()
+    o.failed(0.0, "status_5xx", at_once=True)
+    o.probed(True, BASE_EJECTION)  # never seen down: the failures still count
+    assert o.state(BASE_EJECTION) == PROBATION
+    o.failed(BASE_EJECTION, "refused", at_once=True)
+    o.probed(False, BASE_EJECTION)  # down, then restarted within its ejection
+    o.probed(True, BASE_EJECTION + 1.0)
+    assert o.state(BASE_EJECTION + 1.0) == EJECTED  # the ejection runs its time
+    o.probed(True, BASE_EJECTION * 3)
+    assert o.state(BASE_EJECTION * 3) == HEALTHY and o.reason is None
+
+
 def member(index: int, slots: int = 2, models: tuple[str, ...] = ("A",), weight: float = 1.0,
            ready: bool = True) -> Member:
     m = Member(index, f"u{index}", Upstream(f"http://127.0.0.1:{9000 + index}", None, 1),
@@ -190,9 +203,7 @@ async def test_affinity_returns_a_conversation_unless_its_upstream_is_over_the_m
         assert ex.member == home
         pool.release(answered(ex))
     assert members[home].affinity_hits == 5
-    held = [exchange() for _ in range(2)]  # home now has two more in flight than the others
-    for ex in held:
-        members[home].in_flight += 1
+    members[home].in_flight += 2  # home now has two more in flight than the others
     spilled = exchange()
     await pool.acquire(spilled, chat("conversation one"))
     assert spilled.member != home and members[spilled.member].affinity_misses == 1
@@ -202,6 +213,21 @@ async def test_affinity_returns_a_conversation_unless_its_upstream_is_over_the_m
     again = exchange()
     await pool.acquire(again, chat("conversation one"))
     assert again.member == spilled.member
+
+
+async def test_a_conversation_waits_for_a_slot_at_home_within_the_margin() -> None:
+    members = [member(i, slots=1) for i in range(2)]
+    pool = Pool(members, max_queue=10, timeout=5, affinity=True, margin=1)
+    first = exchange()
+    await pool.acquire(first, chat("conversation two"))  # home is now full
+    home = members[first.member]
+    waiting = exchange()
+    task = asyncio.create_task(pool.acquire(waiting, chat("conversation two")))
+    await asyncio.sleep(0)
+    assert pool.queued == 1  # the other upstream is free, but home is only 1 ahead
+    pool.release(answered(first))
+    await task
+    assert members[waiting.member] is home and home.affinity_hits == 1
 
 
 async def test_a_retry_goes_to_another_upstream_first_in_the_queue() -> None:
