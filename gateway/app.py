@@ -24,6 +24,7 @@ from gateway.admin import openapi
 from gateway.admin.catalog import ModelCatalog
 from gateway.edge.client_address import ClientAddress
 from gateway.edge.server import HttpServer
+from gateway.edge.write_batch import WriteBatch
 from gateway.observe import health_link, probes
 from gateway.observe.metrics import GatewayMetrics, make_registries
 from gateway.observe.model_metrics import ModelStateCollector
@@ -112,9 +113,12 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
 
 
 def _pool(config: Config, specs: tuple[UpstreamSpec, ...]) -> Pool:
-    """The upstream pool's members, in serve's order (its published states follow it)."""
+    """The upstream pool's members, in serve's order (its published states follow it), all
+    sending through one write batch (gateway/edge/write_batch.py)."""
+    batch = WriteBatch()
     members = [Member(i, spec.name, Upstream(spec.url, spec.key,
-                                             pool_size=max(16, config.concurrency_limit * 2)),
+                                             pool_size=max(16, config.concurrency_limit * 2),
+                                             batch=batch),
                       spec.weight, config.concurrency_limit)
                for i, spec in enumerate(specs)]
     return Pool(members, config.max_queue_size, config.queue_timeout,

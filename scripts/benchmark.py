@@ -10,6 +10,10 @@ gateway pinned to one CPU, the upstreams and the load on another. Non-streaming
 load uses wrk when installed (apt-get install wrk), else a Python client; streams
 use an aiohttp client. Prints tables with ratios to direct.
 
+The pool row (--only pool) puts the gateway in front of three static upstreams (BACKEND_URLS)
+and in front of one (BACKEND_URL), both pinned to the same CPU, alternating, and prints the
+pool's requests/s as a share of the single upstream's: what routing costs the gateway.
+
 Wall-clock figures move with whatever else the machine runs. The gateway worker's
 own CPU time per request (or per SSE event), read from /proc before and after each
 load, moves less, but still with the machine's speed (on a shared virtual machine,
@@ -17,7 +21,8 @@ the same build measured 145 and 235 µs/request an hour apart): compare builds
 within one run, alternating them, never across runs.
 
     scripts/benchmark.py [--seconds 5] [--reps 1] [--conc 1,16,64] [--stream-conc 1,16]
-                         [--gateway-cpu 1] [--load-cpu 0] [--only static|llama|cold]
+                         [--gateway-cpu 1] [--load-cpu 0] [--only static|llama|cold|pool]
+                         [--pool-conc 16]
                          [--log-level warning|info] [--no-auth]
 """
 
@@ -138,9 +143,12 @@ async def py_load(url: str, body: str, auth: str, conc: int, seconds: float) -> 
 
 
 def gateway(backend_url: str, tmp: Path, cpu: str | None, auth: bool,
-            log_level: str) -> tuple[subprocess.Popen[bytes], str, str, int | None]:
+            log_level: str, pool: tuple[str, ...] = ()
+            ) -> tuple[subprocess.Popen[bytes], str, str, int | None]:
+    """`llamagate serve` in front of `backend_url`, or of the upstreams of `pool`."""
     port, health = free_port(), free_port()
-    env = {**os.environ, "BACKEND_URL": backend_url, "PORT": str(port), "PORT_HEALTH": str(health),
+    backend = {"BACKEND_URLS": ",".join(pool)} if pool else {"BACKEND_URL": backend_url}
+    env = {**os.environ, **backend, "PORT": str(port), "PORT_HEALTH": str(health),
            "HOST": "127.0.0.1", "DATA_DIR": str(tmp / "data"), "LOG_LEVEL": log_level,
            "AUTH_ENABLED": "true" if auth else "false", "MAX_CONCURRENT_REQUESTS": "256",
            "MAX_QUEUE_SIZE": "1024"}
@@ -154,7 +162,17 @@ def gateway(backend_url: str, tmp: Path, cpu: str | None, auth: bool,
     proc = start(pinned(cpu, [sys.executable, "-m", "llamagate.cli", "serve"]), env,
                  tmp / f"gateway-{port}.log")
     wait_for(lambda: up(f"http://127.0.0.1:{health}/ping"), "the gateway", within=60)
+    if pool:  # every upstream probed ready and its models read, not just the first
+        wait_for(lambda: pool_ready(f"http://127.0.0.1:{port}/health"), "the pool", within=60)
     return proc, f"http://127.0.0.1:{port}", f"Bearer {key}" if key else "", worker_pid(proc.pid)
+
+
+def pool_ready(health_url: str) -> bool:
+    try:
+        upstreams = requests.get(health_url, timeout=2).json().get("upstreams") or []
+    except (requests.RequestException, ValueError):
+        return False
+    return bool(upstreams) and all(u["state"] == "ready" for u in upstreams)
 
 
 NGINX_CONF = """daemon off;
@@ -171,7 +189,7 @@ http {{
   scgi_temp_path {tmp}/nginx-scgi;
   keepalive_requests 10000000;
   server {{
-    listen 127.0.0.1:{port};
+    {listen}
     default_type application/json;
     location = /v1/chat/completions {{ return 200 '{reply}'; }}
     location = /v1/models {{ return 200 '{models}'; }}
@@ -181,23 +199,27 @@ http {{
 """
 
 
-def nginx_upstream(tmp: Path, cpu: str | None) -> tuple[subprocess.Popen[bytes], str] | None:
+def nginx_upstream(tmp: Path, cpu: str | None, ports: int = 1
+                   ) -> tuple[subprocess.Popen[bytes], list[str]] | None:
     """The fixed JSON reply from nginx (its cost next to the load generator is a fraction of
-    an aiohttp server's, so the load measures the gateway); None when nginx is not installed."""
+    an aiohttp server's, so the load measures the gateway), on `ports` ports (a pool's
+    upstreams: one nginx answering on each); None when nginx is not installed."""
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
                                        else None)
     if binary is None:
         return None
     from scripts.bench.fake_upstream import MODELS, REPLY
-    port = free_port()
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, reply=REPLY.decode(),
+    numbers = [free_port() for _ in range(ports)]
+    conf = tmp / f"nginx-{numbers[0]}.conf"
+    listen = " ".join(f"listen 127.0.0.1:{p};" for p in numbers)
+    conf.write_text(NGINX_CONF.format(tmp=tmp, listen=listen, reply=REPLY.decode(),
                                       models=MODELS.decode()))
     proc = start(pinned(cpu, [binary, "-p", str(tmp), "-c", str(conf)]), dict(os.environ),
-                 tmp / "nginx.log")
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: up(f"{url}/health"), "the nginx upstream", within=30)
-    return proc, url
+                 tmp / f"nginx-{numbers[0]}.log")
+    urls = [f"http://127.0.0.1:{p}" for p in numbers]
+    for url in urls:
+        wait_for(lambda: up(f"{url}/health"), "the nginx upstream", within=30)  # noqa: B023
+    return proc, urls
 
 
 def measure(name: str, base: str, auth: str, model: str, args: argparse.Namespace, lua: Path,
@@ -269,6 +291,47 @@ def table(rows: list[dict[str, Any]], upstream: str) -> None:
             print(f"added time to first event (p50): {added:.3f} ms")
 
 
+def pool_row(args: argparse.Namespace, tmp: Path, lua: Path,
+             procs: list[subprocess.Popen[bytes]]) -> None:
+    """The gateway before three static upstreams (BACKEND_URLS) against one (BACKEND_URL),
+    alternating; the pool's requests/s as a share of the single upstream's."""
+    nginx = nginx_upstream(tmp, args.load_cpu, ports=3)
+    if nginx is not None:
+        procs.append(nginx[0])
+        urls, kind = nginx[1], "nginx, fixed JSON"
+    else:
+        urls, kind = [], "aiohttp, fixed JSON"
+        for _ in range(3):
+            port = free_port()
+            procs.append(start(pinned(args.load_cpu, [sys.executable, "scripts/bench/fake_upstream.py",
+                                                      "--port", str(port)]), dict(os.environ),
+                               tmp / f"fake-{port}.log"))
+            urls.append(f"http://127.0.0.1:{port}")
+            wait_for(lambda: up(f"{urls[-1]}/health"), "the static upstream", within=30)
+    one = gateway(urls[0], tmp, args.gateway_cpu, not args.no_auth, args.log_level)
+    three = gateway("", tmp, args.gateway_cpu, not args.no_auth, args.log_level, tuple(urls))
+    procs += [one[0], three[0]]
+    targets = [("one upstream", one), ("pool of 3", three)]
+    runs: list[dict[str, Any]] = []
+    for conc in args.pool_conc:
+        for rep in range(max(args.reps, 1)):
+            for name, (_, url, auth, pid) in targets[::-1] if rep % 2 else targets:
+                runs += measure(name, url, auth, "fake", args, lua, 0, "json", conc, pid)
+    rows = medians(runs)
+    print(f"\n## pool: the gateway (pinned to CPU {args.gateway_cpu}) before 3 static upstreams "
+          f"vs 1 ({kind}; medians of {max(args.reps, 1)} alternating runs)")
+    print("| target | conc | req/s | p50 ms | p99 ms | gateway CPU µs/req | ratio vs one |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    base = {r["conc"]: r for r in rows if r["target"] == "one upstream"}
+    for r in rows:
+        cpu = f"{r['cpu_us']:.1f}" if "cpu_us" in r else ""
+        print(f"| {r['target']} | {r['conc']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
+              f"{r['p99_ms']:.2f} | {cpu} | {r['rps'] / base[r['conc']]['rps']:.3f} |")
+    for proc in (one[0], three[0]):
+        proc.terminate()
+        proc.wait(30)
+
+
 def cold_start(tmp: Path) -> None:
     """Process start → first /ping 204 → first 200 → first streamed token (supervised backend)."""
     from llamagate.tiny_model import write_model
@@ -324,7 +387,9 @@ def main() -> int:
     parser.add_argument("--log-level", default="warning",
                         help="the gateway's LOG_LEVEL: warning (default) leaves the access log "
                              "off, like the reference nginx; info measures it too")
-    parser.add_argument("--only", choices=["static", "llama", "cold"], default=None)
+    parser.add_argument("--only", choices=["static", "llama", "cold", "pool"], default=None)
+    parser.add_argument("--pool-conc", type=lambda v: [int(x) for x in v.split(",")],
+                        default=[16], help="concurrency of the pool row (default 16)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="llamagate-bench-"))
     lua = tmp / "post.lua"
@@ -364,7 +429,7 @@ def main() -> int:
             nginx = nginx_upstream(tmp, args.load_cpu)
             if nginx is not None:
                 procs.append(nginx[0])
-                pair(nginx[1], "fake", 200, "static (nginx, fixed JSON)", ("json",))
+                pair(nginx[1][0], "fake", 200, "static (nginx, fixed JSON)", ("json",))
                 # streams on kept-alive connections, as the OpenAI SDK's are
                 pair(static, "fake", 200, "static (aiohttp, SSE 200 events)", ("sse",), True)
             else:
@@ -385,6 +450,8 @@ def main() -> int:
             llama = f"http://127.0.0.1:{port}"
             wait_for(lambda: up(f"{llama}/health"), "llama-server", within=60)
             pair(llama, "tiny", 256, "llama-server, tiny model (max_tokens 8; streams of 256 tokens)")
+        if args.only in (None, "pool"):
+            pool_row(args, tmp, lua, procs)
         if args.only in (None, "cold"):
             cold_start(tmp)
     finally:

@@ -21,6 +21,7 @@ import aiohttp
 
 from backend.external import MissTolerance, health_state, probe_health
 from core import runtime
+from gateway.edge.write_batch import WriteBatch
 from gateway.upstream.client import BackendPool, Response
 
 log = logging.getLogger("llamagate.gateway.upstream")
@@ -36,8 +37,10 @@ class BackendStatus:
 
 
 class Upstream:
-    def __init__(self, base_url: str, api_key: str | None, pool_size: int) -> None:
+    def __init__(self, base_url: str, api_key: str | None, pool_size: int,
+                 batch: WriteBatch | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self._batch = batch  # the socket write batch, shared by a pool's upstreams
         self.auth_header = f"Bearer {api_key}" if api_key else None
         self._api_key = api_key
         self.status = BackendStatus()
@@ -61,7 +64,8 @@ class Upstream:
 
     async def open(self) -> None:
         auth = {"Authorization": self.auth_header} if self.auth_header else {}
-        self._pool = BackendPool(self.base_url, self._pool_size, headers=auth, secret=self._api_key)
+        self._pool = BackendPool(self.base_url, self._pool_size, headers=auth, secret=self._api_key,
+                                 batch=self._batch)
         # the health poll and metrics scrapes only: a few connections are plenty
         connector = aiohttp.TCPConnector(limit=4, keepalive_timeout=60, enable_cleanup_closed=True)
         # Timeouts are set per request by the caller; no automatic decompression

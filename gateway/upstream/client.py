@@ -38,6 +38,7 @@ import ssl
 import time
 from urllib.parse import urlsplit
 
+from gateway.edge.write_batch import WriteBatch
 from gateway.upstream.connection import (
     BackendBroken,
     BackendConnectError,
@@ -70,8 +71,9 @@ class BackendPool(Places):
     backend's key, which no response header passed on may carry."""
 
     def __init__(self, base_url: str, size: int, headers: dict[str, str] | None = None,
-                 idle_timeout: float = IDLE_SECONDS, secret: str | None = None) -> None:
-        super().__init__(size, idle_timeout, (secret or "").encode("latin-1", "replace"))
+                 idle_timeout: float = IDLE_SECONDS, secret: str | None = None,
+                 batch: WriteBatch | None = None) -> None:
+        super().__init__(size, idle_timeout, (secret or "").encode("latin-1", "replace"), batch)
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")

@@ -59,11 +59,14 @@ class Places:
     """What a pool's connections update as they go idle or close: the idle ones, how many are
     open (each holds one of ``size`` places) and the requests waiting for a place."""
 
-    def __init__(self, size: int, idle_timeout: float, secret: bytes) -> None:
+    def __init__(self, size: int, idle_timeout: float, secret: bytes,
+                 batch: WriteBatch | None = None) -> None:
         self.size = size
         self.idle_timeout = idle_timeout  # seconds a connection may idle and still be reused
         self.secret = secret  # the backend's key: a response header carrying it is dropped
-        self.batch = WriteBatch()  # requests sent while the loop is busy go out together
+        # requests sent while the loop is busy go out together; a pool's upstreams share one
+        # (a batch each sent the first write of every pass at once, waking each upstream)
+        self.batch = WriteBatch() if batch is None else batch
         self._idle: list[Connection] = []
         self._open = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()

@@ -29,7 +29,8 @@ async def send(call: Call, state: AppState, ex: Exchange, raw: bytes) -> Respons
     ex.forwarded = True  # from here its prompt is charged, however it ends (upstream/cut.py)
     ex.forwarded_at = time.monotonic()
     pool = state.pool
-    upstream = state.upstream if pool is None else pool.upstream_of(ex)
+    upstream = state.upstream if pool is None else \
+        pool.members[ex.member].upstream if ex.member >= 0 else pool.upstream_of(ex)
     try:
         resp = await upstream.send(method, call.path_qs, raw, call.headers.get("content-type"),
                                    ex.request_id)

@@ -77,10 +77,11 @@ class Pool:
         return len(self._waiters)
 
     # -- admission -------------------------------------------------------------------
-    async def acquire(self, ex: Exchange, body: dict[str, Any] | None, exclude: int = -1) -> None:
-        """A slot on an upstream serving ``ex.model`` (``ex.member`` says which); waits in
-        the shared queue when none is free. Raises QueueFull, QueueTimeout, AdmissionClosed,
-        or BackendUnavailable when no upstream serving the model is up at all."""
+    def take(self, ex: Exchange, body: dict[str, Any] | None, exclude: int = -1) -> int | None:
+        """A slot now on an upstream serving ``ex.model`` (``ex.member`` says which), if one
+        is free and nobody waits for it: None. Otherwise the conversation key to ``wait``
+        with (-1: none). Raises BackendUnavailable when no upstream serving the model is up.
+        (Not a coroutine: most requests find a slot, and take it without one.)"""
         model = ex.model
         key = conversation_key(body) if self.affinity and body is not None else None
         now = self.clock()
@@ -93,11 +94,16 @@ class Pool:
         placed = self._place(routable, key)
         if placed is not None:
             ex.member = placed.index
-            return
+            return None
+        return -1 if key is None else key
+
+    async def wait(self, ex: Exchange, key: int, exclude: int = -1) -> None:
+        """``take``'s slot, once the shared queue gives one. Raises QueueFull, QueueTimeout
+        or AdmissionClosed."""
         if len(self._waiters) >= self.max_queue:
             raise QueueFull(UNMEASURED_DRAIN)
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future(), model, key, exclude)
+        waiter = _Waiter(loop.create_future(), ex.model, None if key == -1 else key, exclude)
         if exclude >= 0:
             self._waiters.appendleft(waiter)  # a retry: it has waited its turn already
         else:
@@ -116,23 +122,36 @@ class Pool:
                 self._waiters.remove(waiter)
         ex.member = member.index
 
+    async def acquire(self, ex: Exchange, body: dict[str, Any] | None, exclude: int = -1) -> None:
+        """``take``, and ``wait`` if it must."""
+        key = self.take(ex, body, exclude)
+        if key is not None:
+            await self.wait(ex, key, exclude)
+
     def release(self, ex: Exchange) -> None:
         """The request's slot back, and what its end says about the upstream."""
         index = ex.member
         if index < 0:
             return
         member = self.members[index]
-        now = self.clock()
-        failure = failure_of(ex)
-        if failure is not None:
-            member.errors[failure] = member.errors.get(failure, 0) + 1
-            if member.outlier.failed(now, failure, failure in _AT_ONCE):
-                member.ejections += 1
-                if not member.ready:  # its probe found it down before this failure came
-                    member.outlier.probed(False, now)
-        elif ex.upstream_status:
-            member.outlier.answered(now)
-        self._give_back(member)
+        status = ex.upstream_status
+        if ex.upstream_failure is None and 0 < status < 500:  # answered: the common case
+            outlier = member.outlier
+            if outlier.failures or outlier.probation:
+                outlier.answered(self.clock())
+        else:
+            failure = failure_of(ex)
+            if failure is not None:
+                now = self.clock()
+                member.errors[failure] = member.errors.get(failure, 0) + 1
+                if member.outlier.failed(now, failure, failure in _AT_ONCE):
+                    member.ejections += 1
+                    if not member.ready:  # its probe found it down before this failure came
+                        member.outlier.probed(False, now)
+        member.in_flight -= 1
+        self.in_flight -= 1
+        if self._waiters:
+            self._dispatch(self.clock())
 
     def refuse_waiting(self) -> None:
         """Draining: the queued requests are refused now (503), not served late."""
@@ -154,7 +173,9 @@ class Pool:
         return member
 
     def _routable(self, model: str, exclude: int, now: float) -> list[Member]:
-        return [m for m in self.members if m.index != exclude and m.routable(model, now)]
+        # Member.routable written out: this runs for every request
+        return [m for m in self.members if m.ready and model in m.models
+                and now >= m.outlier.until and m.index != exclude]
 
     def _place(self, routable: list[Member], key: int | None) -> Member | None:
         """The upstream that takes the request now (taken), or None: it waits. A known

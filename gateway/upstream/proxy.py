@@ -95,10 +95,12 @@ async def handle(call: Call) -> None:
             slots.leave(state, ex)
             raise
     try:
-        if pool is None:
+        try:
             await _exchange(call, state, ex, raw, info)
-        else:
-            await _pooled(call, state, ex, raw, info)
+        except GatewayError:
+            if pool is None or not _retryable(call, ex):
+                raise
+            await _retry(call, state, ex, raw, info)
     except asyncio.CancelledError:
         if not (ex.shutdown or ex.timed_out):
             ex.end = "client_closed"
@@ -119,20 +121,19 @@ async def handle(call: Call) -> None:
             slots.leave(state, ex)  # still active until charged: a drain waits for the count
 
 
-async def _pooled(call: Call, state: AppState, ex: Exchange, raw: bytes,
-                  info: RequestInfo | None) -> None:
-    """``_exchange`` on the pool's upstream, and once more on another when the first failed
-    before the client saw a byte of the answer (gateway/upstream/pool.py RETRYABLE): no
-    connection, one that broke, a 503 while it loads. Never once a stream has begun."""
+def _retryable(call: Call, ex: Exchange) -> bool:
+    """A pool's request that failed before the client saw a byte of the answer (no
+    connection, one that broke, a 503 while loading: gateway/upstream/pool.py RETRYABLE),
+    and was not sent again already. Never once a stream has begun."""
+    return not (call.started or ex.retried or ex.member < 0 or ex.shutdown or ex.timed_out) \
+        and ex.upstream_failure in RETRYABLE
+
+
+async def _retry(call: Call, state: AppState, ex: Exchange, raw: bytes,
+                 info: RequestInfo | None) -> None:
+    """``_exchange`` once more, on another upstream of the pool than the one that failed."""
     pool = state.pool
     assert pool is not None
-    try:
-        await _exchange(call, state, ex, raw, info)
-        return
-    except GatewayError:
-        if call.started or ex.retried or ex.upstream_failure not in RETRYABLE \
-                or ex.member < 0 or ex.shutdown or ex.timed_out:
-            raise
     failed = ex.member
     pool.release(ex)  # its failure counts against that upstream
     ex.member, ex.retried = -1, True

@@ -55,7 +55,9 @@ async def wait_for_slot(state: AppState, ex: Exchange, counted: bool,
         if pool is None:
             await state.admission.acquire()
         else:
-            await pool.acquire(ex, body, exclude)
+            key = pool.take(ex, body, exclude)
+            if key is not None:  # none free: the pool's queue
+                await pool.wait(ex, key, exclude)
     except QueueFull as full:
         waited = False
         metrics.rejections.labels("queue_full").inc()
