@@ -58,17 +58,18 @@ def _opening(messages: list[Any], system: object) -> int | None:
 class AffinityTable:
     """Conversation → the index of the upstream that served it last."""
 
-    __slots__ = ("_last",)
+    __slots__ = ("_last", "_limit")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_ENTRIES) -> None:
         self._last: dict[int, int] = {}
+        self._limit = limit
 
     def get(self, key: int) -> int:
         return self._last.get(key, -1)
 
     def served(self, key: int, member: int) -> None:
         last = self._last
-        if last.pop(key, -1) == -1 and len(last) >= MAX_ENTRIES:
+        if last.pop(key, -1) == -1 and len(last) >= self._limit:
             del last[next(iter(last))]  # the least recently routed
         last[key] = member
 

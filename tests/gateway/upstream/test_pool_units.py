@@ -102,10 +102,8 @@ def test_conversation_keys_follow_the_opening_or_the_named_key() -> None:
     assert conversation_key({"input": 5}) is None
 
 
-def test_the_affinity_table_forgets_the_least_recently_routed(monkeypatch: pytest.MonkeyPatch
-                                                              ) -> None:
-    monkeypatch.setattr("gateway.upstream.affinity.MAX_ENTRIES", 2)
-    table = AffinityTable()
+def test_the_affinity_table_forgets_the_least_recently_routed() -> None:
+    table = AffinityTable(limit=2)
     table.served(1, 0)
     table.served(2, 1)
     table.served(1, 2)  # routed again: now the most recent
