@@ -295,3 +295,22 @@ def test_affinity_keeps_conversations_on_their_prompt_cache(
     print(f"\nprompt tokens from llama-server's cache: affinity {ratios['true']:.3f}, "
           f"least-request {ratios['false']:.3f}")
     assert ratios["true"] >= ratios["false"] + 0.15, ratios
+
+
+def test_a_local_llama_server_joins_the_pool(tmp_path: Path, tiny_model: Path,
+                                             upstreams: list[LlamaProcess]) -> None:
+    """MODEL_PATH with BACKEND_URLS: serve starts its own llama-server, as the pool's first
+    upstream, beside the remote one, and both take requests for the model they serve."""
+    remote = upstreams[0]
+    svc = Service(tmp_path, {"MODEL_PATH": str(tiny_model), "MODEL_NAME": "A",
+                             "BACKEND_URLS": remote.url, "BACKEND_API_KEY": remote.key,
+                             "AUTH_ENABLED": "false", "LOG_LEVEL": "warning", "PARALLEL": "2"})
+    with svc.running():
+        wait_for(lambda: len(states(svc)) == 2 and all_ready(svc), "both upstreams ready",
+                 within=30)
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda i: chat(svc, "A", f"local or remote {i}"), range(24)))
+        assert [r.status_code for r in answers] == [200] * 24
+        counts = sent(svc)
+        local = next(name for name in counts if name != remote.name)
+        assert counts[local] > 0 and counts[remote.name] > 0, counts
