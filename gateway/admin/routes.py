@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
+from typing import Final
 
 from gateway.edge.call import Call
 from gateway.errors import BadRequest
@@ -94,13 +95,17 @@ def describe_key(key: ApiKey) -> dict[str, object]:
     }
 
 
+_LATEST: Final = 253402300799.0  # 9999-12-31T23:59:59Z in unix seconds
+
+
 def _instant(query: Mapping[str, str], name: str) -> float | None:
     raw = query.get(name, "").strip()
     if not raw:
         return None
     with contextlib.suppress(ValueError):
         seconds = float(raw)
-        if math.isfinite(seconds):
+        # within what SQLite's integers hold (a since=1e30 was a 500: OverflowError)
+        if math.isfinite(seconds) and abs(seconds) <= _LATEST:
             return seconds
     try:
         return parse_instant(raw, time.time(), future=False)
