@@ -55,15 +55,18 @@ RUN export UV_PYTHON_INSTALL_DIR=/opt/python UV_PYTHON_PREFERENCE=only-managed \
  && "$(uv python find 3.11)" -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --quiet --upgrade pip
 WORKDIR /src
-COPY pyproject.toml requirements.lock ./
+COPY pyproject.toml requirements.lock requirements-dev.lock ./
 COPY core ./core
 COPY llamagate ./llamagate
 COPY gateway ./gateway
 COPY health ./health
 COPY backend ./backend
 COPY keys ./keys
-# -c: every dependency at the version the test suite ran with.
-RUN /opt/venv/bin/pip install --no-cache-dir -c requirements.lock . \
+# Every dependency at the version and hash the test suite ran with; then the project alone
+# (--no-deps: a directory cannot be hash-checked, so pip refuses it beside the hashed lock).
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes -r requirements.lock \
+ && /opt/venv/bin/pip install --no-cache-dir --no-deps . \
+ && /opt/venv/bin/pip check \
  && /opt/venv/bin/llamagate --help
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
@@ -73,7 +76,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
 # gateway would run as plain Python.
 COPY scripts/build_native.py ./scripts/build_native.py
 RUN cp -a /opt/venv /opt/build-venv \
- && /opt/build-venv/bin/python -m pip install --no-cache-dir --quiet -c requirements.lock mypy setuptools \
+ && /opt/build-venv/bin/python -m pip install --no-cache-dir --quiet -c requirements-dev.lock mypy setuptools \
  && site="$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
  && /opt/build-venv/bin/python scripts/build_native.py --strict --out "$site/.build/native" \
  && cd / && /opt/venv/bin/python -c 'import gateway.upstream.proxy as p; assert "/.build/native/" in p.__file__, p.__file__' \

@@ -12,16 +12,22 @@ PYTEST_ARGS ?=
 export LLAMA_SERVER_PATH ?= $(LLAMA_SERVER)
 export DATA_DIR
 
-.PHONY: help setup native run test bench lint typecheck llama-server test-model docker docker-cpu clean
+.PHONY: help setup native run test bench lint typecheck llama-server test-model docker docker-cpu clean lock
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml requirements.lock
+# the locked versions, each checked against its hash, then the project itself (--no-deps: an
+# editable directory cannot be hash-checked); `make lock` rewrites the locks from pyproject.toml
+$(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes -r requirements-dev.lock
+	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
+
+lock: ## rewrite requirements.lock (runtime) and requirements-dev.lock (tests, tools) with hashes
+	bash scripts/lock.sh
 
 # the request path compiled with mypyc; the script compares its digest of the sources with the
 # build's, so it runs every time (a new, edited or deleted module rebuilds) and returns at once

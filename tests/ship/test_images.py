@@ -75,9 +75,10 @@ def test_llama_server_comes_from_the_project_build_script_without_native_tuning(
 
 def test_python_dependencies_are_installed_from_the_lock(df: Dockerfile) -> None:
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    [stage] = [s for s in df.stages if "pip install --no-cache-dir -c requirements.lock ." in s.run_text()]
+    [stage] = [s for s in df.stages if "pip install --no-cache-dir --no-deps ." in s.run_text()]
     sources = {src for ins in stage.all("COPY") if not ins.flags()[0] for src in ins.value.split()[:-1]}
-    missing = {"pyproject.toml", "requirements.lock", *(p.split(".")[0] for p in packages)} - sources
+    missing = {"pyproject.toml", "requirements.lock", "requirements-dev.lock",
+               *(p.split(".")[0] for p in packages)} - sources
     assert not missing, f"not copied into the image: {missing}"
     assert ("/opt/venv", "/opt/venv") in copied_from(df, stage)
 
