@@ -8,10 +8,13 @@ and `collect_registry()` sums them, so any worker's /metrics reports totals.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway.observe.histograms import FastHistogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -21,7 +24,26 @@ _TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 6553
 _OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1)
 
 
-_M = TypeVar("_M", Counter, Histogram)
+_M = TypeVar("_M", covariant=True)
+
+
+class Observer(Protocol):
+    def observe(self, value: float) -> None: ...
+
+
+class Labelled(Protocol[_M]):
+    def labels(self, *values: str) -> _M: ...
+
+
+class HistogramLike(Labelled[Observer], Observer, Protocol):
+    """prometheus_client's Histogram, or gateway/observe/histograms.py's in one process."""
+
+
+def _histogram(name: str, documentation: str, labelnames: Sequence[str] = (), *,
+               buckets: Sequence[float], registry: CollectorRegistry) -> HistogramLike:
+    if multiprocess_enabled():  # several workers: values shared through prometheus_client's files
+        return Histogram(name, documentation, labelnames, buckets=buckets, registry=registry)
+    return FastHistogram(name, documentation, labelnames, buckets=buckets, registry=registry)
 
 
 def multiprocess_enabled() -> bool:
@@ -35,8 +57,8 @@ class Children(Generic[_M]):
 
     __slots__ = ("_cache", "_metric")
 
-    def __init__(self, metric: _M) -> None:
-        self._metric: _M = metric
+    def __init__(self, metric: Labelled[_M]) -> None:
+        self._metric = metric
         self._cache: dict[tuple[str, ...], _M] = {}
 
     def __call__(self, *values: str) -> _M:
@@ -53,35 +75,35 @@ class GatewayMetrics:
             "llamagate_requests", "Requests answered, by route, status, model, key id and how "
             "they ended (completed, client_closed, backend_failed, timeout, shutdown)",
             ["route", "status", "model", "key_id", "ended"], registry=registry)
-        self.duration = Histogram(
+        self.duration = _histogram(
             "llamagate_request_duration_seconds",
             "Time from request to the end of the response (end to end), by route, model and status",
             ["route", "model", "status"], buckets=_LATENCY_BUCKETS, registry=registry)
-        self.inter_token = Histogram(
+        self.inter_token = _histogram(
             "llamagate_inter_token_latency_seconds",
             "Mean time between a streamed answer's tokens after the first, one observation "
             "per stream", ["model"], buckets=_ITL_BUCKETS, registry=registry)
-        self.request_prompt_tokens = Histogram(
+        self.request_prompt_tokens = _histogram(
             "llamagate_request_prompt_tokens", "Prompt tokens per request",
             ["model"], buckets=_TOKEN_BUCKETS, registry=registry)
-        self.request_completion_tokens = Histogram(
+        self.request_completion_tokens = _histogram(
             "llamagate_request_completion_tokens", "Completion tokens per request",
             ["model"], buckets=_TOKEN_BUCKETS, registry=registry)
         self.finish_reasons = Counter(
             "llamagate_request_finish_reasons", "Why generations ended (stop, length, "
             "tool_calls, content_filter, other), for answers that completed",
             ["model", "reason"], registry=registry)
-        self.overhead = Histogram(
+        self.overhead = _histogram(
             "llamagate_gateway_overhead_seconds",
             "The gateway's own time before a request is handed to the backend: from its "
             "arrival, less its wait for a slot", ["route"], buckets=_OVERHEAD_BUCKETS,
             registry=registry)
-        self.ttft = Histogram(
+        self.ttft = _histogram(
             "llamagate_time_to_first_token_seconds",
             "Time from request to the backend's first event: streamed answers, and "
             "non-streaming ones the gateway fetches as streams",
             ["model"], buckets=_TTFT_BUCKETS, registry=registry)
-        self.queue_wait = Histogram(
+        self.queue_wait = _histogram(
             "llamagate_queue_wait_seconds", "Time spent waiting for a backend slot",
             buckets=_QUEUE_BUCKETS, registry=registry)
         self.prompt_tokens = Counter(
