@@ -83,6 +83,9 @@ cmake --build "$work/build" --target llama-server -j "$JOBS" >"$work/build.log" 
 
 mkdir -p "$dest.tmp"
 cp "$work/build/bin/llama-server" "$dest.tmp/llama-server"
+# With -DBUILD_SHARED_LIBS=ON (the CPU image's GGML_BACKEND_DL build) llama-server needs the
+# libraries and the backend modules built beside it; -P keeps their version links.
+find "$work/build/bin" -maxdepth 1 -name '*.so*' -exec cp -P {} "$dest.tmp/" \;
 printf '%s\n' "${flags[@]}" >"$dest.tmp/cmake-flags.txt"
 echo "$LLAMA_CPP_PYTHON_VERSION" >"$dest.tmp/llama-cpp-python-version.txt"
 rm -rf "$dest"; mv "$dest.tmp" "$dest"

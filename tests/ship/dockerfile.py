@@ -47,6 +47,7 @@ class Instruction:
 class Stage:
     base: str  # FROM's image, arguments substituted
     name: str | None
+    base_source: str  # FROM's image as written
     args: dict[str, str]  # ARG defaults in scope at the end of the stage
     instructions: list[Instruction] = field(default_factory=list)
 
@@ -151,7 +152,8 @@ def parse(text: str) -> Dockerfile:
         if keyword == "FROM":
             words = value.split()
             name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(base=substitute(words[0], global_args), name=name, args={}))
+            stages.append(Stage(base=substitute(words[0], global_args), name=name,
+                                base_source=words[0], args={}))
             continue
         if keyword == "ARG":
             name, default = _parse_arg(value)

@@ -33,6 +33,7 @@ def test_stages_arguments_and_continuations() -> None:
     assert df.global_args == {"BASE": "debian", "TAG": "12"}
     build, final = df.stages
     assert (build.base, build.name, build.args) == ("debian:12", "build", {"TAG": "12", "MODE": "fast"})
+    assert build.base_source == "${BASE}:${TAG}"
     first, second = build.all("RUN")
     assert first.value == "echo one && echo two" and first.line == 7
     assert first.exec_form() is None and second.exec_form() == ["echo", "exec"]
