@@ -44,8 +44,10 @@ COMPILED: tuple[str, ...] = (
     "gateway.policy.validation", "gateway.upstream.proxy", "gateway.upstream.slots",
     "gateway.upstream.forward", "gateway.upstream.client",
     "gateway.upstream.connection", "gateway.upstream.events", "gateway.upstream.sse",
-    "gateway.upstream.fold",
-    "gateway.observe.metering", "gateway.policy.cors",
+    "gateway.upstream.fold", "gateway.upstream.cut",
+    "gateway.observe.metering", "gateway.observe.histograms", "gateway.policy.cors",
+    "gateway.upstream.pool", "gateway.upstream.members", "gateway.upstream.affinity",
+    "gateway.upstream.outlier",
     # subclasses of compiled classes (an interpreted class cannot inherit from a compiled one)
     "gateway.policy.shared_limits", "gateway.policy.shared_throttle",
 )

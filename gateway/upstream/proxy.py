@@ -94,6 +94,9 @@ async def handle(call: Call) -> None:
         except BaseException:  # refused, timed out or left while queued: no longer active
             slots.leave(state, ex)
             raise
+    # how the exchange failed, raised again once the request is charged: an await in a
+    # `finally` that an exception passes through lost the exception in compiled code
+    failed: BaseException | None = None
     try:
         try:
             await _exchange(call, state, ex, raw, info)
@@ -101,24 +104,31 @@ async def handle(call: Call) -> None:
             if pool is None or not _retryable(call, ex):
                 raise
             await _retry(call, state, ex, raw, info)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as cancelled:
         if not (ex.shutdown or ex.timed_out):
             ex.end = "client_closed"
-            raise  # the client went away
-        task.uncancel()
-        _cut_short(call, ex, timeout)
+            failed = cancelled  # the client went away
+        else:
+            task.uncancel()
+            try:
+                _cut_short(call, ex, timeout)
+            except GatewayError as refused:
+                failed = refused
+    except BaseException as other:  # (distinct names: mypyc types one per exception name)
+        failed = other
+    if pool is not None:
+        pool.release(ex)
+    elif not reads:
+        state.admission.release()
+    if not reads and counted:
+        metrics.in_flight.dec()
+    try:
+        if cut.needs_charge(ex):  # the backend slot is free: counting may take a moment
+            await cut.charge(state, ex, call.path, None if info is None else info.body)
     finally:
-        if pool is not None:
-            pool.release(ex)
-        elif not reads:
-            state.admission.release()
-        if not reads and counted:
-            metrics.in_flight.dec()
-        try:
-            if cut.needs_charge(ex):  # the backend slot is free: counting may take a moment
-                await cut.charge(state, ex, call.path, None if info is None else info.body)
-        finally:
-            slots.leave(state, ex)  # still active until charged: a drain waits for the count
+        slots.leave(state, ex)  # still active until charged: a drain waits for the count
+    if failed is not None:
+        raise failed
 
 
 def _retryable(call: Call, ex: Exchange) -> bool:
