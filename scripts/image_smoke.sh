@@ -107,6 +107,7 @@ stand_in_base() {
     rm -rf "$root" "$root.log"
   fi
   say "importing the stand-in base $tag"
+  # PIP_CERT: a pip upgraded from PyPI trusts its own certificate bundle, not the system's
   podman import --quiet \
     --change 'ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \
