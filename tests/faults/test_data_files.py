@@ -112,8 +112,13 @@ def test_usage_is_written_once_the_database_is_writable_again(
             assert body["usage"]["ok"] is False
             assert "Operation not permitted" in body["usage"]["error"]
             assert "usage not written" in body["reason"]
-            text = _metrics(svc, secret)
-            assert metric(text, "llamagate_usage_pending_events") == 4
+            # each worker moves the gauge at its next attempt, which backs off while failing
+            def both_counted() -> str | None:
+                text = _metrics(svc, secret)
+                return text if metric(text, "llamagate_usage_pending_events") == 4 else None
+
+            text = wait_for(both_counted, "the pending gauge to count both workers' events",
+                            within=15)
             assert metric(text, "llamagate_usage_write_failures_total") >= 2  # both workers
 
             set_immutable(db, False)
