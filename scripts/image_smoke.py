@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+import httpx2
 import openai
 
 PODMAN: Final = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
@@ -50,11 +51,13 @@ BACKEND_DIR: Final = "/usr/local/lib/llama-server"
 BELOW_AVX512: Final = {"x64", "sse42", "sandybridge", "ivybridge", "piledriver", "haswell", "alderlake"}
 START_WITHIN: Final = 180.0  # the demo model is generated first
 CALIBRATION_TOKENS: Final = 512
-# The stream in flight at the stop, against SHUTDOWN_GRACE_SECONDS' 30 s: the estimate is
-# low by a factor that grows with the length (each token attends to all before it), 2 to 4
-# here at a few thousand tokens.
-STREAM_SECONDS: Final = 1.0
-STREAM_MAX_TOKENS: Final = 4096
+# The stream in flight at the stop must end within SHUTDOWN_GRACE_SECONDS' 30 s: about 3 s of
+# tokens by the estimate, which is low by a factor that grows with the length (each token
+# attends to all before it), 2 to 4 here at a few thousand tokens; at least 2048 tokens, more
+# than the socket buffers hold (see check_stop_drains).
+STREAM_SECONDS: Final = 3.0
+STREAM_MIN_TOKENS: Final = 2048
+STREAM_MAX_TOKENS: Final = 8192
 STOP_GRACE: Final = 60  # docker-compose.yml's stop_grace_period
 
 
@@ -225,8 +228,9 @@ def models_status(c: Container, key: str) -> int:
         return error.code
 
 
-def client(c: Container, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{c.port}/v1", api_key=key, max_retries=0, timeout=30)
+def client(c: Container, key: str, http_client: httpx2.Client | None = None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{c.port}/v1", api_key=key, max_retries=0, timeout=30,
+                         http_client=http_client)
 
 
 def check_completion(c: Container, key: str) -> str:
@@ -266,12 +270,16 @@ def stream_tokens(c: Container, key: str, model: str) -> int:
             messages=[{"role": "user", "content": "Count."}]):
         pass
     rate = CALIBRATION_TOKENS / (time.monotonic() - began)
-    return max(CALIBRATION_TOKENS, min(STREAM_MAX_TOKENS, int(rate * STREAM_SECONDS)))
+    return max(STREAM_MIN_TOKENS, min(STREAM_MAX_TOKENS, int(rate * STREAM_SECONDS)))
 
 
 def check_stop_drains(c: Container, key: str, model: str) -> None:
     tokens = stream_tokens(c, key, model)
-    stream = client(c, key).chat.completions.create(
+    # A receive buffer of a few KB, and the stream is not read on until the drain has begun:
+    # its events (about 200 bytes a token) cannot all be sent before, so the request is in
+    # flight at the stop however fast the machine generates.
+    small_window = httpx2.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
+    stream = client(c, key, httpx2.Client(transport=small_window)).chat.completions.create(
         model=model, max_tokens=tokens, stream=True,
         messages=[{"role": "user", "content": "Tell a long story."}])
     chunks = iter(stream)
@@ -286,6 +294,8 @@ def check_stop_drains(c: Container, key: str, model: str) -> None:
 
     stopper = threading.Thread(target=stop)
     stopper.start()
+    # the health tier says 503 once serve drains
+    wait_for("/ping 503 after the stop", lambda: ping(c.health_port) == 503, within=15, every=0.02)
     finish = None
     for chunk in chunks:
         if chunk.choices and chunk.choices[0].finish_reason:
