@@ -17,7 +17,7 @@
 ARG CUDA_DEVEL_IMAGE=nvidia/cuda:12.8.1-devel-ubuntu22.04
 ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu22.04
 # Only where uv comes from (see the python stage); the CPU image's base.
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11-slim-trixie
 
 # --- llama-server, built with CUDA -------------------------------------------------------
 FROM ${CUDA_DEVEL_IMAGE} AS llama-server

@@ -3,12 +3,13 @@
 # it); lint both Dockerfiles with hadolint (the CUDA image cannot be built without its base).
 #
 #   scripts/image_smoke.sh                               # what .ci/run runs
-#   PYTHON_IMAGE=python:3.11-slim-bookworm scripts/image_smoke.sh   # that base, pulled
+#   PYTHON_IMAGE=python:3.11-slim-trixie scripts/image_smoke.sh     # that base, pulled
 #
-# Where the base cannot be pulled (no image registry is reachable from CI), a stand-in is
-# made from Debian packages: bookworm with python3.11, laid out where the official python
-# image keeps it (/usr/local/bin/python, python3, pip), made with debootstrap and imported
-# with `podman import`. It trusts the CA certificates this machine added
+# Where the Dockerfile's base cannot be pulled (no image registry is reachable from CI), a
+# stand-in is made from Debian packages: bookworm with python3.11 (trixie, the real base's
+# Debian, has no python3.11; so the stand-in compiles llama.cpp with GCC 12, the real base
+# with GCC 14), laid out where the official python image keeps it (/usr/local/bin/python,
+# python3, pip), made with debootstrap and imported with `podman import`. It trusts the CA certificates this machine added
 # (/usr/local/share/ca-certificates): CI's egress proxy re-signs TLS, and the build fetches
 # the llama-cpp-python sdist and the Python dependencies from PyPI. It is cached, as a tarball under the llamagate cache and as a local
 # image; the image's layers are cached by podman, the llama.cpp compile among them (it
@@ -118,14 +119,16 @@ stand_in_base() {
 }
 
 base() {
+  local default
+  default="$(sed -n 's/^ARG PYTHON_IMAGE=//p' docker/Dockerfile.cpu)"
   if [[ -n "${PYTHON_IMAGE:-}" ]]; then
     podman image exists "$PYTHON_IMAGE" || podman pull "$PYTHON_IMAGE" >&2
     echo "$PYTHON_IMAGE"
-  elif podman image exists python:3.11-slim-bookworm \
-      || timeout 60 podman pull --quiet docker.io/library/python:3.11-slim-bookworm >/dev/null 2>&1; then
-    echo python:3.11-slim-bookworm
+  elif podman image exists "$default" \
+      || timeout 60 podman pull --quiet "docker.io/library/$default" >/dev/null 2>&1; then
+    echo "$default"
   else
-    say "python:3.11-slim-bookworm cannot be pulled: using a stand-in made from Debian packages"
+    say "$default cannot be pulled: using a stand-in made from Debian packages"
     stand_in_base
   fi
 }
