@@ -9,12 +9,13 @@
 # stand-in is made from Debian packages: bookworm with python3.11 (trixie, the real base's
 # Debian, has no python3.11; so the stand-in compiles llama.cpp with GCC 12, the real base
 # with GCC 14), laid out where the official python image keeps it (/usr/local/bin/python,
-# python3, pip), made with debootstrap and imported with `podman import`. It trusts the CA certificates this machine added
-# (/usr/local/share/ca-certificates): CI's egress proxy re-signs TLS, and the build fetches
-# the llama-cpp-python sdist and the Python dependencies from PyPI. It is cached, as a tarball under the llamagate cache and as a local
-# image; the image's layers are cached by podman, the llama.cpp compile among them (it
-# depends only on the base and scripts/build_llama_server.sh), so a second run rebuilds only
-# the Python layers.
+# python3, pip), made with debootstrap and imported with `podman import`. It trusts the CA
+# certificates this machine added (/usr/local/share/ca-certificates): CI's egress proxy
+# re-signs TLS, and the build fetches the llama-cpp-python sdist and the Python dependencies
+# from PyPI. It is cached, as a tarball under the llamagate cache and as a local image; the
+# image's layers are cached by podman, the llama.cpp compile among them (it depends only on
+# the base and scripts/build_llama_server.sh), so a second run rebuilds only the Python
+# layers.
 #
 # Needs root (podman as root, debootstrap); installs podman, runc and debootstrap with
 # apt-get where they are missing. Containers run here with the runc runtime, cgroupfs and
