@@ -196,6 +196,7 @@ async def serve(app: web.Application, host: str, port: int, *,
     except BaseException:
         await runner.cleanup()
         raise
+    state.listening.set()
     return Served(runner, server, listening.sockets[0].getsockname()[1])
 
 
@@ -258,6 +259,9 @@ def _heartbeat_ctx(state: AppState, runtime_dir: Path
     path = runtime_dir / f"{runtime.WORKER_PREFIX}{os.getpid()}.json"
 
     async def beat() -> None:
+        # the first heartbeat says the worker is up: only once it accepts connections (the
+        # health tier said 200 while a restarted worker's port still refused them)
+        await state.listening.wait()
         while True:
             counts = state.pool if state.pool is not None else state.admission
             beat_state: dict[str, object] = {

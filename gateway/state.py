@@ -53,6 +53,7 @@ class AppState:
     # requests holding a backend slot, so a drain can end them at its deadline
     active: dict[Exchange, asyncio.Task[object]] = field(default_factory=dict)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    listening: asyncio.Event = field(default_factory=asyncio.Event)  # set once the port accepts
     drain_now: asyncio.Event = field(default_factory=asyncio.Event)
     # API keys, set up by gateway/keys_wiring.py; all None while AUTH_ENABLED=false
     keys: KeyReloader | None = None
