@@ -9,13 +9,13 @@ so existing deployments switch unchanged.
 
 from __future__ import annotations
 
-import ipaddress
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from core import values as kinds
 from core.platform import Platform, default_data_dir, detect_platform
 
 T = TypeVar("T")
@@ -194,7 +194,8 @@ class _Reader:
         return self.parse(name, conv, default, f"an integer from {lo} to {hi}")
 
     def opt_integer(self, name: str, lo: int, hi: int) -> int | None:
-        return self.parse(name, lambda v: _bounded_int(v, lo, hi), None, f"an integer from {lo} to {hi}")
+        return self.parse(name, lambda v: kinds.bounded_int(v, lo, hi), None,
+                          f"an integer from {lo} to {hi}")
 
     def number(self, name: str, default: float, lo: float, hi: float) -> float:
         def conv(v: str) -> float:
@@ -206,7 +207,7 @@ class _Reader:
         return self.parse(name, conv, default, f"a number of seconds from {lo:g} to {hi:g}")
 
     def boolean(self, name: str, default: bool) -> bool:
-        return self.parse(name, _parse_bool, default, "true or false (also 1/0, yes/no, on/off)")
+        return self.parse(name, kinds.parse_bool, default, "true or false (also 1/0, yes/no, on/off)")
 
     def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
         def conv(v: str) -> str:
@@ -218,69 +219,6 @@ class _Reader:
 
     def port(self, name: str, default: int) -> int:
         return self.integer(name, default, 0, 65535)
-
-
-def _path(v: str | None) -> Path | None:
-    return Path(v) if v else None
-
-
-def _bounded_int(v: str, lo: int, hi: int) -> int:
-    n = int(v)
-    if not lo <= n <= hi:
-        raise ValueError
-    return n
-
-
-def _parse_bool(v: str) -> bool:
-    low = v.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError
-
-
-def _url(v: str) -> str:
-    if not v.startswith(("http://", "https://")):
-        raise ValueError
-    return v.rstrip("/")
-
-
-def _urls(v: str) -> tuple[str, ...]:
-    """`http://gpu1:8080,http://gpu2:8080`: each an http(s) URL, each once."""
-    urls = tuple(_url(u.strip()) for u in v.split(",") if u.strip())
-    if len(set(urls)) != len(urls):
-        raise ValueError
-    return urls
-
-
-def _aliases(v: str) -> tuple[tuple[str, str], ...]:
-    """`gpt-4o=qwen2.5-7b,*=qwen2.5-7b`: each name once, neither side empty."""
-    pairs: list[tuple[str, str]] = []
-    for item in v.split(","):
-        if not item.strip():
-            continue
-        alias, eq, model = (part.strip() for part in item.partition("="))
-        if not eq or not alias or not model or alias in dict(pairs):
-            raise ValueError
-        pairs.append((alias, model))
-    return tuple(pairs)
-
-
-def _origins(v: str) -> tuple[str, ...]:
-    items = tuple(o.strip().rstrip("/") for o in v.split(",") if o.strip())
-    for origin in items:
-        if origin != "*" and not origin.startswith(("http://", "https://")):
-            raise ValueError
-    return items
-
-
-def _proxies(v: str) -> tuple[str, ...]:
-    items = tuple(p.strip() for p in v.split(",") if p.strip())
-    for item in items:
-        if item != "*":
-            ipaddress.ip_network(item, strict=False)  # ValueError names a bad one
-    return items
 
 
 _NO_WORDS: tuple[str, ...] = ()
@@ -318,11 +256,11 @@ def _read(r: _Reader, environ: Mapping[str, str], root: Path) -> dict[str, Any]:
         models_dir=models_dir,
         data_dir=data_dir,
         llama_server_path=Path(server_path) if server_path else None,
-        backend_url=r.parse("BACKEND_URL", _url, None, "an http:// or https:// URL"),
+        backend_url=r.parse("BACKEND_URL", kinds.url, None, "an http:// or https:// URL"),
         backend_api_key=r.raw("BACKEND_API_KEY"),
-        backend_urls=r.parse("BACKEND_URLS", _urls, _NO_WORDS,
+        backend_urls=r.parse("BACKEND_URLS", kinds.urls, _NO_WORDS,
                              "a comma list of http:// or https:// URLs, each once"),
-        backends_file=_path(r.raw("BACKENDS_FILE")),
+        backends_file=kinds.path(r.raw("BACKENDS_FILE")),
         pool_affinity=r.boolean("POOL_AFFINITY", True),
         pool_affinity_margin=r.integer("POOL_AFFINITY_MARGIN", 2, 0, 100_000),
         port_backend=r.port("PORT_BACKEND", 8080),
@@ -344,9 +282,9 @@ def _read(r: _Reader, environ: Mapping[str, str], root: Path) -> dict[str, Any]:
         max_loaded_models=r.integer("MAX_LOADED_MODELS", 2, 1, 256),
         model_ttl_seconds=r.integer("MODEL_TTL_SECONDS", 0, 0, 10_000_000),
         model_cooldown_seconds=r.number("MODEL_COOLDOWN_SECONDS", 60.0, 0, 86400),
-        model_aliases=r.parse("MODEL_ALIASES", _aliases, _NO_ALIASES,
+        model_aliases=r.parse("MODEL_ALIASES", kinds.aliases, _NO_ALIASES,
                               "a comma list of NAME=MODEL, each NAME once (NAME * for any other)"),
-        hf_endpoint=r.parse("HF_ENDPOINT", _url, None, "an http:// or https:// URL"),
+        hf_endpoint=r.parse("HF_ENDPOINT", kinds.url, None, "an http:// or https:// URL"),
         hf_token=r.raw("HF_TOKEN"),
         pull_concurrency=r.integer("PULL_CONCURRENCY", 1, 1, 16),
         pull_resume=r.boolean("PULL_RESUME", True),
@@ -379,13 +317,13 @@ def _read(r: _Reader, environ: Mapping[str, str], root: Path) -> dict[str, Any]:
         max_concurrent_requests=r.integer("MAX_CONCURRENT_REQUESTS", 0, 0, 100_000),
         max_queue_size=r.integer("MAX_QUEUE_SIZE", 64, 0, 1_000_000),
         queue_timeout=r.number("QUEUE_TIMEOUT", 30.0, 0.001, 86400),
-        cors_origins=r.parse("CORS_ORIGINS", _origins, _NO_WORDS, "a comma list of http(s) origins"),
-        trusted_proxies=r.parse("TRUSTED_PROXIES", _proxies, _NO_WORDS,
+        cors_origins=r.parse("CORS_ORIGINS", kinds.origins, _NO_WORDS, "a comma list of http(s) origins"),
+        trusted_proxies=r.parse("TRUSTED_PROXIES", kinds.proxies, _NO_WORDS,
                                 "a comma list of IP addresses or networks (CIDR), or *"),
         log_level=r.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),
         log_format=r.choice("LOG_FORMAT", "json", ("json", "text")),
         log_prompts=r.boolean("LOG_PROMPTS", False),
-        otel_exporter_otlp_endpoint=r.parse("OTEL_EXPORTER_OTLP_ENDPOINT", _url, None,
+        otel_exporter_otlp_endpoint=r.parse("OTEL_EXPORTER_OTLP_ENDPOINT", kinds.url, None,
                                             "an http:// or https:// URL"),
         shutdown_grace_seconds=r.number("SHUTDOWN_GRACE_SECONDS", 30.0, 0, 86400),
         idle_shutdown_seconds=r.integer("IDLE_SHUTDOWN_SECONDS", 0, 0, 10_000_000),

@@ -21,12 +21,10 @@ from typing import Final
 from gateway.edge.call import Call
 from gateway.errors import (
     BackendUnavailable,
-    BadGateway,
     GatewayError,
     MethodNotAllowed,
     NotFound,
     UpstreamTimeout,
-    error_type,
     sse_error_event,
 )
 from gateway.exchange import Exchange
@@ -34,7 +32,7 @@ from gateway.observe.metering import finish_reason, tokens_from_body, tokens_fro
 from gateway.policy import auth, ratelimit, validation
 from gateway.policy.validation import RequestInfo, model_of, prompt_of, validate
 from gateway.state import AppState
-from gateway.upstream import cut, forward, llama_routes, slots, sse
+from gateway.upstream import backend_errors, cut, forward, llama_routes, slots, sse
 from gateway.upstream import fold as unstream
 from gateway.upstream.client import BackendBroken, Response
 from gateway.upstream.pool import RETRYABLE
@@ -308,7 +306,7 @@ async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,
     resp = await forward.send(call, state, ex, raw)
     if resp.status == 401:
         ex.upstream_failure = "auth"
-        _backend_refused_key(resp)
+        backend_errors.refused_key(resp)
     if resp.status == 503 and ex.member >= 0 and not ex.retried:
         # a pool's upstream that is loading: sent to another instead (the caller's retry)
         ex.upstream_failure = "loading"
@@ -336,7 +334,7 @@ async def _exchange(call: Call, state: AppState, ex: Exchange, raw: bytes,
             # counted now, before the answer settles the key's limits and usage
             await cut.charge(state, ex, call.path, None if info is None else info.body)
         if resp.status >= 400 and resp.content_type.startswith("application/json"):
-            body = backend_error(resp.status, body)
+            body = backend_errors.backend_error(resp.status, body)
         _respond(call, resp.status, body, resp.content_type or None, resp.headers)
     finally:
         if not ex.completed:
@@ -357,48 +355,6 @@ def _meter_whole(ex: Exchange, status: int, body: bytes) -> None:
         ex.tokens = (0, 0)  # refused before any work: its reservation is not a charge
 
 
-# llama-server's error types that say more than its status; any other takes the gateway's
-# code for the status (gateway/errors.py ERROR_TYPES)
-_BACKEND_CODES = {"exceed_context_size_error": "context_length_exceeded",
-                  "not_supported_error": "not_supported", "unavailable_error": "backend_unavailable"}
-
-
-def backend_error(status: int, body: bytes) -> bytes:
-    """llama-server's error JSON in the gateway's error shape: its `code` is the HTTP status
-    as a number, where the documented schema has a string. Message, type, status and its
-    other fields are kept; anything else is passed on unchanged."""
-    if b'"code"' not in body:
-        return body
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return body
-    error = parsed.get("error") if isinstance(parsed, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
-    if not isinstance(error, dict) or code is None or isinstance(code, str):
-        return body
-    kind = error.get("type")
-    error["code"] = _BACKEND_CODES.get(kind, "") if isinstance(kind, str) else ""
-    error["code"] = error["code"] or error_type(status)[1]
-    error.setdefault("param", None)
-    return json.dumps(parsed).encode()
-
-
-def _backend_refused_key(resp: Response) -> None:
-    """llama-server checks only the gateway's own key (BACKEND_API_KEY): its 401 is the
-    operator's to fix, and passed on it would tell the client its valid key was wrong."""
-    resp.close()
-    global _refused_key_logged
-    if not _refused_key_logged:
-        _refused_key_logged = True
-        log.error("the backend refused the gateway's key: check BACKEND_API_KEY")
-    raise BadGateway("the backend refused the gateway's credentials; the operator must check "
-                     "its backend key", code="backend_auth_failed")
-
-
-_refused_key_logged = False
-
-
 async def _fold(call: Call, resp: Response, ex: Exchange) -> None:
     """A non-streaming request's answer, read as a stream and sent as one body."""
     collector = unstream.collector_for(call.path, ex.n)
@@ -417,7 +373,7 @@ async def _fold(call: Call, resp: Response, ex: Exchange) -> None:
     except unstream.UpstreamError as exc:
         # llama-server reported an error after it started streaming: answer as it would have
         ex.completed = True
-        _respond(call, 500, backend_error(500, json.dumps(exc.body).encode()))
+        _respond(call, 500, backend_errors.backend_error(500, json.dumps(exc.body).encode()))
         return
     except ValueError:
         raise BackendUnavailable("the backend sent an unreadable stream", retry_after=2) from None

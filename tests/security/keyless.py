@@ -12,6 +12,7 @@ import aiohttp
 
 from backend.argv import ServerSpec, build_argv
 from tests.support.gateway import Gateway, serve_gateway
+from tests.support.llama import stop
 from tests.support.metrics import Samples
 from tests.support.service import free_port, llama_server
 from tests.support.wait import wait_until
@@ -40,22 +41,12 @@ async def keyless_llama_server(tmp: Path, model: Path, ctx: int = 2048) -> Async
             await wait_until(up, "llama-server's /health", within=60)
         yield url
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """terminate → wait → kill, as llama.cpp's own server tests stop it."""
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @contextlib.asynccontextmanager

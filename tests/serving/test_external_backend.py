@@ -17,6 +17,7 @@ import requests
 from backend.argv import ServerSpec, build_argv
 from core import runtime
 from tests.health.processes import children, cmdline, runtime_dir
+from tests.support.llama import stop
 from tests.support.service import Service, free_port, llama_server
 from tests.support.wait import wait_for
 
@@ -35,12 +36,7 @@ def external(tmp: Path, model: Path, port: int, key_file: Path, alias: str) -> I
         try:
             yield
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 def test_a_late_backend_is_picked_up_with_its_models_and_its_key_stays_off_argv(

@@ -57,12 +57,17 @@ def running_llama_server(tmp: Path, model: Path | None, *extra: str, alias: str 
             wait_for(up, "llama-server to answer /health", within=60)
             yield server
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """terminate → wait → kill, as llama.cpp's own server tests stop it."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _healthy(url: str) -> bool:
