@@ -29,13 +29,12 @@ from gateway.state import AppState
 from gateway.upstream.client import BackendError
 
 # route → (the bytes each token event of its stream holds, the bytes of events among those
-# that are not tokens): llama-server's native stream (/completion) marks each token event
-# "stop":false, and so its prompt-progress events (return_progress), which carry no token.
-# A chat stream opens each choice with an event that only names the role: those are taken
-# off once, when the request is charged (ROLE_OPENED), not counted in every chunk
+# that are not tokens): a chat stream opens each choice with an event that only names the
+# role; llama-server's native stream (/completion) marks each token event "stop":false, and
+# so its prompt-progress events (return_progress), which carry no token
 _NATIVE: Final = (b'"stop":false', b'"prompt_progress"')
 MARKERS: Final[dict[str, tuple[bytes, bytes]]] = {
-    "/v1/chat/completions": (b'"delta":{"', b""),
+    "/v1/chat/completions": (b'"delta":{"', b'"delta":{"role"'),
     "/v1/completions": (b'"finish_reason":null', b""),
     "/v1/messages": (b'"type":"content_block_delta"', b""),
     "/v1/responses": (b'.delta","', b""),
@@ -43,7 +42,6 @@ MARKERS: Final[dict[str, tuple[bytes, bytes]]] = {
     "/completions": _NATIVE,
     "/infill": _NATIVE,
 }
-ROLE_OPENED: Final = frozenset({"/v1/chat/completions"})
 # routes whose answer may carry no counts (llama-server's native embeddings, and its OpenAI
 # route given `content`): their prompt is counted as a cut request's is, once answered
 COUNTED_AFTER: Final = frozenset({"/embedding", "/embeddings", "/v1/embeddings"})
@@ -92,10 +90,7 @@ async def charge(state: AppState, ex: Exchange, path: str, body: dict[str, Any] 
     if prompt is None:
         prompt = estimated_prompt_tokens(path, body)
         ex.estimated = True
-    # one role event per choice opened the stream (choices cut before theirs came make this
-    # count fewer, never more)
-    opened = ex.tasks if path in ROLE_OPENED else 0
-    ex.tokens = (prompt, max(0, ex.generated - opened))
+    ex.tokens = (prompt, ex.generated)
     if cancelled is not None:
         raise cancelled
 
