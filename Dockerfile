@@ -80,6 +80,7 @@ COPY gateway ./gateway
 COPY health ./health
 COPY backend ./backend
 COPY keys ./keys
+COPY fleet ./fleet
 # The dependencies are in (above, at the locked versions and hashes); --no-deps: a directory
 # cannot be hash-checked, so pip refuses it beside the hashed lock.
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . \

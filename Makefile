@@ -59,7 +59,7 @@ lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 
 typecheck: $(STAMP) ## mypy
-	$(VENV)/bin/mypy core llamagate gateway health backend keys scripts tests
+	$(VENV)/bin/mypy core fleet llamagate gateway health backend keys scripts tests
 
 docker: ## CUDA image
 	docker build -t llamagate:cuda -f Dockerfile .

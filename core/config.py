@@ -90,6 +90,15 @@ class Config:
     keys_reload_interval: float = 2.0
     usage_db: Path = Path("data/usage.db")
     usage_flush_interval: float = 1.0
+    # a fleet (fleet/): keys, limits, usage and audit in Redis; None: this machine's files
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    redis_key_prefix: str = "llamagate:"
+    redis_failure_mode: str = "open"
+    redis_timeout: float = 0.5
+    redis_lease_seconds: float = 30.0
+    redis_audit_max_entries: int = 100_000
+    redis_usage_retention_days: int = 400
+    usage_buffer_dir: Path | None = None  # None: beside the usage spools, on local disk
     # gateway edge
     max_body_bytes: int = 10 * 1024 * 1024
     head_timeout: float = 20.0
@@ -181,7 +190,8 @@ class _Reader:
         try:
             return conv(value)
         except (ValueError, TypeError):
-            self.problems.append(f"{name}={value!r}: expected {form}")
+            shown = "(hidden)" if name.lower() in _SECRET_FIELDS else repr(value)  # a password
+            self.problems.append(f"{name}={shown}: expected {form}")
             return default
 
     def integer(self, name: str, default: int, lo: int, hi: int) -> int:
@@ -306,6 +316,15 @@ def _read(r: _Reader, environ: Mapping[str, str], root: Path) -> dict[str, Any]:
         keys_reload_interval=r.number("KEYS_RELOAD_INTERVAL", 2.0, 0, 3600),
         usage_db=Path(r.raw("USAGE_DB") or data_dir / "usage.db"),
         usage_flush_interval=r.number("USAGE_FLUSH_INTERVAL", 1.0, 0.05, 1.0),
+        redis_url=r.parse("REDIS_URL", kinds.redis_url, None,
+                          "a redis://, rediss:// (TLS) or unix:// URL"),
+        redis_key_prefix=r.text("REDIS_KEY_PREFIX", "llamagate:"),
+        redis_failure_mode=r.choice("REDIS_FAILURE_MODE", "open", ("open", "closed")),
+        redis_timeout=r.number("REDIS_TIMEOUT", 0.5, 0.01, 60),
+        redis_lease_seconds=r.number("REDIS_LEASE_SECONDS", 30.0, 1, 3600),
+        redis_audit_max_entries=r.integer("REDIS_AUDIT_MAX_ENTRIES", 100_000, 100, 10**9),
+        redis_usage_retention_days=r.integer("REDIS_USAGE_RETENTION_DAYS", 400, 1, 100_000),
+        usage_buffer_dir=kinds.path(r.raw("USAGE_BUFFER_DIR")),
         max_body_bytes=r.integer("MAX_BODY_BYTES", 10 * 1024 * 1024, 1024, 2**31),
         head_timeout=r.number("HEAD_TIMEOUT", 20.0, 0.1, 3600),
         max_connections_per_client=r.integer("MAX_CONNECTIONS_PER_CLIENT", 256, 1, 1_000_000),

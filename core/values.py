@@ -33,6 +33,13 @@ def url(v: str) -> str:
     return v.rstrip("/")
 
 
+def redis_url(v: str) -> str:
+    """`redis://[user:password@]host:port/db`, `rediss://` (TLS) or `unix:///path`."""
+    if not v.startswith(("redis://", "rediss://", "unix://")) or len(v) <= len("unix://"):
+        raise ValueError
+    return v
+
+
 def urls(v: str) -> tuple[str, ...]:
     """`http://gpu1:8080,http://gpu2:8080`: each an http(s) URL, each once."""
     urls = tuple(url(u.strip()) for u in v.split(",") if u.strip())

@@ -71,6 +71,15 @@ SECTIONS: Final[tuple[tuple[str, dict[str, str]], ...]] = (
         "KEYS_RELOAD_INTERVAL": "seconds between checks of the keys file; 0 = no polling",
         "USAGE_DB": "SQLite database of usage and the audit log (unset: $DATA_DIR/usage.db)",
         "USAGE_FLUSH_INTERVAL": "seconds between batched usage writes",
+        "REDIS_URL": "Redis shared by every replica for keys, limits, usage and audit "
+                     "(unset: this machine's files)",
+        "REDIS_KEY_PREFIX": "prefix of every Redis key llamagate writes",
+        "REDIS_FAILURE_MODE": "with Redis unreachable: open (per-replica limits) or closed (503)",
+        "REDIS_TIMEOUT": "seconds a Redis call may take before Redis counts as unreachable",
+        "REDIS_LEASE_SECONDS": "lease of a concurrency slot: a dead replica's slots free after it",
+        "REDIS_AUDIT_MAX_ENTRIES": "entries the fleet's audit stream keeps",
+        "REDIS_USAGE_RETENTION_DAYS": "days of hourly usage kept in Redis",
+        "USAGE_BUFFER_DIR": "local directory for usage waiting while Redis is unreachable",
     }),
     ("gateway edge", {
         "MAX_BODY_BYTES": "largest request body in bytes (larger: 413)",

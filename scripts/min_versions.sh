@@ -18,7 +18,7 @@ uv="$tmp/tools/bin/uv"
 "$uv" venv --quiet --python "$(command -v python3)" "$tmp/venv"
 # a copy of the project: building it must not leave build/ or egg-info in the checkout
 mkdir "$tmp/src"
-cp -a pyproject.toml core llamagate gateway health backend keys "$tmp/src/"
+cp -a pyproject.toml core fleet llamagate gateway health backend keys "$tmp/src/"
 VIRTUAL_ENV="$tmp/venv" "$uv" pip install --quiet --resolution lowest-direct "$tmp/src[dev]"
 echo "min-versions: the direct dependencies at their floors:"
 VIRTUAL_ENV="$tmp/venv" "$uv" pip freeze --quiet | grep -iE "^($(

@@ -1,7 +1,9 @@
 """The project's packages import in one direction and without cycles, read from the source.
 
     core                       the base: configuration, logs, runtime files, entry helpers
-     ├── backend, keys         llama-server and models; the key store (neither uses the other)
+     ├── fleet                 the link to the fleet's Redis (REDIS_URL)
+     ├── backend, keys         llama-server and models; the key store (neither uses the other;
+     │                         keys may use fleet: keys, usage and audit in Redis)
      │    ├── health           the health process
      │    └── gateway          the HTTP edge
      └── llamagate             the process wiring (serve, fleet, control, CLI): may use all
@@ -19,14 +21,15 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("core", "backend", "keys", "health", "gateway", "llamagate")
+PACKAGES = ("core", "fleet", "backend", "keys", "health", "gateway", "llamagate")
 MAY_IMPORT: dict[str, frozenset[str]] = {
     "core": frozenset(),
+    "fleet": frozenset({"core"}),
     "backend": frozenset({"core"}),
-    "keys": frozenset({"core"}),
+    "keys": frozenset({"core", "fleet"}),
     "health": frozenset({"core", "backend"}),
-    "gateway": frozenset({"core", "backend", "keys"}),
-    "llamagate": frozenset({"core", "backend", "keys", "health", "gateway"}),
+    "gateway": frozenset({"core", "fleet", "backend", "keys"}),
+    "llamagate": frozenset({"core", "fleet", "backend", "keys", "health", "gateway"}),
 }
 
 
