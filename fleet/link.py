@@ -188,7 +188,7 @@ class FleetLink:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
-                result = await self.client.execute_command(*args)
+                result = await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
         except ResponseError:
             raise
         except (RedisError, OSError, TimeoutError) as exc:

@@ -96,7 +96,8 @@ def create_app(config: Config, wiring: Wiring) -> web.Application:
         app.cleanup_ctx.append(link.ctx)
     _routes(state.router, config, wiring, link)
     # keyring, limits, usage, audit, /admin routes (models, pulls and profiles via the socket)
-    shared = wiring.limits_file if config.auth_enabled else None  # several workers
+    # several workers on this machine (a fleet's count in Redis, every worker's too)
+    shared = wiring.limits_file if config.auth_enabled and config.redis_url is None else None
     keys_wiring.install(
         app, state, wiring.control_socket,
         SharedTable(shared, config.gateway_workers, wiring.worker_index) if shared else None,

@@ -1,5 +1,6 @@
 """Connects the `keys` package to a gateway app: the live keyring and its reloads, the
-rate limiter, usage recording, the audit log and the admin routes.
+rate limiter, usage recording, the audit log and the admin routes. With REDIS_URL all of
+these are the fleet's, in Redis (gateway/fleet_wiring.py).
 
 Each resource is owned by a cleanup context. The keyring is loaded before the first
 request is served, then reloaded on a change of the keys file (polled every
@@ -44,13 +45,17 @@ def install(app: web.Application, state: AppState, control_socket: Path | None =
     config = state.config
     if not config.auth_enabled:
         return
+    # 0 in the settings means unlimited, which a key's Limits spells None
+    defaults = Limits(config.max_requests_per_minute or None, config.max_tokens_per_minute or None,
+                      config.max_concurrent_per_key or None)
+    if config.redis_url is not None:  # a fleet: all of it in Redis (redis-py loaded only then)
+        from gateway import fleet_wiring
+        fleet_wiring.install(app, state, defaults, control_socket)
+        return
     state.keys = KeyReloader(config.auth_keys_file)
     state.usage = UsageRecorder(config.usage_db, flush_interval=config.usage_flush_interval,
                                 spool_dir=usage_spool.spool_dir(config.usage_db))
     _count_usage(state.usage, state.metrics)
-    # 0 in the settings means unlimited, which a key's Limits spells None
-    defaults = Limits(config.max_requests_per_minute or None, config.max_tokens_per_minute or None,
-                      config.max_concurrent_per_key or None)
     if shared is None:
         state.limiter = RateLimiter(defaults)
     else:

@@ -50,10 +50,13 @@ COMPILED: tuple[str, ...] = (
     "gateway.upstream.outlier",
     # subclasses of compiled classes (an interpreted class cannot inherit from a compiled one)
     "gateway.policy.shared_limits", "gateway.policy.shared_throttle",
+    "gateway.policy.fleet_throttle",
+    # a fleet's admission (REDIS_URL), on every request's path there
+    "gateway.policy.fleet_limits",
 )
 
 _ROOT = Path(__file__).resolve().parent.parent
-_WATCHED = ("gateway", "backend", "keys", "core", "llamagate")
+_WATCHED = ("gateway", "backend", "keys", "core", "fleet", "llamagate")
 
 
 def manifest_for(root: Path) -> str:

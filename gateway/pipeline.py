@@ -116,6 +116,8 @@ async def _gate(call: Call, state: AppState, ex: Exchange) -> None:
         await route.handler(call)
         return
     try:
+        if ticket.pending and route.handler is not proxy.handle:  # the proxy admits its own
+            await ratelimit.admit_fleet(state, ticket, None)
         await route.handler(call)
     finally:
         ratelimit.settle(state, ticket, call.key, ex)

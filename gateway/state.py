@@ -19,6 +19,7 @@ from gateway.observe.metrics import GatewayMetrics
 from gateway.policy.admission import Slots
 from gateway.policy.buckets import RateLimiter
 from gateway.policy.cors import Cors
+from gateway.policy.fleet_limits import FleetLimiter
 from gateway.policy.throttle import AddressThrottle
 from gateway.router import Router
 from gateway.upstream.backend import Upstream
@@ -28,6 +29,10 @@ if TYPE_CHECKING:  # the OpenTelemetry SDK is loaded only where export is on
     from gateway.observe.otel import Telemetry
 from keys.reloader import KeyReloader
 from keys.usage_recorder import UsageRecorder
+
+if TYPE_CHECKING:  # a fleet's (REDIS_URL), imported where there is one
+    from keys.usage_redis import RedisUsage
+    from keys.watch_redis import RedisKeyWatcher
 
 
 @dataclass
@@ -56,10 +61,12 @@ class AppState:
     listening: asyncio.Event = field(default_factory=asyncio.Event)  # set once the port accepts
     drain_now: asyncio.Event = field(default_factory=asyncio.Event)
     # API keys, set up by gateway/keys_wiring.py; all None while AUTH_ENABLED=false
-    keys: KeyReloader | None = None
-    usage: UsageRecorder | None = None
+    keys: KeyReloader | RedisKeyWatcher | None = None
+    usage: UsageRecorder | RedisUsage | None = None
     limiter: RateLimiter | None = None
     auth_failures: AddressThrottle | None = None
+    # a fleet (REDIS_URL): limits counted in Redis instead of ``limiter``
+    fleet_limits: FleetLimiter | None = None
     clock: Callable[[], float] = time.time  # wall clock for key expiry and rotation grace
     cors: Cors = field(default_factory=lambda: Cors(()))
     # who the client is behind TRUSTED_PROXIES (gateway/edge/client_address.py)

@@ -21,6 +21,7 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1)
 _TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+_REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1)
 
 
@@ -139,6 +140,10 @@ class GatewayMetrics:
             "llamagate_usage_write_failures",
             "Attempts to open or write the usage database that failed",
             registry=registry)
+        # a fleet's Redis (follow_fleet): registered only where REDIS_URL is set
+        self.redis_up: Gauge | None = None
+        self.redis_latency: HistogramLike | None = None
+        self.usage_buffered: Gauge | None = None
         # the per-request paths take labelled children from here
         self.requests_for = Children(self.requests)
         self.duration_for = Children(self.duration)
@@ -152,6 +157,21 @@ class GatewayMetrics:
         self.completion_tokens_for = Children(self.completion_tokens)
         self.rejections_for = Children(self.rejections)
         self.cut_short_for = Children(self.cut_short)
+
+    def follow_fleet(self) -> None:
+        """The metrics of a fleet's Redis (REDIS_URL), only where there is one."""
+        registry = self.registry
+        self.redis_up = Gauge(
+            "llamagate_redis_up", "1 while the fleet's Redis answers this replica, 0 while not",
+            registry=registry, multiprocess_mode="livemin")
+        self.redis_latency = _histogram(
+            "llamagate_redis_latency_seconds",
+            "Round trips to the fleet's Redis (a pipeline of the calls of one loop turn)",
+            buckets=_REDIS_BUCKETS, registry=registry)
+        self.usage_buffered = Gauge(
+            "llamagate_usage_buffered",
+            "Usage events kept on local disk while the fleet's Redis is unreachable",
+            registry=registry, multiprocess_mode="livesum")
 
     def follow(self, admission: _Counts) -> None:
         """Read in-flight and queue depth from `admission` at scrape time (one process only)."""

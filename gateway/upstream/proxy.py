@@ -72,6 +72,9 @@ async def handle(call: Call) -> None:
     else:
         raw = _resolve_named_model(call, state, ex)
     timeout = _may_proceed(call, state, ex)
+    ticket = call.ticket
+    if ticket is not None and ticket.pending:  # a fleet's limits: one round trip to Redis
+        await ratelimit.admit_fleet(state, ticket, ex)
     loop = asyncio.get_running_loop()
     # the timeout counts queueing too (expire() below enforces it): a client's deadline is
     # end to end, and a request whose client has given up should not take a slot
