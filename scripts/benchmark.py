@@ -14,6 +14,10 @@ The pool row (--only pool) puts the gateway in front of three static upstreams (
 and in front of one (BACKEND_URL), both pinned to the same CPU, alternating, and prints the
 pool's requests/s as a share of the single upstream's: what routing costs the gateway.
 
+The fleet row (--only fleet, scripts/bench/fleet_row.py) runs two gateways before the static
+upstream, both with a key that has limits: one keeps them in memory (the embedded store),
+one in a redis-server (REDIS_URL) pinned to the load's CPU; alternating, the same loads.
+
 Wall-clock figures move with whatever else the machine runs. The gateway worker's
 own CPU time per request (or per SSE event), read from /proc before and after each
 load, moves less, but still with the machine's speed (on a shared virtual machine,
@@ -21,7 +25,8 @@ the same build measured 145 and 235 µs/request an hour apart): compare builds
 within one run, alternating them, never across runs.
 
     scripts/benchmark.py [--seconds 5] [--reps 1] [--conc 1,16,64] [--stream-conc 1,16]
-                         [--gateway-cpu 1] [--load-cpu 0] [--only static|llama|cold|pool]
+                         [--gateway-cpu 1] [--load-cpu 0]
+                         [--only static|llama|cold|pool|fleet]
                          [--pool-conc 16]
                          [--log-level warning|info] [--no-auth]
 """
@@ -143,21 +148,24 @@ async def py_load(url: str, body: str, auth: str, conc: int, seconds: float) -> 
 
 
 def gateway(backend_url: str, tmp: Path, cpu: str | None, auth: bool,
-            log_level: str, pool: tuple[str, ...] = ()
+            log_level: str, pool: tuple[str, ...] = (), extra: dict[str, str] | None = None,
+            key_args: tuple[str, ...] = ()
             ) -> tuple[subprocess.Popen[bytes], str, str, int | None]:
-    """`llamagate serve` in front of `backend_url`, or of the upstreams of `pool`."""
+    """`llamagate serve` in front of `backend_url`, or of the upstreams of `pool`; ``extra``
+    settings, and ``key_args`` for the key it is loaded with (its limits)."""
     port, health = free_port(), free_port()
     backend = {"BACKEND_URLS": ",".join(pool)} if pool else {"BACKEND_URL": backend_url}
     env = {**os.environ, **backend, "PORT": str(port), "PORT_HEALTH": str(health),
-           "HOST": "127.0.0.1", "DATA_DIR": str(tmp / "data"), "LOG_LEVEL": log_level,
+           "HOST": "127.0.0.1", "DATA_DIR": str(tmp / f"data-{port}"), "LOG_LEVEL": log_level,
            "AUTH_ENABLED": "true" if auth else "false", "MAX_CONCURRENT_REQUESTS": "256",
-           "MAX_QUEUE_SIZE": "1024"}
+           "MAX_QUEUE_SIZE": "1024", **(extra or {})}
     key = ""
     if auth:
+        data = tmp / f"data-{port}"
         out = subprocess.run([sys.executable, "scripts/key_mgmt.py", "--keys-file",
-                              str(tmp / "data/keys.json"), "--usage-db", str(tmp / "data/usage.db"),
-                              "generate", "--name", "bench"], env=env, cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout
+                              str(data / "keys.json"), "--usage-db", str(data / "usage.db"),
+                              "generate", "--name", "bench", *key_args], env=env, cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
         key = next(w for w in out.split() if w.startswith("lg-"))
     proc = start(pinned(cpu, [sys.executable, "-m", "llamagate.cli", "serve"]), env,
                  tmp / f"gateway-{port}.log")
@@ -387,7 +395,8 @@ def main() -> int:
     parser.add_argument("--log-level", default="warning",
                         help="the gateway's LOG_LEVEL: warning (default) leaves the access log "
                              "off, like the reference nginx; info measures it too")
-    parser.add_argument("--only", choices=["static", "llama", "cold", "pool"], default=None)
+    parser.add_argument("--only", choices=["static", "llama", "cold", "pool", "fleet"],
+                        default=None)
     parser.add_argument("--pool-conc", type=lambda v: [int(x) for x in v.split(",")],
                         default=[16], help="concurrency of the pool row (default 16)")
     args = parser.parse_args()
@@ -452,6 +461,9 @@ def main() -> int:
             pair(llama, "tiny", 256, "llama-server, tiny model (max_tokens 8; streams of 256 tokens)")
         if args.only in (None, "pool"):
             pool_row(args, tmp, lua, procs)
+        if args.only in (None, "fleet"):
+            from scripts.bench.fleet_row import fleet_row
+            fleet_row(args, tmp, lua, procs)
         if args.only in (None, "cold"):
             cold_start(tmp)
     finally:
