@@ -35,6 +35,7 @@ log = logging.getLogger("llamagate.fleet")
 PROBE_INTERVAL = 0.5  # seconds between attempts while Redis is down
 HEARTBEAT_INTERVAL = 5.0  # seconds between a replica's announcements of itself
 REPLICA_TTL = 15.0  # a replica not heard of for this long is not counted in the fleet
+LATER = 0.005  # seconds a call sent with run_later may wait for a batch to go with
 
 # A replica says it is alive; the answer is how many are (the share of a limit each takes
 # when Redis goes away, REDIS_FAILURE_MODE=open).
@@ -71,6 +72,34 @@ class _Call:
     done: asyncio.Future[Any]
 
 
+def _evalsha(sha: str, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+    """EVALSHA in RESP, packed here: redis-py's general encoder cost more than the call."""
+    words = [*(k.encode() for k in keys), *(_word(a) for a in args)]
+    return (b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (len(words) + 3, sha.encode())
+            + _word_of(len(keys)) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words))
+
+
+def _word_of(n: int) -> bytes:
+    w = str(n).encode()
+    return b"$%d\r\n%s\r\n" % (len(w), w)
+
+
+def _word(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, float):
+        return repr(value).encode()
+    return str(value).encode()
+
+
+async def _reply(conn: Any) -> Any:
+    """One reply; an error reply is returned (for its own call), not raised."""
+    try:
+        return await conn.read_response()
+    except ResponseError as error:
+        return error
+
+
 def describe(url: str) -> str:
     """The URL without its password, for logs."""
     parts = urlsplit(url)
@@ -102,8 +131,11 @@ class FleetLink:
         self.on_up: list[Callable[[], object]] = []  # called when Redis answers again
         self._scripts: dict[str, Script] = {}
         self._queue: list[_Call] = []
+        self._later: list[_Call] = []  # calls that go with the next batch (run_later)
+        self._later_timer: asyncio.TimerHandle | None = None
+        self._sender: asyncio.Task[None] | None = None  # sending the queue, batch by batch
+        self._conn: Any = None  # the batches' own connection, outside the client's pool
         self._task: asyncio.Task[None] | None = None
-        self._sends: set[asyncio.Task[None]] = set()
         self._heartbeat = self.script(HEARTBEAT)
 
     # names -------------------------------------------------------------------------------
@@ -122,26 +154,49 @@ class FleetLink:
         return s
 
     def run_soon(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
-        """Queue a script call for this loop turn's pipeline; the future has its answer,
-        ``FleetDown`` or Redis's error."""
+        """Queue a script call for the next batch; the future has its answer, ``FleetDown``
+        or Redis's error."""
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self.up:
             done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
             return done
-        if not self._queue:
-            asyncio.get_running_loop().call_soon(self._send_queued)
         self._queue.append(_Call(script, keys, args, done))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._drain())
         return done
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await self.run_soon(script, keys, args)
 
-    def _send_queued(self) -> None:
-        batch, self._queue = self._queue, []
-        if batch:
-            task = asyncio.create_task(self._send(batch))
-            self._sends.add(task)
-            task.add_done_callback(self._sends.discard)
+    def run_later(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """``run_soon`` for a call nothing waits on (a settlement): it goes out with the next
+        batch, or within LATER seconds, so at low load it shares the next admission's
+        round trip instead of taking one of its own."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self.up:
+            done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
+            return done
+        self._later.append(_Call(script, keys, args, done))
+        if self._later_timer is None:
+            self._later_timer = asyncio.get_running_loop().call_later(LATER, self._send_later)
+        return done
+
+    def _send_later(self) -> None:
+        self._later_timer = None
+        if self._later and self._sender is None:
+            self._sender = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """Send what is queued, one batch at a time on one connection: what arrives while a
+        batch is out goes in the next (a busy replica's calls share round trips)."""
+        try:
+            while self._queue or self._later:
+                batch, self._queue = self._queue, []
+                if self._later:
+                    batch, self._later = self._later + batch, []
+                await self._send(batch)
+        finally:
+            self._sender = None
 
     async def _send(self, batch: list[_Call]) -> None:
         started = time.perf_counter()
@@ -164,17 +219,33 @@ class FleetLink:
                 call.done.set_result(result)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
+        results: list[Any] = []
         for attempt in (1, 2):
-            async with asyncio.timeout(self.timeout):
-                pipe = self.client.pipeline(transaction=False)
-                for call in batch:
-                    pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-                results: list[Any] = await pipe.execute(raise_on_error=False)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    conn = await self._connection()
+                    await conn.send_packed_command(
+                        b"".join(_evalsha(c.script.sha, c.keys, c.args) for c in batch),
+                        check_health=False)
+                    results = [await _reply(conn) for _ in batch]
+            except BaseException:
+                # a batch cut short leaves replies unread on the connection: never reuse it
+                if self._conn is not None:
+                    await self._conn.disconnect()
+                raise
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
                 await self._load_scripts()  # Redis restarted empty (or was flushed)
                 continue
             return results
         return results
+
+    async def _connection(self) -> Any:
+        """The connection the batches go out on (made, or made again after a failure)."""
+        if self._conn is None:
+            self._conn = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        if not self._conn.is_connected:
+            await self._conn.connect()
+        return self._conn
 
     async def _load_scripts(self) -> None:
         async with asyncio.timeout(self.timeout * 4):
@@ -240,9 +311,11 @@ class FleetLink:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._sends:
-            await asyncio.wait(set(self._sends), timeout=self.timeout * 2)
+        if self._sender is not None:
+            await asyncio.wait({self._sender}, timeout=self.timeout * 2)
         with contextlib.suppress(RedisError, OSError):
+            if self._conn is not None:
+                await self._conn.disconnect()
             await self.client.aclose()
 
     async def _watch(self) -> None:

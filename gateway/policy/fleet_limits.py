@@ -259,7 +259,7 @@ class FleetLimiter:
             return
         if not self.link.up:
             return  # the lease frees the slot; the correction is lost with the outage
-        done = self.link.run_soon(self._settle, (self.link.of_key(hold.key_id, "limits"),
+        done = self.link.run_later(self._settle, (self.link.of_key(hold.key_id, "limits"),
                                                  self.link.of_key(hold.key_id, "slots")),
                                   (tpm, member, give_back))
         done.add_done_callback(_quiet)
