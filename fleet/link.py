@@ -270,6 +270,12 @@ class FleetLink:
         return result
 
     # state -------------------------------------------------------------------------------
+    def report(self) -> dict[str, object]:
+        """The state for /health: whether Redis answers, since when not, the fleet's size."""
+        down = None if self.down_since is None else round(time.monotonic() - self.down_since, 1)
+        return {"ok": self.up, "redis": self.where, "down_seconds": down,
+                "replicas": self.fleet_size}
+
     def failed(self, exc: BaseException) -> None:
         """A call did not reach Redis: it is down until the probe hears from it."""
         if not self.up:

@@ -275,6 +275,8 @@ def _heartbeat_ctx(state: AppState, runtime_dir: Path
                 beat_state["usage"] = state.usage.report()
             if state.keys is not None:
                 beat_state["keys"] = state.keys.report()
+            if state.fleet_limits is not None:  # a fleet's Redis (REDIS_URL)
+                beat_state["fleet"] = state.fleet_limits.link.report()
             if state.pool is not None:  # each upstream, for the health process's /health
                 beat_state["upstreams"] = state.pool.report()
             runtime.write_state(path, beat_state)

@@ -46,7 +46,7 @@ def data_files(workers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     trouble speaks for all (each has its own database connection and keyring); the events
     pending and dropped add up, and usage is spooled if any worker's is."""
     shown: dict[str, dict[str, Any]] = {}
-    for part in ("usage", "keys"):
+    for part in ("usage", "keys", "fleet"):
         states = [w[part] for w in workers if isinstance(w.get(part), dict)]
         if not states:
             continue
@@ -60,9 +60,10 @@ def data_files(workers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def with_data_files(verdict: Readiness, shown: dict[str, dict[str, Any]]) -> Readiness:
-    """A healthy service whose usage database or keys file is failing is degraded, with /ping
-    still 200: requests are served (usage waits in memory and a spool, the last good keys
-    authenticate), and a balancer must not take the service out for it."""
+    """A healthy service whose usage database or keys file is failing, or whose fleet's Redis
+    does not answer, is degraded, with /ping still 200: requests are served (usage waits in
+    memory and a spool, the last good keys authenticate), and a balancer must not take the
+    service out for it."""
     if verdict.status != "healthy":
         return verdict
     reasons = []
@@ -73,6 +74,10 @@ def with_data_files(verdict: Readiness, shown: dict[str, dict[str, Any]]) -> Rea
     if not keys.get("ok", True):
         using = keys.get("using") or "no key works"
         reasons.append(f"keys file unusable ({using}): {keys.get('error')}")
+    fleet = shown.get("fleet", {})
+    if not fleet.get("ok", True):
+        reasons.append(f"Redis at {fleet.get('redis')} unreachable (limits per REDIS_FAILURE_MODE, "
+                       "usage buffered on local disk)")
     if not reasons:
         return verdict
     return Readiness("degraded", verdict.ping, "; ".join(reasons))
