@@ -35,6 +35,7 @@ log = logging.getLogger("llamagate.fleet")
 PROBE_INTERVAL = 0.5  # seconds between attempts while Redis is down
 HEARTBEAT_INTERVAL = 5.0  # seconds between a replica's announcements of itself
 REPLICA_TTL = 15.0  # a replica not heard of for this long is not counted in the fleet
+HEADS = 16_384  # packed heads of calls remembered (two per API key in use)
 LATER = 0.005  # seconds a call sent with run_later may wait for a batch to go with
 
 # A replica says it is alive; the answer is how many are (the share of a limit each takes
@@ -72,16 +73,15 @@ class _Call:
     done: asyncio.Future[Any]
 
 
-def _evalsha(sha: str, keys: Sequence[str], args: Sequence[Any]) -> bytes:
-    """EVALSHA in RESP, packed here: redis-py's general encoder cost more than the call."""
-    words = [*(k.encode() for k in keys), *(_word(a) for a in args)]
-    return (b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (len(words) + 3, sha.encode())
-            + _word_of(len(keys)) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words))
+def _evalsha_head(sha: str, keys: Sequence[str]) -> bytes:
+    """EVALSHA, the script and its keys in RESP (packed here: redis-py's general encoder
+    cost more than the call), less the leading count of words."""
+    return (b"$7\r\nEVALSHA\r\n" + _bulk(sha.encode()) + _bulk(str(len(keys)).encode())
+            + b"".join(_bulk(k.encode()) for k in keys))
 
 
-def _word_of(n: int) -> bytes:
-    w = str(n).encode()
-    return b"$%d\r\n%s\r\n" % (len(w), w)
+def _bulk(word: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(word), word)
 
 
 def _word(value: Any) -> bytes:
@@ -131,6 +131,7 @@ class FleetLink:
         self.on_up: list[Callable[[], object]] = []  # called when Redis answers again
         self._scripts: dict[str, Script] = {}
         self._queue: list[_Call] = []
+        self._heads: dict[tuple[str, ...], bytes] = {}  # packed script and key names
         self._later: list[_Call] = []  # calls that go with the next batch (run_later)
         self._later_timer: asyncio.TimerHandle | None = None
         self._sender: asyncio.Task[None] | None = None  # sending the queue, batch by batch
@@ -225,8 +226,7 @@ class FleetLink:
                 async with asyncio.timeout(self.timeout):
                     conn = await self._connection()
                     await conn.send_packed_command(
-                        b"".join(_evalsha(c.script.sha, c.keys, c.args) for c in batch),
-                        check_health=False)
+                        b"".join(self._packed(c) for c in batch), check_health=False)
                     results = [await _reply(conn) for _ in batch]
             except BaseException:
                 # a batch cut short leaves replies unread on the connection: never reuse it
@@ -239,10 +239,26 @@ class FleetLink:
             return results
         return results
 
+    def _packed(self, call: _Call) -> bytes:
+        """The call in RESP; the part before its arguments (script and key names, the same
+        for every call of one script on one API key) is packed once."""
+        head_of = (call.script.sha, *call.keys)
+        head = self._heads.get(head_of)
+        if head is None:
+            if len(self._heads) >= HEADS:
+                self._heads.clear()
+            head = self._heads[head_of] = _evalsha_head(call.script.sha, call.keys)
+        args = call.args
+        return (b"*%d\r\n" % (len(call.keys) + len(args) + 3) + head
+                + b"".join(_bulk(_word(a)) for a in args))
+
     async def _connection(self) -> Any:
         """The connection the batches go out on (made, or made again after a failure)."""
         if self._conn is None:
-            self._conn = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            pool = self.client.connection_pool
+            # no timeout of its own on each reply: the batch has one (redis-py's cost a timer
+            # per reply)
+            self._conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         if not self._conn.is_connected:
             await self._conn.connect()
         return self._conn

@@ -51,8 +51,8 @@ COMPILED: tuple[str, ...] = (
     # subclasses of compiled classes (an interpreted class cannot inherit from a compiled one)
     "gateway.policy.shared_limits", "gateway.policy.shared_throttle",
     "gateway.policy.fleet_throttle",
-    # a fleet's admission (REDIS_URL), on every request's path there
-    "gateway.policy.fleet_limits",
+    # a fleet's admission (REDIS_URL) and its link to Redis, on every request's path there
+    "gateway.policy.fleet_limits", "fleet.link",
 )
 
 _ROOT = Path(__file__).resolve().parent.parent
