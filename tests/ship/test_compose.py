@@ -54,9 +54,10 @@ def host_path(source: str) -> Path:
 
 def test_services_and_profiles() -> None:
     services = compose()["services"]
-    assert set(services) == {"gateway-gpu", "gateway-cpu", "prometheus", "grafana"}
+    assert set(services) == {"gateway-gpu", "gateway-cpu", "prometheus", "grafana", "redis"}
     assert service("gateway-gpu")["profiles"] == ["gpu"]
     assert service("gateway-cpu")["profiles"] == ["cpu"]
+    assert service("redis")["profiles"] == ["fleet"]
     [device] = service("gateway-gpu")["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert "deploy" not in service("gateway-cpu")
@@ -91,6 +92,22 @@ def test_gateway_data_dir_is_a_named_volume(name: str) -> None:
     data_dir = dockerfile(GATEWAYS[name]).final.env()["DATA_DIR"]
     source = mounts(service(name))[data_dir]
     assert source in compose()["volumes"], "keys and usage must outlive the container"
+
+
+def test_redis_keeps_its_data_on_a_volume_and_is_not_published() -> None:
+    redis = service("redis")
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert mounts(redis)["/data"] in compose()["volumes"], "the append-only file outlives the container"
+    assert "ports" not in redis, "no password: only the compose network reaches it"
+
+
+@pytest.mark.parametrize("name", sorted(GATEWAYS))
+def test_gateway_uses_redis_only_when_redis_url_is_set(name: str) -> None:
+    env = service(name)["environment"]
+    assert env["REDIS_URL"] == "${REDIS_URL:-}"
+    assert load_config({"REDIS_URL": interpolate(env["REDIS_URL"])}).redis_url is None
 
 
 @pytest.mark.parametrize("name", sorted(GATEWAYS))
