@@ -72,15 +72,15 @@ def fleet_row(args: argparse.Namespace, tmp: Path, lua: Path,
           f"{args.gateway_cpu}, redis-server and load on {args.load_cpu}; {kind}; medians of "
           f"{max(args.reps, 1)} alternating runs)")
     print("| store | conc | req/s | p50 ms | p99 ms | gateway CPU µs/req | req/s vs embedded "
-          "| added p50 ms |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| added p50 ms | errors |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     embedded_at = {r["conc"]: r for r in rows if r["target"] == "embedded"}
     for r in rows:
         cpu = f"{r['cpu_us']:.1f}" if "cpu_us" in r else ""
         b = embedded_at[r["conc"]]
         print(f"| {r['target']} | {r['conc']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | "
               f"{r['p99_ms']:.2f} | {cpu} | {r['rps'] / b['rps']:.3f} | "
-              f"{r['p50_ms'] - b['p50_ms']:+.3f} |")
+              f"{r['p50_ms'] - b['p50_ms']:+.3f} | {r['errors']:.0f} |")
     for proc in (embedded[0], fleet[0]):
         proc.terminate()
         proc.wait(30)
