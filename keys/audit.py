@@ -6,7 +6,7 @@ UPDATE and DELETE so the log cannot be edited through this database connection.
 
 import json
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -15,9 +15,10 @@ CLI_ACTOR: Final = "cli"
 
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
-    """One audit record; ``actor`` is a key id or ``"cli"``."""
+    """One audit record; ``actor`` is a key id or ``"cli"``. ``id``: the row's number in
+    SQLite, the entry's stream id ("1700000000000-0") in the fleet's Redis."""
 
-    id: int
+    id: int | str
     ts: float
     actor: str
     action: str
@@ -61,10 +62,17 @@ class AuditLog:
             f"SELECT id, ts, actor, action, target, detail FROM audit_log{where} ORDER BY id DESC LIMIT ?",
             (*params, limit),
         ).fetchall()
-        return [
-            AuditEntry(id=r[0], ts=r[1], actor=r[2], action=r[3], target=r[4], detail=json.loads(r[5]))
-            for r in reversed(rows)
-        ]
+        return [_entry(r) for r in reversed(rows)]
+
+    def entries(self) -> Iterator[AuditEntry]:
+        """Every entry, oldest first (what ``llamagate keys migrate`` copies)."""
+        for row in self._conn.execute(
+                "SELECT id, ts, actor, action, target, detail FROM audit_log ORDER BY id"):
+            yield _entry(row)
+
+
+def _entry(r: tuple[int, float, str, str, str | None, str]) -> AuditEntry:
+    return AuditEntry(id=r[0], ts=r[1], actor=r[2], action=r[3], target=r[4], detail=json.loads(r[5]))
 
 
 def _filters(*, target: str | None, actor: str | None, since: float | None) -> tuple[str, tuple[object, ...]]:

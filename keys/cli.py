@@ -1,7 +1,11 @@
 """``key_mgmt``: manage API keys, read usage and the audit log.
 
-Exit codes: 0 success; 2 bad usage, bad duration or unknown id; 1 a file or database could not
-be read or written. Errors are one line on stderr and never contain a secret.
+With REDIS_URL set every command works on the fleet's Redis (keys/cli_fleet.py) instead of
+the keys file and the usage database; ``migrate --to-redis`` copies those into it.
+
+Exit codes: 0 success; 2 bad usage, bad duration or unknown id; 1 a file, database or Redis
+could not be read or written. Errors are one line on stderr and never contain a secret (nor
+REDIS_URL's password).
 """
 
 import argparse
@@ -13,8 +17,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NoReturn
 
-from keys import cli_keys, cli_reports
-from keys.cli_context import CliContext, default_paths
+from keys import cli_keys, cli_migrate, cli_reports
+from keys.cli_context import CliContext, default_paths, redis_settings
 from keys.durations import parse_duration
 from keys.errors import KeyFileError, KeysError, describe_error
 from keys.model import SCOPE_INFERENCE, SCOPES
@@ -144,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("import", cli_keys.cmd_import, "import a legacy key_id:api_key file")
     p.add_argument("file", type=Path)
     p.add_argument("--scopes", type=_scopes, default=frozenset({SCOPE_INFERENCE}))
+
+    p = command("migrate", cli_migrate.cmd_migrate,
+                "copy the keys file, usage and audit log into the Redis of REDIS_URL")
+    p.add_argument("--to-redis", action="store_true", required=True,
+                   help="the one direction there is (idempotent: run it again to finish)")
     return parser
 
 
@@ -160,16 +169,36 @@ def main(
         return _fail(str(exc), 2)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
-    keys_default, db_default = default_paths(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    keys_default, db_default = default_paths(environ)
+    try:
+        fleet = redis_settings(environ)
+    except KeysError as exc:
+        return _fail(str(exc), 2)
     ctx = CliContext(
         keys_path=getattr(args, "keys_file", keys_default),
         usage_db=getattr(args, "usage_db", db_default),
         now=clock(),
         out=sys.stdout,
     )
-    handler: Handler = args.handler
+    if fleet is not None:
+        from keys.cli_fleet import FleetCli  # redis is imported only with REDIS_URL
+
+        ctx.fleet = FleetCli(fleet)
+    try:
+        return _run(args.handler, ctx, args)
+    finally:
+        if ctx.fleet is not None:
+            ctx.fleet.close()
+
+
+def _run(handler: Handler, ctx: CliContext, args: argparse.Namespace) -> int:
+    fleet_errors = ctx.fleet.errors if ctx.fleet is not None else ()
     try:
         return handler(ctx, args)
+    except fleet_errors as exc:  # Redis unreachable or refusing: before OSError, TimeoutError is one
+        assert ctx.fleet is not None
+        return _fail(ctx.fleet.explain(exc), 1)
     except KeyFileError as exc:
         return _fail(str(exc), 1)
     except KeysError as exc:

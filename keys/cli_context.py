@@ -1,20 +1,83 @@
-"""What every CLI command gets: resolved paths, the clock reading, output, and helpers."""
+"""What every CLI command gets: resolved paths, the fleet's Redis when REDIS_URL is set, the
+clock reading, output, and helpers.
+
+With REDIS_URL the commands read and write the fleet's Redis (keys, usage, audit) through
+``CliContext.fleet`` (keys/cli_fleet.py, which imports redis: only then); without it, the keys
+file and the usage database, as on one machine.
+"""
+
+from __future__ import annotations
 
 import contextlib
 import json
 import sqlite3
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO, TypeVar
 
-from keys.audit import CLI_ACTOR, AuditLog
+from core.values import redis_url
+from keys.audit import CLI_ACTOR, AuditEntry, AuditLog
 from keys.db import open_db
+from keys.errors import KeysError
+from keys.model import ApiKey
 from keys.store import KeyStore
-from keys.usage import UsageStore
+from keys.usage import UsageRow, UsageStore
+
+if TYPE_CHECKING:
+    from keys.cli_fleet import FleetCli
 
 DEFAULT_DATA_DIR = "./data"
+AUDIT_MAX_ENTRIES = (100, 10**9, 100_000)  # REDIS_AUDIT_MAX_ENTRIES: low, high, default, as the service
+T = TypeVar("T")
+KeySet = tuple[ApiKey, ...]
+
+
+class SettingError(KeysError):
+    """An environment variable the CLI reads is invalid (named; its value never shown)."""
+
+
+class Store(Protocol):
+    """The key set a command changes: the keys file, or the fleet's Redis."""
+
+    def load(self) -> KeySet: ...
+    def update(self, change: Callable[[KeySet], tuple[KeySet, T]]) -> T: ...
+
+
+class AuditWriter(Protocol):
+    def record_audit(self, *, ts: float, actor: str, action: str, target: str | None,
+                     detail: Mapping[str, object] | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """The fleet's Redis as the CLI reaches it."""
+
+    url: str = field(repr=False)  # may hold a password
+    prefix: str
+    audit_max_entries: int
+
+
+def redis_settings(environ: Mapping[str, str]) -> RedisSettings | None:
+    """REDIS_URL, REDIS_KEY_PREFIX and REDIS_AUDIT_MAX_ENTRIES; None without REDIS_URL."""
+    url = (environ.get("REDIS_URL") or "").strip()
+    if not url:
+        return None
+    try:
+        redis_url(url)
+    except ValueError:
+        raise SettingError("REDIS_URL must be a redis://, rediss:// (TLS) or unix:// URL") from None
+    low, high, default = AUDIT_MAX_ENTRIES
+    raw = (environ.get("REDIS_AUDIT_MAX_ENTRIES") or "").strip()
+    try:
+        max_entries = int(raw) if raw else default
+    except ValueError:
+        max_entries = -1
+    if not low <= max_entries <= high:
+        raise SettingError(f"REDIS_AUDIT_MAX_ENTRIES must be an integer from {low} to {high}")
+    prefix = (environ.get("REDIS_KEY_PREFIX") or "").strip() or "llamagate:"
+    return RedisSettings(url, prefix, max_entries)
 
 
 def default_paths(environ: Mapping[str, str]) -> tuple[Path, Path]:
@@ -32,10 +95,21 @@ class CliContext:
     usage_db: Path
     now: float
     out: TextIO = field(default_factory=lambda: sys.stdout)
+    fleet: FleetCli | None = None  # REDIS_URL is set: everything is in that Redis
 
     @property
-    def store(self) -> KeyStore:
-        return KeyStore(self.keys_path)
+    def store(self) -> Store:
+        return KeyStore(self.keys_path) if self.fleet is None else self.fleet.store
+
+    def load_keys(self) -> KeySet:
+        """The stored keys; records in Redis that do not parse are named on stderr."""
+        if self.fleet is None:
+            return KeyStore(self.keys_path).load()
+        store = self.fleet.store
+        keys = store.load()
+        for key_id, why in sorted(store.unreadable.items()):
+            print(f"warning: skipped key {key_id}: {why}", file=sys.stderr)
+        return keys
 
     def emit(self, text: str) -> None:
         print(text, file=self.out)
@@ -44,9 +118,12 @@ class CliContext:
         print(json.dumps(value, indent=2, sort_keys=True), file=self.out)
 
     @contextlib.contextmanager
-    def audit_log(self) -> Iterator["CliAudit"]:
+    def audit_log(self) -> Iterator[CliAudit]:
         """Open the audit log before a change, so an unwritable database stops the command
         before the keys file is touched rather than leaving an unaudited change behind."""
+        if self.fleet is not None:
+            yield CliAudit(self.fleet.audit, self.now)
+            return
         with contextlib.closing(open_db(self.usage_db)) as conn:
             yield CliAudit(AuditLog(conn), self.now)
 
@@ -60,15 +137,31 @@ class CliContext:
             yield conn
 
     def last_used_all(self) -> dict[str, float]:
+        if self.fleet is not None:
+            return self.fleet.last_used_all()
         with self.existing_db() as conn:
             return {} if conn is None else UsageStore(conn).last_used_all()
+
+    def usage(self, key_id: str | None, since: float | None, until: float | None) -> list[UsageRow]:
+        """Usage rows: the fleet's totals with REDIS_URL, else this machine's database."""
+        if self.fleet is not None:
+            return self.fleet.usage(key_id, since, until)
+        with self.existing_db() as conn:
+            return [] if conn is None else UsageStore(conn).usage(key_id, since, until)
+
+    def audit_entries(self, target: str | None, since: float | None, limit: int) -> list[AuditEntry]:
+        if self.fleet is not None:
+            return self.fleet.audit.list_audit(target=target, since=since, limit=limit)
+        with self.existing_db() as conn:
+            return [] if conn is None else AuditLog(conn).list_audit(target=target, since=since,
+                                                                      limit=limit)
 
 
 @dataclass
 class CliAudit:
     """Audit entries written by the CLI, all with actor ``cli`` and the command's instant."""
 
-    log: AuditLog
+    log: AuditWriter
     now: float
 
     def __call__(self, action: str, target: str | None, detail: Mapping[str, object] | None = None) -> None:

@@ -4,13 +4,12 @@ import argparse
 from dataclasses import asdict
 
 from keys import ops
-from keys.audit import AuditLog
 from keys.cli_context import CliContext
 from keys.durations import format_instant, format_seconds, parse_instant
 from keys.errors import UnknownKeyError
 from keys.model import ApiKey
 from keys.table import format_table
-from keys.usage import UsageRow, UsageStore
+from keys.usage import UsageRow
 
 
 def key_status(key: ApiKey, now: float) -> str:
@@ -40,7 +39,7 @@ def key_summary(key: ApiKey, now: float, last_used: float | None) -> dict[str, o
 
 
 def cmd_list(ctx: CliContext, args: argparse.Namespace) -> int:
-    keys = ctx.store.load()
+    keys = ctx.load_keys()
     last = ctx.last_used_all()
     if args.json:
         ctx.emit_json([key_summary(k, ctx.now, last.get(k.id)) for k in keys])
@@ -79,7 +78,7 @@ def cmd_list(ctx: CliContext, args: argparse.Namespace) -> int:
 
 
 def cmd_show(ctx: CliContext, args: argparse.Namespace) -> int:
-    key = ops.find(ctx.store.load(), args.id)
+    key = ops.find(ctx.load_keys(), args.id)
     summary = key_summary(key, ctx.now, ctx.last_used_all().get(key.id))
     if args.json:
         ctx.emit_json(summary)
@@ -92,8 +91,7 @@ def cmd_show(ctx: CliContext, args: argparse.Namespace) -> int:
 def cmd_usage(ctx: CliContext, args: argparse.Namespace) -> int:
     since = parse_instant(args.since, ctx.now, future=False) if args.since else None
     until = parse_instant(args.until, ctx.now, future=False) if args.until else None
-    with ctx.existing_db() as conn:
-        rows = [] if conn is None else UsageStore(conn).usage(args.id, since, until)
+    rows = ctx.usage(args.id, since, until)
     # Removed keys keep their history, so an id is unknown only if it has neither.
     if args.id is not None and not rows and all(k.id != args.id for k in ctx.store.load()):
         raise UnknownKeyError(args.id)
@@ -130,10 +128,7 @@ def _usage_table(rows: list[UsageRow]) -> str:
 
 def cmd_audit(ctx: CliContext, args: argparse.Namespace) -> int:
     since = parse_instant(args.since, ctx.now, future=False) if args.since else None
-    with ctx.existing_db() as conn:
-        entries = (
-            [] if conn is None else AuditLog(conn).list_audit(target=args.id, since=since, limit=args.limit)
-        )
+    entries = ctx.audit_entries(args.id, since, args.limit)
     if args.json:
         ctx.emit_json([asdict(e) for e in entries])
         return 0

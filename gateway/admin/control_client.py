@@ -21,6 +21,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import aiohttp
@@ -31,6 +32,9 @@ from gateway.edge.call import Call
 from gateway.errors import BackendUnavailable
 from gateway.router import Handler, Router
 from keys.model import SCOPE_ADMIN
+
+if TYPE_CHECKING:  # a fleet's audit stream (REDIS_URL), imported where there is one
+    from keys.audit_redis import RedisAuditor
 
 # admin path → control path; "{x}" segments are filled from the match
 _ROUTES: list[tuple[str, str, str, str | None]] = [
@@ -49,7 +53,7 @@ _ROUTES: list[tuple[str, str, str, str | None]] = [
 ]
 
 
-def install(router: Router, socket_path: Path, audit: Auditor
+def install(router: Router, socket_path: Path, audit: Auditor | RedisAuditor
             ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
     """Add the admin routes to ``router``; returns the cleanup context that owns their
     Unix-socket session."""

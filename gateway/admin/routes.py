@@ -1,11 +1,13 @@
 """Admin endpoints (the `admin` scope, checked by gateway/policy/auth.py before these run).
 
-    POST /admin/keys/reload              re-read the keys file now
+    POST /admin/keys/reload              re-read the keys file (or the fleet's key set) now
     GET  /admin/keys                     the keys, without secrets or hashes
     GET  /admin/usage?key=&since=&until= usage rows per key, model and hour
 
-Every call is appended to the audit log with the acting key's id. Handlers are built by
-``routes()`` around the objects they use, so they need nothing from the app state.
+Every call is appended to the audit log with the acting key's id: the SQLite ``Auditor``
+on one machine, keys/audit_redis.py's ``RedisAuditor`` (same surface) in a fleet. Handlers
+are built by ``install()`` around the objects they use, so they need nothing from the app
+state.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from gateway.edge.call import Call
 from gateway.errors import BadRequest
@@ -29,8 +31,13 @@ from keys.db import open_db
 from keys.durations import parse_instant
 from keys.errors import KeysError
 from keys.model import SCOPE_ADMIN, ApiKey
-from keys.reloader import KeyReloader
+from keys.reloader import KeyReloader, ReloadResult
 from keys.usage_recorder import UsageRecorder
+
+if TYPE_CHECKING:  # a fleet's (REDIS_URL): redis is imported only where there is one
+    from keys.audit_redis import RedisAuditor
+    from keys.usage_redis import RedisUsage
+    from keys.watch_redis import RedisKeyWatcher
 
 
 class Auditor:
@@ -119,9 +126,11 @@ def actor_of(call: Call) -> str:
     return "-" if key is None else key.id
 
 
-def install(router: Router, keys: KeyReloader, usage: UsageRecorder, audit: Auditor) -> None:
+def install(router: Router, keys: KeyReloader | RedisKeyWatcher,
+            usage: UsageRecorder | RedisUsage, audit: Auditor | RedisAuditor) -> None:
     async def reload(call: Call) -> None:
-        result = keys.reload()
+        outcome = keys.reload()  # the fleet's watcher reads Redis: a coroutine
+        result = outcome if isinstance(outcome, ReloadResult) else await outcome
         await audit.record(actor_of(call), "reload", None, {
             "ok": result.ok, "keys": result.key_count, "file_missing": result.file_missing})
         body = {"ok": result.ok, "keys": result.key_count, "error": result.error,
