@@ -1,7 +1,9 @@
 """A real `redis-server` (Debian's package) of the test's own: a free port of 127.0.0.1, a
 folder of its own, every write fsynced to its append-only file so that a SIGKILL and a
-restart on the same port and folder keep what it had acknowledged. A test may pause it
-(SIGSTOP), resume it, kill it and start it again, as an outage would.
+restart on the same port and folder keep what it had acknowledged (``appendonly=False``: a
+Redis without persistence, which restarts empty). A test may pause it (SIGSTOP), resume it,
+kill it and start it again, as an outage would; with ``password`` it demands one, and its
+URL carries it, as a managed Redis's does.
 
 Without the binary the test fails: as root with apt-get the package is installed first
 (as `.ci/run` does), otherwise the failure says how to get it. Never a skip: the fleet's
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.support.service import free_port
 from tests.support.wait import wait_for
@@ -56,23 +60,33 @@ def _apt_install(package: str) -> None:
 class RedisServer:
     """One redis-server process; ``restart`` keeps its port, folder and data."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, appendonly: bool = True, password: str | None = None) -> None:
         self.dir = tmp / "redis"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.log_path = self.dir / "redis.log"
+        self.appendonly = appendonly
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f"default:{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def argv(self) -> list[str]:
-        return [str(redis_server_binary()),
+        argv = [str(redis_server_binary()),
                 "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
                 "--daemonize", "no", "--save", "",  # no snapshots: the AOF is the data
-                "--appendonly", "yes", "--appendfsync", "always",
                 "--logfile", str(self.log_path)]
+        if self.appendonly:
+            argv += ["--appendonly", "yes", "--appendfsync", "always"]
+        if self.password:  # from a file: a command line is every user's to read
+            conf = self.dir / "redis.conf"
+            conf.touch(mode=0o600)
+            conf.write_text(f"requirepass {self.password}\n")
+            argv.insert(1, str(conf))  # the file first, then the options
+        return argv
 
     def start(self) -> RedisServer:
         assert self.proc is None or self.proc.poll() is not None, "redis-server already running"
@@ -87,18 +101,19 @@ class RedisServer:
         if self.proc.poll() is not None:
             raise AssertionError(f"redis-server exited with {self.proc.returncode}:\n{self.log()}")
         try:
-            with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
-                             socket_connect_timeout=0.5) as client:
+            with self.client(timeout=0.5) as client:
                 return bool(client.ping())
         except redis.exceptions.BusyLoadingError:
             return False  # replaying its append-only file after a restart
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             return False
 
-    def client(self) -> redis.Redis:
-        """A synchronous client (strings decoded); close it, or use it in a `with`."""
-        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True,
-                           socket_timeout=5, socket_connect_timeout=5)
+    def client(self, timeout: float = 5.0) -> redis.Redis:
+        """A synchronous client (strings decoded) that does not retry: a call to a paused
+        server fails after ``timeout``. Close it, or use it in a `with`."""
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
+                           decode_responses=True, socket_timeout=timeout,
+                           socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
 
     def _signal(self, sig: int) -> None:
         assert self.proc is not None and self.proc.poll() is None, "redis-server is not running"
@@ -112,7 +127,8 @@ class RedisServer:
         self._signal(signal.SIGCONT)
 
     def kill(self) -> None:
-        """SIGKILL: what it acknowledged is on disk (appendfsync always)."""
+        """SIGKILL: what it acknowledged is on disk (appendfsync always), unless it was
+        started without its append-only file."""
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
