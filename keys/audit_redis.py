@@ -15,7 +15,8 @@ with the XADD so that a copy that is cut short can simply run again.
 
 The gateway records through ``RedisAuditor`` (async, over the ``FleetLink``): an entry that
 cannot be written because Redis is unreachable waits in a small queue, written in order when
-the link hears Redis again. The CLI uses ``RedisAuditSync``.
+the link hears Redis again, each entry once (a token per entry, remembered for a day). The
+CLI uses ``RedisAuditSync``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import hashlib
 import itertools
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +43,17 @@ PAGE = 500  # entries per XREVRANGE
 SKEW = 300.0  # seconds of clock difference between replicas a `since` listing allows for
 QUEUE_SIZE = 1000  # entries kept while Redis is unreachable; beyond, the oldest are dropped
 MIGRATE_BATCH = 500
+
+SENT_TTL = 86400  # seconds a written entry's token is remembered (see RECORD)
+
+# Write one entry once. A write whose answer was lost (Redis paused past the timeout) may
+# still be carried out when Redis resumes, and the queue then sends the entry again: the
+# entry's token, set with NX, makes the second XADD a no-op.
+RECORD = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return 0 end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+return 1
+"""
 
 # Copy one SQLite row once: SADD tells whether it was copied before, in the same step.
 MIGRATE = """
@@ -150,7 +163,8 @@ class RedisAuditor:
         self._stream = stream_of(link)
         self._max = max_entries
         self._clock = clock
-        self._queue: collections.deque[builtins.list[str]] = collections.deque()
+        self._record = link.script(RECORD)
+        self._queue: collections.deque[tuple[str, builtins.list[str]]] = collections.deque()
         self._queue_size = queue_size
         self._dropped = 0  # entries lost to a full queue in this outage
         self._log = logger or logging.getLogger("llamagate.audit")
@@ -178,14 +192,14 @@ class RedisAuditor:
     async def record(self, actor: str, action: str, target: str | None = None,
                      detail: Mapping[str, object] | None = None) -> None:
         """Append one entry, stamped now; with Redis unreachable it waits in the queue."""
-        fields = fields_of(self._clock(), actor, action, target, detail)
+        entry = (secrets.token_hex(8), fields_of(self._clock(), actor, action, target, detail))
         if not self._queue:
             try:
-                await self._add(fields)
+                await self._add(entry)
                 return
             except FleetDown:
                 pass
-        self._keep(fields)
+        self._keep(entry)
         if self._link.up:  # back already (or a write failed while it said up): try now
             self._on_up()
 
@@ -198,17 +212,19 @@ class RedisAuditor:
                                                "COUNT", PAGE))
         return scan.result()
 
-    async def _add(self, fields: Sequence[str]) -> None:
-        await self._link.command("XADD", self._stream, "MAXLEN", "~", self._max, "*", *fields)
+    async def _add(self, entry: tuple[str, Sequence[str]]) -> None:
+        token, fields = entry
+        await self._link.run(self._record, [self._stream, self._link.name("audit", f"sent:{token}")],
+                             [self._max, SENT_TTL, *fields])
 
-    def _keep(self, fields: builtins.list[str]) -> None:
+    def _keep(self, entry: tuple[str, builtins.list[str]]) -> None:
         if len(self._queue) >= self._queue_size:
             self._queue.popleft()
             if self._dropped == 0:
                 self._log.error("audit queue full (%d entries) while Redis is unreachable: "
                                 "dropping the oldest", self._queue_size)
             self._dropped += 1
-        self._queue.append(fields)
+        self._queue.append(entry)
 
     def _on_up(self) -> None:
         if self._queue and (self._flusher is None or self._flusher.done()):

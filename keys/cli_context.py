@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     from keys.cli_fleet import FleetCli
 
 DEFAULT_DATA_DIR = "./data"
-AUDIT_MAX_ENTRIES = (100, 10**9, 100_000)  # REDIS_AUDIT_MAX_ENTRIES: low, high, default, as the service
+# low, high and default of REDIS_AUDIT_MAX_ENTRIES and REDIS_USAGE_RETENTION_DAYS, as the service has them
+AUDIT_MAX_ENTRIES = (100, 10**9, 100_000)
+USAGE_RETENTION_DAYS = (1, 100_000, 400)
 T = TypeVar("T")
 KeySet = tuple[ApiKey, ...]
 
@@ -57,10 +59,12 @@ class RedisSettings:
     url: str = field(repr=False)  # may hold a password
     prefix: str
     audit_max_entries: int
+    usage_retention_days: int
 
 
 def redis_settings(environ: Mapping[str, str]) -> RedisSettings | None:
-    """REDIS_URL, REDIS_KEY_PREFIX and REDIS_AUDIT_MAX_ENTRIES; None without REDIS_URL."""
+    """REDIS_URL, REDIS_KEY_PREFIX, REDIS_AUDIT_MAX_ENTRIES and REDIS_USAGE_RETENTION_DAYS;
+    None without REDIS_URL."""
     url = (environ.get("REDIS_URL") or "").strip()
     if not url:
         return None
@@ -68,16 +72,21 @@ def redis_settings(environ: Mapping[str, str]) -> RedisSettings | None:
         redis_url(url)
     except ValueError:
         raise SettingError("REDIS_URL must be a redis://, rediss:// (TLS) or unix:// URL") from None
-    low, high, default = AUDIT_MAX_ENTRIES
-    raw = (environ.get("REDIS_AUDIT_MAX_ENTRIES") or "").strip()
-    try:
-        max_entries = int(raw) if raw else default
-    except ValueError:
-        max_entries = -1
-    if not low <= max_entries <= high:
-        raise SettingError(f"REDIS_AUDIT_MAX_ENTRIES must be an integer from {low} to {high}")
     prefix = (environ.get("REDIS_KEY_PREFIX") or "").strip() or "llamagate:"
-    return RedisSettings(url, prefix, max_entries)
+    return RedisSettings(url, prefix, _bounded(environ, "REDIS_AUDIT_MAX_ENTRIES", AUDIT_MAX_ENTRIES),
+                         _bounded(environ, "REDIS_USAGE_RETENTION_DAYS", USAGE_RETENTION_DAYS))
+
+
+def _bounded(environ: Mapping[str, str], name: str, bounds: tuple[int, int, int]) -> int:
+    low, high, default = bounds
+    raw = (environ.get(name) or "").strip()
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise SettingError(f"{name} must be an integer from {low} to {high}")
+    return value
 
 
 def default_paths(environ: Mapping[str, str]) -> tuple[Path, Path]:

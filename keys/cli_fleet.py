@@ -57,7 +57,9 @@ class FleetCli:
 
     def import_usage(self, rows: Iterable[UsageRow], last_used: Mapping[str, float]) -> tuple[int, int]:
         """Add this machine's usage rows to the fleet's: (changed, already there)."""
-        done: tuple[int, int] = self._run(lambda link: usage_redis.import_rows(link, rows, last_used))
+        days = self._settings.usage_retention_days
+        done: tuple[int, int] = self._run(
+            lambda link: usage_redis.import_rows(link, rows, last_used, retention_days=days))
         return done
 
     def explain(self, exc: BaseException) -> str:

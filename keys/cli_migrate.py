@@ -7,7 +7,8 @@ run changes nothing:
 * keys: a key Redis does not have is added; one it has with the same record is left alone;
   one whose record differs is left as Redis has it (the fleet may have rotated or disabled
   it since) and named on stderr.
-* usage: keys/usage_redis.py's ``import_rows`` adds each (key, model, hour) row once.
+* usage: keys/usage_redis.py's ``import_rows`` adds each (key, model, hour) row once; rows
+  older than the fleet keeps usage are left out, and counted on their own.
 * audit: each row is copied once, keeping its original time (keys/audit_redis.py).
 
 One audit entry records the migration itself, when it copied anything.
@@ -69,8 +70,10 @@ def cmd_migrate(ctx: CliContext, args: argparse.Namespace) -> int:
     if differ:
         print(f"warning: key(s) {', '.join(differ)} differ between {ctx.keys_path} and Redis: "
               "kept as Redis has them", file=sys.stderr)
+    too_old = len(rows) - rows_copied - rows_there  # import_rows skips them, counted in neither
     ctx.emit(f"keys: {copied} copied, {same} unchanged"
              + (f", {len(differ)} kept as in Redis" if differ else "")
              + f"; usage rows: {rows_copied} copied, {rows_there} unchanged"
+             + (f", {too_old} past REDIS_USAGE_RETENTION_DAYS" if too_old else "")
              + f"; audit entries: {audit_copied} copied, {audit_there} unchanged")
     return 0
