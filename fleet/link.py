@@ -28,6 +28,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 log = logging.getLogger("llamagate.fleet")
@@ -118,9 +120,11 @@ class FleetLink:
         self.prefix = prefix
         self.timeout = timeout
         self.where = describe(url)
+        # no retries: redis-py's default ones made a call to a paused Redis take 5.6 s, not
+        # REDIS_TIMEOUT; the probe does the trying again here
         self.client = client or aioredis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            health_check_interval=0, decode_responses=False)
+            health_check_interval=0, decode_responses=False, retry=Retry(NoBackoff(), 0))
         self.replica = secrets.token_hex(8)  # this process, as the fleet counts it
         self.up = True  # until a call fails: the first one tells
         self.down_since: float | None = None
