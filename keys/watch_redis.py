@@ -77,6 +77,7 @@ class RedisKeyWatcher:
         self._lock = asyncio.Lock()  # one reload or apply at a time
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     @property
     def keyring(self) -> Keyring:
@@ -103,11 +104,19 @@ class RedisKeyWatcher:
     async def close(self) -> None:
         with contextlib.suppress(ValueError):
             self._link.on_up.remove(self._on_up)
+        # The flag as well as the cancel: after a Redis restart, a close once hung with the
+        # listener still inside PubSub.get_message 25 s after its cancel (the cancellation
+        # was lost in redis-py); the loops stop at their next turn either way.
+        self._closing = True
         for task in self._tasks:
             task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=LISTEN_TICK + self._link.timeout * 4 + 1)
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if not task.done():
+                self._log.error("keys: %s did not stop", task.get_name())
+            elif not task.cancelled() and task.exception() is not None:
+                self._log.error("keys: %s failed: %r", task.get_name(), task.exception())
         self._tasks = []
 
     async def reload(self) -> ReloadResult:
@@ -120,8 +129,8 @@ class RedisKeyWatcher:
         try:
             snap = await self._reader.read_all()
         except (FleetDown, ResponseError) as exc:
-            return self._unreachable(exc)
-        if snap.version is None and self._from_redis_data and self._keys:
+            return self._read_failed(exc)
+        if snap.version is None and not snap.records and self._from_redis_data and self._keys:
             return self._failed(
                 "the key set in Redis is gone (no version counter: Redis restarted without "
                 f"its data, or was flushed); keeping the {len(self._keys)} keys in force")
@@ -140,10 +149,14 @@ class RedisKeyWatcher:
         self._keys, self._bad, self._keyring = good, bad, keyring
         self._version, self._from_redis_data = snap.version or 0, snap.version is not None
         self._stale, self._using = False, None
-        self._now_reachable()
-        if self._error is not None:
-            self._log.warning("keys from Redis in force again: %d keys", len(keyring))
-            self._error = None
+        if not self._reachable:
+            self._reachable = True
+            self._log.warning("keys: Redis at %s answers again; %d keys loaded",
+                              self._link.where, len(keyring))
+        elif self._error is not None:
+            self._log.warning("keys: the key set in Redis is usable again; %d keys loaded",
+                              len(keyring))
+        self._error = None
         await self._keep()
         return ReloadResult(ok=not bad, key_count=len(keyring), error=skipped(bad))
 
@@ -159,7 +172,7 @@ class RedisKeyWatcher:
             try:
                 now, records = await self._reader.read_some(ids)
             except (FleetDown, ResponseError) as exc:
-                self._unreachable(exc)
+                self._read_failed(exc)
                 return
             if now != version:  # more changes since the message: read them all
                 await self._reload()
@@ -174,6 +187,12 @@ class RedisKeyWatcher:
                     except KeyFormatError as exc:
                         bad[key_id] = str(exc)
             await self._install(good, bad, Snapshot(version, {}))
+
+    def _read_failed(self, exc: FleetDown | ResponseError) -> ReloadResult:
+        if isinstance(exc, FleetDown):
+            return self._unreachable(exc)
+        return self._failed(f"Redis refused to read the key set ({exc}); keeping the "
+                            f"{len(self._keyring)} keys in force")
 
     def _failed(self, error: str) -> ReloadResult:
         if error != self._error:
@@ -214,12 +233,6 @@ class RedisKeyWatcher:
                           error, len(keys), when)
         return ReloadResult(ok=False, key_count=len(keys), error=error)
 
-    def _now_reachable(self) -> None:
-        if not self._reachable:
-            self._reachable = True
-            self._log.warning("keys: Redis at %s answers again; %d keys loaded",
-                              self._link.where, len(self._keyring))
-
     async def _keep(self) -> None:
         """Rewrite the last good copy when the keys differ from it; a failure is logged, and
         the keys stay in force."""
@@ -241,7 +254,7 @@ class RedisKeyWatcher:
         self._wake.set()
 
     async def _poll(self) -> None:
-        while True:
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_interval)
             self._wake.clear()
@@ -254,7 +267,7 @@ class RedisKeyWatcher:
             try:
                 version = await self._reader.version()
             except (FleetDown, ResponseError) as exc:
-                self._unreachable(exc)
+                self._read_failed(exc)
                 continue
             if (version or 0) != (self._version or 0) or self._error is not None:
                 await self.reload()
@@ -275,7 +288,7 @@ class RedisKeyWatcher:
             await pubsub.aclose()
 
     async def _listen(self, pubsub: PubSub | None) -> None:
-        while True:
+        while not self._closing:
             if pubsub is None:
                 await asyncio.sleep(RESUBSCRIBE_PAUSE)
                 pubsub = await self._subscribe()
@@ -284,7 +297,7 @@ class RedisKeyWatcher:
                 self._stale = True  # what was published while unsubscribed is lost
                 await self.reload()
             try:
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(ignore_subscribe_messages=True,
                                                        timeout=LISTEN_TICK)
                     if message is None or message.get("type") != "message":

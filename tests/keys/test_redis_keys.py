@@ -375,3 +375,14 @@ async def test_an_unreadable_record_is_skipped_and_named(
         client.hdel(HASH, "broken")
         assert (await w.reload()).ok is True
         assert w.report()["skipped"] == []
+
+
+async def test_a_key_set_redis_refuses_to_read_keeps_the_keyring(
+        rcli: Cli, server: LocalRedis, client: redis.Redis, tmp_path: Path) -> None:
+    a, secret = generate(rcli, "alpha")
+    async with watching(server, tmp_path / "last-good") as w:
+        client.delete(HASH)
+        client.set(HASH, "not a hash")  # WRONGTYPE for every read of the key set
+        client.incr(VERSION)
+        await wait_until(lambda: "refused" in str(w.report()["error"]), "the failure reported")
+        assert auth(w, secret) == a and w.report()["redis"] == "up"
