@@ -80,13 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--keys-file",
         type=Path,
         default=argparse.SUPPRESS,
-        help="keys file (default: $AUTH_KEYS_FILE or $DATA_DIR/keys.json)",
+        help="keys file (default: $AUTH_KEYS_FILE or $DATA_DIR/keys.json); with REDIS_URL "
+        "only migrate reads it",
     )
     common.add_argument(
         "--usage-db",
         type=Path,
         default=argparse.SUPPRESS,
-        help="usage and audit database (default: $DATA_DIR/usage.db)",
+        help="usage and audit database (default: $DATA_DIR/usage.db); with REDIS_URL only "
+        "migrate reads it",
     )
     parser = _Parser(prog=PROG, description="Manage llamagate API keys.", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
