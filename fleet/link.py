@@ -94,6 +94,12 @@ def _word(value: Any) -> bytes:
     return str(value).encode()
 
 
+def _expire(sender: asyncio.Task[None] | None, expired: list[bool]) -> None:
+    expired.append(True)
+    if sender is not None:
+        sender.cancel()
+
+
 async def _reply(conn: Any) -> Any:
     """One reply; an error reply is returned (for its own call), not raised."""
     try:
@@ -139,6 +145,7 @@ class FleetLink:
         self._later: list[_Call] = []  # calls that go with the next batch (run_later)
         self._later_timer: asyncio.TimerHandle | None = None
         self._sender: asyncio.Task[None] | None = None  # sending the queue, batch by batch
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: Any = None  # the batches' own connection, outside the client's pool
         self._task: asyncio.Task[None] | None = None
         self._heartbeat = self.script(HEARTBEAT)
@@ -161,14 +168,23 @@ class FleetLink:
     def run_soon(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
         """Queue a script call for the next batch; the future has its answer, ``FleetDown``
         or Redis's error."""
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = self._loop_now()
+        done: asyncio.Future[Any] = loop.create_future()
         if not self.up:
             done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
             return done
         self._queue.append(_Call(script, keys, args, done))
         if self._sender is None:
-            self._sender = asyncio.create_task(self._drain())
+            self._sender = loop.create_task(self._drain())
         return done
+
+    def _loop_now(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once: each lookup cost a getpid() system call on
+        Python 3.11, several per request."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await self.run_soon(script, keys, args)
@@ -177,19 +193,20 @@ class FleetLink:
         """``run_soon`` for a call nothing waits on (a settlement): it goes out with the next
         batch, or within LATER seconds, so at low load it shares the next admission's
         round trip instead of taking one of its own."""
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = self._loop_now()
+        done: asyncio.Future[Any] = loop.create_future()
         if not self.up:
             done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
             return done
         self._later.append(_Call(script, keys, args, done))
         if self._later_timer is None:
-            self._later_timer = asyncio.get_running_loop().call_later(LATER, self._send_later)
+            self._later_timer = loop.call_later(LATER, self._send_later)
         return done
 
     def _send_later(self) -> None:
         self._later_timer = None
         if self._later and self._sender is None:
-            self._sender = asyncio.create_task(self._drain())
+            self._sender = self._loop_now().create_task(self._drain())
 
     async def _drain(self) -> None:
         """Send what is queued, one batch at a time on one connection: what arrives while a
@@ -225,18 +242,27 @@ class FleetLink:
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         results: list[Any] = []
+        sender = self._sender
         for attempt in (1, 2):
+            # the deadline as a timer that cancels the sender (asyncio.timeout() looked the
+            # loop and the task up again, two getpid() calls a batch on Python 3.11)
+            expired: list[bool] = []
+            timer = self._loop_now().call_later(self.timeout, _expire, sender, expired)
             try:
-                async with asyncio.timeout(self.timeout):
-                    conn = await self._connection()
-                    await conn.send_packed_command(
-                        b"".join(self._packed(c) for c in batch), check_health=False)
-                    results = [await _reply(conn) for _ in batch]
-            except BaseException:
+                conn = await self._connection()
+                await conn.send_packed_command(
+                    b"".join(self._packed(c) for c in batch), check_health=False)
+                results = [await _reply(conn) for _ in batch]
+            except BaseException as exc:
                 # a batch cut short leaves replies unread on the connection: never reuse it
                 if self._conn is not None:
                     await self._conn.disconnect()
+                if expired and isinstance(exc, asyncio.CancelledError) and sender is not None:
+                    sender.uncancel()
+                    raise TimeoutError(f"no answer within {self.timeout:g}s") from None
                 raise
+            finally:
+                timer.cancel()
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
                 await self._load_scripts()  # Redis restarted empty (or was flushed)
                 continue

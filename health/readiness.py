@@ -73,7 +73,8 @@ def with_data_files(verdict: Readiness, shown: dict[str, dict[str, Any]]) -> Rea
     keys = shown.get("keys", {})
     if not keys.get("ok", True):
         using = keys.get("using") or "no key works"
-        reasons.append(f"keys file unusable ({using}): {keys.get('error')}")
+        where = "key set in Redis" if keys.get("source") == "redis" else "keys file"
+        reasons.append(f"{where} unusable ({using}): {keys.get('error')}")
     fleet = shown.get("fleet", {})
     if not fleet.get("ok", True):
         reasons.append(f"Redis at {fleet.get('redis')} unreachable (limits per REDIS_FAILURE_MODE, "
