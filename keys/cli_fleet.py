@@ -2,9 +2,9 @@
 line it prints when Redis cannot be reached.
 
 Keys and audit go through the synchronous client (keys/link_sync.py). Usage is read by
-keys/usage_redis.py, which is async over a ``FleetLink``: each such call runs on an event
-loop of its own, with a link made for it and closed after (never started: a CLI command is
-no replica, so it sends no heartbeat).
+keys/usage_redis_read.py and imported by keys/usage_redis_import.py, both async over a
+``FleetLink``: each such call runs on an event loop of its own, with a link made for it and
+closed after (never started: a CLI command is no replica, so it sends no heartbeat).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from redis.exceptions import RedisError, ResponseError
 
 from fleet.link import FleetDown, FleetLink
-from keys import usage_redis
+from keys import usage_redis_import, usage_redis_read
 from keys.audit_redis import RedisAuditSync
 from keys.cli_context import RedisSettings
 from keys.link_sync import CLI_TIMEOUT, SyncLink
@@ -48,18 +48,18 @@ class FleetCli:
         return self.link.where
 
     def last_used_all(self) -> dict[str, float]:
-        return self._run(usage_redis.last_used_all)
+        return self._run(usage_redis_read.last_used_all)
 
     def usage(self, key_id: str | None, since: float | None, until: float | None) -> list[UsageRow]:
         rows: list[UsageRow] = self._run(
-            lambda link: usage_redis.read_usage(link, key_id, since, until))
+            lambda link: usage_redis_read.read_usage(link, key_id, since, until))
         return rows
 
     def import_usage(self, rows: Iterable[UsageRow], last_used: Mapping[str, float]) -> tuple[int, int]:
         """Add this machine's usage rows to the fleet's: (changed, already there)."""
         days = self._settings.usage_retention_days
         done: tuple[int, int] = self._run(
-            lambda link: usage_redis.import_rows(link, rows, last_used, retention_days=days))
+            lambda link: usage_redis_import.import_rows(link, rows, last_used, retention_days=days))
         return done
 
     def explain(self, exc: BaseException) -> str:

@@ -7,8 +7,8 @@ run changes nothing:
 * keys: a key Redis does not have is added; one it has with the same record is left alone;
   one whose record differs is left as Redis has it (the fleet may have rotated or disabled
   it since) and named on stderr.
-* usage: keys/usage_redis.py's ``import_rows`` adds each (key, model, hour) row once; rows
-  older than the fleet keeps usage are left out, and counted on their own.
+* usage: keys/usage_redis_import.py's ``import_rows`` adds each (key, model, hour) row once;
+  rows older than the fleet keeps usage are left out, and counted on their own.
 * audit: each row is copied once, keeping its original time (keys/audit_redis.py).
 
 One audit entry records the migration itself, when it copied anything.

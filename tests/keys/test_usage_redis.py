@@ -1,5 +1,6 @@
-"""keys/usage_redis.py against a real redis-server: totals, exactly once across lost answers,
-outages and killed processes, the migration's import and the retention."""
+"""keys/usage_redis.py (with its batches, buffer files, scripts and readers: the
+keys/usage_redis_*.py modules) against a real redis-server: totals, exactly once across lost
+answers, outages and killed processes, the migration's import and the retention."""
 
 from __future__ import annotations
 
@@ -21,15 +22,11 @@ import pytest
 
 from fleet.link import FleetDown, FleetLink, Script
 from keys.usage import HOUR, Tally, UsageRow, hour_bucket
-from keys.usage_redis import (
-    APPLY,
-    DAY,
-    PREFIX,
-    RedisUsage,
-    import_rows,
-    last_used_all,
-    read_usage,
-)
+from keys.usage_redis import RedisUsage
+from keys.usage_redis_buffer import PREFIX
+from keys.usage_redis_import import import_rows
+from keys.usage_redis_read import last_used_all, read_usage
+from keys.usage_redis_scripts import APPLY, DAY
 from tests.support.wait import wait_for, wait_until
 
 REDIS_SERVER = shutil.which("redis-server")
