@@ -4,6 +4,9 @@
     GET  /admin/keys                     the keys, without secrets or hashes
     GET  /admin/usage?key=&since=&until= usage rows per key, model and hour
 
+In a fleet, usage is read from Redis: while it is unreachable, /admin/usage answers 503 with
+Retry-After (a reload says so in its own answer; the key list is read from memory).
+
 Every call is appended to the audit log with the acting key's id: the SQLite ``Auditor``
 on one machine, keys/audit_redis.py's ``RedisAuditor`` (same surface) in a fleet. Handlers
 are built by ``install()`` around the objects they use, so they need nothing from the app
@@ -23,8 +26,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+# fleet.link is loaded by every gateway already (gateway/policy/fleet_limits.py, via state.py)
+from fleet.link import FleetDown
 from gateway.edge.call import Call
-from gateway.errors import BadRequest
+from gateway.errors import BackendUnavailable, BadRequest
 from gateway.router import Router, query_of, reply_json
 from keys.audit import AuditLog
 from keys.db import open_db
@@ -103,6 +108,7 @@ def describe_key(key: ApiKey) -> dict[str, object]:
 
 
 _LATEST: Final = 253402300799.0  # 9999-12-31T23:59:59Z in unix seconds
+USAGE_UNREACHABLE: Final = "usage cannot be read: the fleet's Redis is unreachable"
 
 
 def _instant(query: Mapping[str, str], name: str) -> float | None:
@@ -147,8 +153,12 @@ def install(router: Router, keys: KeyReloader | RedisKeyWatcher,
         key_id = query.get("key") or None
         since, until = _instant(query, "since"), _instant(query, "until")
         await audit.record(actor_of(call), "read_usage", key_id, {"since": since, "until": until})
-        await usage.flush()  # so the answer includes requests finished a moment ago
-        rows = await usage.usage(key_id, since, until)
+        try:
+            await usage.flush()  # so the answer includes requests finished a moment ago
+            rows = await usage.usage(key_id, since, until)
+        except FleetDown:  # a fleet's usage is in Redis: a wait, not a fault of the gateway's
+            raise BackendUnavailable(USAGE_UNREACHABLE, code="fleet_unavailable",
+                                     retry_after=2) from None
         reply_json(call, {"object": "list", "data": [asdict(r) for r in rows]})
 
     router.add(["POST"], "/admin/keys/reload", reload, SCOPE_ADMIN)
