@@ -1,13 +1,14 @@
 """One replica's link to the fleet's Redis: the client, whether Redis answers, and the
 names of the keys every other module of the fleet writes.
 
-Every call goes through ``run`` (or ``run_soon``, which does not wait): the Lua scripts of
-one event-loop turn are sent together in one pipeline, so requests that arrive together
-share a round trip and a system call. A call that fails to reach Redis, or takes longer
-than REDIS_TIMEOUT, raises ``FleetDown`` and marks Redis down; while it is down, callers
-are told at once (``up`` is False) instead of each waiting out a timeout, and a probe
-tries Redis twice a second until it answers. Scripts are loaded once (and again after
-Redis restarts empty) and called by their SHA: one command per call.
+Every script call goes through ``run`` (or ``run_soon`` and ``run_later``, which do not
+wait) onto one connection of the link's own (fleet/wire.py): written at once while none
+is out, else with the next batch, so requests that arrive together share a round trip. A
+call that fails to reach Redis, or takes longer than REDIS_TIMEOUT, raises ``FleetDown``
+and marks Redis down; while it is down, callers are told at once (``up`` is False)
+instead of each waiting out a timeout, and a probe tries Redis twice a second until it
+answers. Scripts are loaded once (and again after Redis restarts empty) and called by
+their SHA, packed here (redis-py's general encoder cost more than the round trip).
 
 Key names: everything of one API key carries it as a hash tag (``llamagate:{id}:...``),
 so a script touches one hash slot and Redis Cluster can run it; fleet-wide records
@@ -32,6 +33,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from fleet.wire import FleetDown as FleetDown  # the name callers catch, where they call
+from fleet.wire import Wire
+
 log = logging.getLogger("llamagate.fleet")
 
 PROBE_INTERVAL = 0.5  # seconds between attempts while Redis is down
@@ -52,10 +56,6 @@ return redis.call('ZCARD', KEYS[1])
 """
 
 
-class FleetDown(Exception):
-    """Redis could not be reached (or did not answer in time): the caller falls back."""
-
-
 @dataclass(frozen=True)
 class Script:
     """A Lua script known by its SHA-1, as EVALSHA calls it."""
@@ -65,14 +65,6 @@ class Script:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
-
-
-@dataclass(eq=False)
-class _Call:
-    script: Script
-    keys: Sequence[str]
-    args: Sequence[Any]
-    done: asyncio.Future[Any]
 
 
 def _evalsha_head(sha: str, keys: Sequence[str]) -> bytes:
@@ -94,18 +86,6 @@ def _word(value: Any) -> bytes:
     return str(value).encode()
 
 
-def _expire(sender: asyncio.Task[None] | None, expired: list[bool]) -> None:
-    expired.append(True)
-    if sender is not None:
-        sender.cancel()
-
-
-async def _reply(conn: Any) -> Any:
-    """One reply; an error reply is returned (for its own call), not raised."""
-    try:
-        return await conn.read_response()
-    except ResponseError as error:
-        return error
 
 
 def describe(url: str) -> str:
@@ -140,13 +120,15 @@ class FleetLink:
         self.observe: Callable[[float], None] | None = None
         self.on_up: list[Callable[[], object]] = []  # called when Redis answers again
         self._scripts: dict[str, Script] = {}
-        self._queue: list[_Call] = []
         self._heads: dict[tuple[str, ...], bytes] = {}  # packed script and key names
-        self._later: list[_Call] = []  # calls that go with the next batch (run_later)
+        self._later: list[tuple[bytes, asyncio.Future[Any]]] = []  # go with the next call
         self._later_timer: asyncio.TimerHandle | None = None
-        self._sender: asyncio.Task[None] | None = None  # sending the queue, batch by batch
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._conn: Any = None  # the batches' own connection, outside the client's pool
+        self._wire: Wire | None = None  # the calls' connection, while Redis answers
+        self._closing = False
+        self._first: list[tuple[bytes, asyncio.Future[Any]]] = []  # waiting for a connection
+        self._resent: set[asyncio.Future[Any]] = set()  # calls sent again after NOSCRIPT
+        self._reloads: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._heartbeat = self.script(HEARTBEAT)
 
@@ -166,17 +148,57 @@ class FleetLink:
         return s
 
     def run_soon(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
-        """Queue a script call for the next batch; the future has its answer, ``FleetDown``
-        or Redis's error."""
+        """Send a script call (with the calls ``run_later`` holds); the future has its
+        answer, ``FleetDown`` or Redis's error."""
+        done: asyncio.Future[Any] = self._loop_now().create_future()
+        wire = self._wire
+        if wire is None and self.up:  # not connected yet (a link never started: the CLI's)
+            self._first.append((self._packed(script, keys, args), done))
+            if len(self._first) == 1:
+                task = self._loop_now().create_task(self._connect_first())
+                self._reloads.add(task)
+                task.add_done_callback(self._reloads.discard)
+            return done
+        if not self.up or wire is None or wire.closed:
+            done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
+            return done
+        call = (self._packed(script, keys, args), done)
+        if self._later:  # settlements waiting go in the same write
+            later, self._later = self._later, []
+            later.append(call)
+            wire.send_all(later)
+        else:
+            wire.send_all([call])
+        return done
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await self.run_soon(script, keys, args)
+
+    def run_later(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """``run_soon`` for a call nothing waits on (a settlement): it goes out with the next
+        call, or within LATER seconds, so at low load it shares the next admission's
+        round trip instead of taking one of its own."""
         loop = self._loop_now()
         done: asyncio.Future[Any] = loop.create_future()
         if not self.up:
             done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
             return done
-        self._queue.append(_Call(script, keys, args, done))
-        if self._sender is None:
-            self._sender = loop.create_task(self._drain())
+        self._later.append((self._packed(script, keys, args), done))
+        if self._later_timer is None:
+            self._later_timer = loop.call_later(LATER, self._send_later)
         return done
+
+    def _send_later(self) -> None:
+        self._later_timer = None
+        later, self._later = self._later, []
+        wire = self._wire
+        if not later:
+            return
+        if wire is None or wire.closed or not self.up:
+            for _, done in later:
+                done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
+        else:
+            wire.send_all(later)
 
     def _loop_now(self) -> asyncio.AbstractEventLoop:
         """The running loop, looked up once: each lookup cost a getpid() system call on
@@ -186,112 +208,75 @@ class FleetLink:
             loop = self._loop = asyncio.get_running_loop()
         return loop
 
-    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await self.run_soon(script, keys, args)
-
-    def run_later(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
-        """``run_soon`` for a call nothing waits on (a settlement): it goes out with the next
-        batch, or within LATER seconds, so at low load it shares the next admission's
-        round trip instead of taking one of its own."""
-        loop = self._loop_now()
-        done: asyncio.Future[Any] = loop.create_future()
-        if not self.up:
-            done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
-            return done
-        self._later.append(_Call(script, keys, args, done))
-        if self._later_timer is None:
-            self._later_timer = loop.call_later(LATER, self._send_later)
-        return done
-
-    def _send_later(self) -> None:
-        self._later_timer = None
-        if self._later and self._sender is None:
-            self._sender = self._loop_now().create_task(self._drain())
-
-    async def _drain(self) -> None:
-        """Send what is queued, one batch at a time on one connection: what arrives while a
-        batch is out goes in the next (a busy replica's calls share round trips)."""
-        try:
-            while self._queue or self._later:
-                batch, self._queue = self._queue, []
-                if self._later:
-                    batch, self._later = self._later + batch, []
-                await self._send(batch)
-        finally:
-            self._sender = None
-
-    async def _send(self, batch: list[_Call]) -> None:
-        started = time.perf_counter()
-        try:
-            results = await self._execute(batch)
-        except (RedisError, OSError, TimeoutError) as exc:
-            self.failed(exc)
-            for call in batch:
-                if not call.done.done():
-                    call.done.set_exception(FleetDown(str(exc) or type(exc).__name__))
-            return
-        if self.observe is not None:
-            self.observe(time.perf_counter() - started)
-        for call, result in zip(batch, results, strict=True):
-            if call.done.done():
-                continue
-            if isinstance(result, Exception):
-                call.done.set_exception(result)
-            else:
-                call.done.set_result(result)
-
-    async def _execute(self, batch: list[_Call]) -> list[Any]:
-        results: list[Any] = []
-        sender = self._sender
-        for attempt in (1, 2):
-            # the deadline as a timer that cancels the sender (asyncio.timeout() looked the
-            # loop and the task up again, two getpid() calls a batch on Python 3.11)
-            expired: list[bool] = []
-            timer = self._loop_now().call_later(self.timeout, _expire, sender, expired)
-            try:
-                conn = await self._connection()
-                await conn.send_packed_command(
-                    b"".join(self._packed(c) for c in batch), check_health=False)
-                results = [await _reply(conn) for _ in batch]
-            except BaseException as exc:
-                # a batch cut short leaves replies unread on the connection: never reuse it
-                if self._conn is not None:
-                    await self._conn.disconnect()
-                if expired and isinstance(exc, asyncio.CancelledError) and sender is not None:
-                    sender.uncancel()
-                    raise TimeoutError(f"no answer within {self.timeout:g}s") from None
-                raise
-            finally:
-                timer.cancel()
-            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
-                await self._load_scripts()  # Redis restarted empty (or was flushed)
-                continue
-            return results
-        return results
-
-    def _packed(self, call: _Call) -> bytes:
+    def _packed(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> bytes:
         """The call in RESP; the part before its arguments (script and key names, the same
         for every call of one script on one API key) is packed once."""
-        head_of = (call.script.sha, *call.keys)
+        head_of = (script.sha, *keys)
         head = self._heads.get(head_of)
         if head is None:
             if len(self._heads) >= HEADS:
                 self._heads.clear()
-            head = self._heads[head_of] = _evalsha_head(call.script.sha, call.keys)
-        args = call.args
-        return (b"*%d\r\n" % (len(call.keys) + len(args) + 3) + head
+            head = self._heads[head_of] = _evalsha_head(script.sha, keys)
+        return (b"*%d\r\n" % (len(keys) + len(args) + 3) + head
                 + b"".join(_bulk(_word(a)) for a in args))
 
-    async def _connection(self) -> Any:
-        """The connection the batches go out on (made, or made again after a failure)."""
-        if self._conn is None:
-            pool = self.client.connection_pool
-            # no timeout of its own on each reply: the batch has one (redis-py's cost a timer
-            # per reply)
-            self._conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
-        if not self._conn.is_connected:
-            await self._conn.connect()
-        return self._conn
+    async def _connect(self) -> None:
+        """A new connection for the calls, opened by redis-py (TLS, AUTH, SELECT as the URL
+        says) and taken over by a Wire."""
+        if self._wire is not None:
+            self._wire.close()
+        pool = self.client.connection_pool
+        connection = pool.connection_class(**pool.connection_kwargs)
+        async with asyncio.timeout(self.timeout * 4):
+            self._wire = await Wire.open(connection, self.timeout, self._lost, self._observed,
+                                         self._noscript)
+
+    async def _connect_first(self) -> None:
+        try:
+            await self._connect()
+        except (RedisError, OSError, TimeoutError, RuntimeError) as exc:
+            self.failed(exc)
+        first, self._first = self._first, []
+        wire = self._wire
+        if wire is not None and not wire.closed:
+            wire.send_all(first)
+            return
+        for _, done in first:
+            done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
+
+    def _lost(self, exc: BaseException) -> None:
+        if not self._closing:
+            self.failed(exc)
+
+    def _noscript(self, packed: bytes, done: asyncio.Future[Any], error: NoScriptError) -> None:
+        """Redis does not know a call's script (registered after the link started, or lost
+        to SCRIPT FLUSH): load the scripts, then send the call once more."""
+        if done in self._resent:
+            done.set_exception(error)
+            return
+        self._resent.add(done)
+        done.add_done_callback(self._resent.discard)
+
+        async def resend() -> None:
+            try:
+                await self._load_scripts()
+            except (RedisError, OSError, TimeoutError) as exc:
+                if not done.done():
+                    done.set_exception(FleetDown(str(exc) or type(exc).__name__))
+                return
+            wire = self._wire
+            if wire is None or wire.closed:
+                if not done.done():
+                    done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
+                return
+            wire.send(packed, done)
+        task = self._loop_now().create_task(resend())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    def _observed(self, seconds: float) -> None:
+        if self.observe is not None:
+            self.observe(seconds)
 
     async def _load_scripts(self) -> None:
         async with asyncio.timeout(self.timeout * 4):
@@ -348,6 +333,7 @@ class FleetLink:
             async with asyncio.timeout(self.timeout * 4):
                 await self.client.ping()
             await self._load_scripts()
+            await self._connect()
             await self._announce()
         except (RedisError, OSError, TimeoutError, FleetDown) as exc:
             self.failed(exc)
@@ -359,15 +345,18 @@ class FleetLink:
         self._task = asyncio.create_task(self._watch(), name="fleet-link")
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._sender is not None:
-            await asyncio.wait({self._sender}, timeout=self.timeout * 2)
+        if self._later_timer is not None:
+            self._later_timer.cancel()
+            self._send_later()
+        if self._wire is not None:
+            await self._wire.drained(self.timeout * 2)
+            self._wire.close()
         with contextlib.suppress(RedisError, OSError):
-            if self._conn is not None:
-                await self._conn.disconnect()
             await self.client.aclose()
 
     async def _watch(self) -> None:
@@ -379,7 +368,8 @@ class FleetLink:
                     async with asyncio.timeout(self.timeout):
                         await self.client.ping()
                     await self._load_scripts()
-                except (RedisError, OSError, TimeoutError):
+                    await self._connect()
+                except (RedisError, OSError, TimeoutError, RuntimeError):
                     continue
                 self._recovered()
                 beat = 0.0
