@@ -149,6 +149,11 @@ class FleetLimiter:
         self._alone = False  # logged: limits are per replica until Redis answers
         self._task: asyncio.Task[None] | None = None
 
+    def closed_now(self) -> bool:
+        """REDIS_FAILURE_MODE=closed with Redis unreachable: inference is refused for every
+        key, one without limits too (``admit`` says so)."""
+        return not self.fail_open and not self.link.up
+
     def resolve(self, key_id: str, limits: Limits) -> Limits:
         known = self._resolved.get(key_id)
         if known is not None and known[0] is limits:
@@ -204,8 +209,9 @@ class FleetLimiter:
         """Redis is down: the closed mode refuses inference, the open one (and the closed
         one, for listings and admin reads) limits this replica alone."""
         if not self.fail_open and inference:
-            raise BackendUnavailable("rate limits cannot be checked: the fleet's Redis is "
-                                     "unreachable", code="fleet_unavailable", retry_after=2)
+            raise BackendUnavailable("the fleet's Redis is unreachable, and this service "
+                                     "refuses inference until it answers (REDIS_FAILURE_MODE="
+                                     "closed)", code="fleet_unavailable", retry_after=2)
         if not self._alone:
             self._alone = True
             log.warning("Redis unreachable: limiting each key per replica, to 1/%s of its limits",

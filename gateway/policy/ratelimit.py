@@ -54,7 +54,7 @@ def admit(state: AppState, key: ApiKey) -> Ticket | None:
     fleet = state.fleet_limits
     if fleet is not None:  # nothing counted yet: admit_fleet does, with the tokens
         limits = fleet.resolve(key.id, key.limits)
-        if limits == _UNLIMITED:
+        if limits == _UNLIMITED and not fleet.closed_now():
             return Ticket(None, time.monotonic)  # settled only to record usage
         return Ticket(None, time.monotonic, hold=Hold(key.id, limits), pending=True)
     limiter = state.limiter

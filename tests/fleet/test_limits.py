@@ -179,3 +179,22 @@ async def _until(check: Callable[[], object], within: float = 3.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
+
+
+async def test_outage_closed_refuses_a_key_without_limits_too(redis_server: RedisServer,
+                                                             links: list[FleetLink]) -> None:
+    [a] = await replicas(redis_server, links, 1, fail_open=False)
+    unlimited = Limits()
+    assert not a.closed_now()
+    assert await admitted(a, unlimited) is not None  # nothing to count: admitted as is
+    redis_server.pause()
+    try:
+        # the first call to a paused Redis waits out its timeout and marks it down
+        with pytest.raises(BackendUnavailable):
+            await a.admit(Hold("k1", Limits(requests_per_minute=10)), 16, True, True)
+        assert a.closed_now()
+        with pytest.raises(BackendUnavailable):
+            await a.admit(Hold("k1", unlimited), 16, True, True)
+        assert await admitted(a, unlimited, inference=False) is not None
+    finally:
+        redis_server.resume()
