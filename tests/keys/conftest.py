@@ -1,11 +1,15 @@
-"""Fixtures for the keys tests: temp paths, a settable clock, an in-process CLI runner."""
+"""Fixtures for the keys tests: temp paths, a settable clock, an in-process CLI runner, and
+a real redis-server (tests/support/redis.py) with a client of it."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from keys.cli import main
 from tests.keys.helpers import Cli, CliResult, FakeClock, Paths
+from tests.support.redis import RedisServer
 
 
 @pytest.fixture
@@ -29,3 +33,21 @@ def cli(paths: Paths, clock: FakeClock, capsys: pytest.CaptureFixture[str]) -> C
         return CliResult(rc, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    """redis-server on a free port of 127.0.0.1, up for the test, stopped after it: no password,
+    and no append-only file, so that a restart brings back only what ``save`` wrote."""
+    server = RedisServer(tmp_path, appendonly=False).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def client(server: RedisServer) -> Iterator[redis.Redis]:
+    """A client of ``server`` that answers bytes."""
+    with server.client(decode=False) as c:
+        yield c

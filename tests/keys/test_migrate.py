@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,26 +27,14 @@ from keys.store_redis import RedisKeyStore
 from keys.usage import UsageEvent, UsageStore, aggregate, hour_bucket
 from llamagate.cli import main as llamagate_main
 from tests.keys.helpers import REPO_ROOT, T0, Cli, CliResult, FakeClock, Paths
-from tests.keys.redis_local import LocalRedis, running_redis
+from tests.support.redis import RedisServer
 
 PREFIX = "t3:"
 STREAM = f"{PREFIX}{{audit}}"
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[LocalRedis]:
-    with running_redis(tmp_path / "redis") as s:
-        yield s
-
-
-@pytest.fixture
-def client(server: LocalRedis) -> Iterator[redis.Redis]:
-    with contextlib.closing(server.client()) as c:
-        yield c
-
-
-@pytest.fixture
-def rcli(server: LocalRedis, paths: Paths, clock: FakeClock,
+def rcli(server: RedisServer, paths: Paths, clock: FakeClock,
          capsys: pytest.CaptureFixture[str]) -> Cli:
     def run(*argv: str) -> CliResult:
         capsys.readouterr()
@@ -86,7 +73,7 @@ def local_keys(paths: Paths) -> tuple[ApiKey, ...]:
     return KeyStore(paths.keys).load()
 
 
-def redis_keys(server: LocalRedis) -> tuple[ApiKey, ...]:
+def redis_keys(server: RedisServer) -> tuple[ApiKey, ...]:
     link = SyncLink(server.url, PREFIX)
     try:
         return RedisKeyStore(link).load()
@@ -108,7 +95,7 @@ def everything(client: redis.Redis) -> dict[bytes | str, object]:
 
 
 def test_migrate_copies_everything_once(machine: list[str], cli: Cli, rcli: Cli, paths: Paths,
-                                        server: LocalRedis, client: redis.Redis) -> None:
+                                        server: RedisServer, client: redis.Redis) -> None:
     with contextlib.closing(open_db(paths.db)) as conn:
         local_audit = list(AuditLog(conn).entries())
         kept = len(UsageStore(conn).usage()) - 1  # all but the row past the retention
@@ -154,7 +141,7 @@ def test_migrate_copies_everything_once(machine: list[str], cli: Cli, rcli: Cli,
 
 
 def test_a_key_changed_in_redis_since_is_kept(machine: list[str], rcli: Cli, paths: Paths,
-                                              server: LocalRedis) -> None:
+                                              server: RedisServer) -> None:
     assert rcli("migrate", "--to-redis").rc == 0
     first = local_keys(paths)[0].id
     assert rcli("disable", first).rc == 0
@@ -181,7 +168,7 @@ def test_a_file_key_sharing_a_secret_with_a_redis_key_is_refused(machine: list[s
 
 
 def test_migrate_through_the_script_and_llamagate_keys(machine: list[str], paths: Paths,
-                                                       server: LocalRedis, tmp_path: Path,
+                                                       server: RedisServer, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     done = subprocess.run(

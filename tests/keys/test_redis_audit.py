@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -16,7 +15,7 @@ from keys.audit import AuditEntry
 from keys.audit_redis import RedisAuditor, RedisAuditSync, Scan, entry_of, fields_of
 from keys.link_sync import SyncLink
 from tests.keys.helpers import T0, FakeClock
-from tests.keys.redis_local import LocalRedis, running_redis
+from tests.support.redis import RedisServer
 from tests.support.wait import wait_until
 
 PREFIX = "t2:"
@@ -24,19 +23,7 @@ STREAM = f"{PREFIX}{{audit}}"
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[LocalRedis]:
-    with running_redis(tmp_path / "redis") as s:
-        yield s
-
-
-@pytest.fixture
-def client(server: LocalRedis) -> Iterator[redis.Redis]:
-    with contextlib.closing(server.client()) as c:
-        yield c
-
-
-@pytest.fixture
-def sync_log(server: LocalRedis) -> Iterator[RedisAuditSync]:
+def sync_log(server: RedisServer) -> Iterator[RedisAuditSync]:
     link = SyncLink(server.url, PREFIX)
     try:
         yield RedisAuditSync(link, max_entries=100)
@@ -45,7 +32,7 @@ def sync_log(server: LocalRedis) -> Iterator[RedisAuditSync]:
 
 
 @contextlib.asynccontextmanager
-async def auditor(server: LocalRedis, clock: FakeClock, queue_size: int = 1000
+async def auditor(server: RedisServer, clock: FakeClock, queue_size: int = 1000
                   ) -> AsyncIterator[RedisAuditor]:
     link = FleetLink(server.url, PREFIX, timeout=0.2)
     await link.start()
@@ -66,7 +53,7 @@ def test_fields_round_trip_and_omit_a_missing_target() -> None:
                                {"grace_seconds": 60.0})
 
 
-async def test_the_gateway_records_and_lists_with_filters(server: LocalRedis,
+async def test_the_gateway_records_and_lists_with_filters(server: RedisServer,
                                                           clock: FakeClock) -> None:
     async with auditor(server, clock) as audit:
         await audit.record("admin1", "reload", None, {"ok": True})
@@ -95,7 +82,7 @@ def test_the_stream_is_trimmed_to_about_max_entries(sync_log: RedisAuditSync,
     assert len(listed) == length and listed[-1].target == "k999"
 
 
-def test_paging_reaches_past_one_page(server: LocalRedis, client: redis.Redis) -> None:
+def test_paging_reaches_past_one_page(server: RedisServer, client: redis.Redis) -> None:
     link = SyncLink(server.url, PREFIX)
     try:
         log = RedisAuditSync(link, max_entries=10_000)
@@ -115,7 +102,7 @@ def test_a_since_listing_stops_at_old_stream_ids() -> None:
 
 
 async def test_entries_recorded_while_redis_is_down_are_written_when_it_is_back(
-        server: LocalRedis, clock: FakeClock) -> None:
+        server: RedisServer, clock: FakeClock) -> None:
     async with auditor(server, clock) as audit:
         server.pause()
         try:
@@ -130,7 +117,7 @@ async def test_entries_recorded_while_redis_is_down_are_written_when_it_is_back(
         assert [(e.action, e.ts) for e in entries] == [("load_model", T0), ("unload_model", T0 + 1)]
 
 
-async def test_a_full_queue_drops_the_oldest_and_says_so(server: LocalRedis, clock: FakeClock,
+async def test_a_full_queue_drops_the_oldest_and_says_so(server: RedisServer, clock: FakeClock,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "llamagate.audit")
     async with auditor(server, clock, queue_size=2) as audit:

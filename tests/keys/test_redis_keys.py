@@ -9,7 +9,7 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ from keys.link_sync import SyncLink
 from keys.store_redis import KeyNames, RedisKeyStore, encode
 from keys.watch_redis import RedisKeyWatcher
 from tests.keys.helpers import REPO_ROOT, T0, Cli, CliResult, FakeClock, Paths
-from tests.keys.redis_local import LocalRedis, running_redis
+from tests.support.redis import RedisServer
 from tests.support.wait import wait_until
 
 PREFIX = "t1:"
@@ -33,19 +33,7 @@ WITHIN = 1.0  # seconds: how soon a change must reach a replica
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[LocalRedis]:
-    with running_redis(tmp_path / "redis") as s:
-        yield s
-
-
-@pytest.fixture
-def client(server: LocalRedis) -> Iterator[redis.Redis]:
-    with contextlib.closing(server.client()) as c:
-        yield c
-
-
-@pytest.fixture
-def rcli(server: LocalRedis, paths: Paths, clock: FakeClock,
+def rcli(server: RedisServer, paths: Paths, clock: FakeClock,
          capsys: pytest.CaptureFixture[str]) -> Cli:
     """The CLI with REDIS_URL set (and the local paths given, which it must leave alone)."""
     def run(*argv: str) -> CliResult:
@@ -64,7 +52,7 @@ def generate(cli: Cli, name: str) -> tuple[str, str]:
     return created["id"], created["secret"]
 
 
-def stored(server: LocalRedis) -> RedisKeyStore:
+def stored(server: RedisServer) -> RedisKeyStore:
     return RedisKeyStore(SyncLink(server.url, PREFIX))
 
 
@@ -73,7 +61,7 @@ def version(client: redis.Redis) -> int:
 
 
 @contextlib.asynccontextmanager
-async def watching(server: LocalRedis, last_good: Path,
+async def watching(server: RedisServer, last_good: Path,
                    poll_interval: float = 0.5) -> AsyncIterator[RedisKeyWatcher]:
     link = FleetLink(server.url, PREFIX, timeout=0.2)
     await link.start()
@@ -105,7 +93,7 @@ async def test_names_are_the_fleet_links() -> None:
         await link.client.aclose()
 
 
-def test_cli_generate_disable_rotate_remove_in_redis(rcli: Cli, server: LocalRedis,
+def test_cli_generate_disable_rotate_remove_in_redis(rcli: Cli, server: RedisServer,
                                                      client: redis.Redis, paths: Paths) -> None:
     key_id, secret = generate(rcli, "alpha")
     assert Keyring(stored(server).load()).authenticate(secret, T0).key is not None
@@ -150,7 +138,7 @@ def test_cli_list_and_show_read_redis(rcli: Cli, clock: FakeClock) -> None:
 
 
 def test_a_change_writes_only_its_ids_and_announces_the_version(
-        rcli: Cli, server: LocalRedis, client: redis.Redis) -> None:
+        rcli: Cli, server: RedisServer, client: redis.Redis) -> None:
     a, _ = generate(rcli, "alpha")
     b, _ = generate(rcli, "beta")
     # b's record in another (valid) layout: a write that rewrote every record would change it
@@ -165,7 +153,7 @@ def test_a_change_writes_only_its_ids_and_announces_the_version(
     assert client.hget(HASH, b) == pretty
 
 
-def test_a_concurrent_writer_makes_the_change_run_again(rcli: Cli, server: LocalRedis) -> None:
+def test_a_concurrent_writer_makes_the_change_run_again(rcli: Cli, server: RedisServer) -> None:
     a, _ = generate(rcli, "alpha")
     b, _ = generate(rcli, "beta")
     other = stored(server)
@@ -183,7 +171,7 @@ def test_a_concurrent_writer_makes_the_change_run_again(rcli: Cli, server: Local
     assert all(k.disabled for k in stored(server).load())
 
 
-def test_concurrent_cli_processes_lose_no_key(server: LocalRedis, paths: Paths) -> None:
+def test_concurrent_cli_processes_lose_no_key(server: RedisServer, paths: Paths) -> None:
     writer = ("import sys; sys.path.insert(0, sys.argv[1]); from keys.cli import main; "
               "sys.exit(max(main(['generate', '--name', f'{sys.argv[2]}-{n}'], "
               "environ={'REDIS_URL': sys.argv[3], 'REDIS_KEY_PREFIX': sys.argv[4]}) "
@@ -227,7 +215,7 @@ def test_the_cli_names_an_unreadable_record_and_keeps_it(rcli: Cli, client: redi
 
 
 # the watcher -----------------------------------------------------------------------------
-async def test_a_change_reaches_the_watcher_by_its_message(rcli: Cli, server: LocalRedis,
+async def test_a_change_reaches_the_watcher_by_its_message(rcli: Cli, server: RedisServer,
                                                            tmp_path: Path) -> None:
     a, secret = generate(rcli, "alpha")
     # no poll to speak of: only the message can bring the change in time
@@ -243,7 +231,7 @@ async def test_a_change_reaches_the_watcher_by_its_message(rcli: Cli, server: Lo
         assert w.report()["version"] == 4
 
 
-async def test_a_skipped_version_makes_a_full_reload(rcli: Cli, server: LocalRedis,
+async def test_a_skipped_version_makes_a_full_reload(rcli: Cli, server: RedisServer,
                                                      client: redis.Redis, tmp_path: Path) -> None:
     a, secret = generate(rcli, "alpha")
     async with watching(server, tmp_path / "last-good", poll_interval=3600) as w:
@@ -256,7 +244,7 @@ async def test_a_skipped_version_makes_a_full_reload(rcli: Cli, server: LocalRed
         assert auth(w, secret) is AuthFailure.DISABLED
 
 
-async def test_a_lost_message_is_caught_by_the_version_poll(rcli: Cli, server: LocalRedis,
+async def test_a_lost_message_is_caught_by_the_version_poll(rcli: Cli, server: RedisServer,
                                                             client: redis.Redis,
                                                             tmp_path: Path) -> None:
     a, secret = generate(rcli, "alpha")
@@ -269,7 +257,7 @@ async def test_a_lost_message_is_caught_by_the_version_poll(rcli: Cli, server: L
                          within=WITHIN)
 
 
-async def test_a_paused_redis_keeps_the_keyring(rcli: Cli, server: LocalRedis,
+async def test_a_paused_redis_keeps_the_keyring(rcli: Cli, server: RedisServer,
                                                 tmp_path: Path, caplog: pytest.LogCaptureFixture
                                                 ) -> None:
     a, secret = generate(rcli, "alpha")
@@ -292,7 +280,7 @@ async def test_a_paused_redis_keeps_the_keyring(rcli: Cli, server: LocalRedis,
 
 
 async def test_changes_made_while_it_was_away_arrive_after_a_restart(
-        rcli: Cli, server: LocalRedis, tmp_path: Path) -> None:
+        rcli: Cli, server: RedisServer, tmp_path: Path) -> None:
     a, secret = generate(rcli, "alpha")
     async with watching(server, tmp_path / "last-good") as w:
         server.save()
@@ -307,7 +295,7 @@ async def test_changes_made_while_it_was_away_arrive_after_a_restart(
         await wait_until(lambda: w.report()["ok"], "the report clear")
 
 
-async def test_a_redis_back_empty_does_not_log_everyone_out(rcli: Cli, server: LocalRedis,
+async def test_a_redis_back_empty_does_not_log_everyone_out(rcli: Cli, server: RedisServer,
                                                             tmp_path: Path) -> None:
     a, secret = generate(rcli, "alpha")
     async with watching(server, tmp_path / "last-good") as w:
@@ -322,7 +310,7 @@ async def test_a_redis_back_empty_does_not_log_everyone_out(rcli: Cli, server: L
 
 
 async def test_a_start_with_redis_down_serves_the_last_good_copy(
-        rcli: Cli, server: LocalRedis, tmp_path: Path) -> None:
+        rcli: Cli, server: RedisServer, tmp_path: Path) -> None:
     a, secret = generate(rcli, "alpha")
     copy = tmp_path / "fleet" / "keys.last-good"
     async with watching(server, copy):
@@ -341,7 +329,7 @@ async def test_a_start_with_redis_down_serves_the_last_good_copy(
         assert w.report()["using"] is None and auth(w, secret) == a
 
 
-async def test_a_start_with_redis_down_and_no_copy_has_no_keys(server: LocalRedis,
+async def test_a_start_with_redis_down_and_no_copy_has_no_keys(server: RedisServer,
                                                               tmp_path: Path) -> None:
     server.kill()
     async with watching(server, tmp_path / "none") as w:
@@ -349,7 +337,7 @@ async def test_a_start_with_redis_down_and_no_copy_has_no_keys(server: LocalRedi
         assert w.report()["ok"] is False and w.report()["using"] is None
 
 
-async def test_the_copy_follows_each_change(rcli: Cli, server: LocalRedis, tmp_path: Path) -> None:
+async def test_the_copy_follows_each_change(rcli: Cli, server: RedisServer, tmp_path: Path) -> None:
     a, secret = generate(rcli, "alpha")
     copy = tmp_path / "last-good"
     async with watching(server, copy) as w:
@@ -359,7 +347,7 @@ async def test_the_copy_follows_each_change(rcli: Cli, server: LocalRedis, tmp_p
 
 
 async def test_an_unreadable_record_is_skipped_and_named(
-        rcli: Cli, server: LocalRedis, client: redis.Redis, tmp_path: Path,
+        rcli: Cli, server: RedisServer, client: redis.Redis, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     a, secret = generate(rcli, "alpha")
     client.hset(HASH, "broken", b'{"id": "broken", "disabeld": true}')
@@ -378,7 +366,7 @@ async def test_an_unreadable_record_is_skipped_and_named(
 
 
 async def test_a_key_set_redis_refuses_to_read_keeps_the_keyring(
-        rcli: Cli, server: LocalRedis, client: redis.Redis, tmp_path: Path) -> None:
+        rcli: Cli, server: RedisServer, client: redis.Redis, tmp_path: Path) -> None:
     a, secret = generate(rcli, "alpha")
     async with watching(server, tmp_path / "last-good") as w:
         client.delete(HASH)

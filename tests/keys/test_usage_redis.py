@@ -8,13 +8,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,90 +24,11 @@ from keys.usage_redis_buffer import PREFIX
 from keys.usage_redis_import import import_rows
 from keys.usage_redis_read import last_used_all, read_usage
 from keys.usage_redis_scripts import APPLY, DAY
-from tests.support.wait import wait_for, wait_until
+from tests.support.redis import RedisServer
+from tests.support.wait import wait_until
 
-REDIS_SERVER = shutil.which("redis-server")
-pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 NOW = time.time()  # the script keeps days by Redis's clock: the tests record around the real now
 H_NOW = hour_bucket(NOW)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class RedisServer:
-    """A real redis-server on a free loopback port, which a test may pause, kill and restart."""
-
-    def __init__(self, workdir: Path, *, appendonly: bool = False) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.appendonly = appendonly
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        assert REDIS_SERVER is not None
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-             "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self._answers, "redis-server to answer PING")
-
-    def _answers(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            log = (self.workdir / "redis.log").read_text(errors="replace")
-            raise AssertionError(f"redis-server exited with {self.proc.returncode}: {log}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")  # -LOADING while it reads its AOF
-        except OSError:
-            return False
-
-    def send(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGCONT)  # a paused server does not act on SIGTERM
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-
-@contextlib.contextmanager
-def running_redis(workdir: Path, *, appendonly: bool = False) -> Iterator[RedisServer]:
-    server = RedisServer(workdir, appendonly=appendonly)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as server:
-        yield server
 
 
 @contextlib.asynccontextmanager
@@ -124,8 +42,8 @@ async def linked(url: str) -> AsyncIterator[FleetLink]:
 
 
 @pytest.fixture
-async def link(redis_server: RedisServer) -> AsyncIterator[FleetLink]:
-    async with linked(redis_server.url) as link:
+async def link(server: RedisServer) -> AsyncIterator[FleetLink]:
+    async with linked(server.url) as link:
         yield link
 
 
@@ -226,7 +144,7 @@ async def test_a_batch_whose_answer_was_lost_is_counted_once(
 
 
 async def test_an_outage_is_buffered_and_replayed_exactly_once(
-        redis_server: RedisServer, link: FleetLink, buffer_dir: Path,
+        server: RedisServer, link: FleetLink, buffer_dir: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "llamagate.keys")
     seen: list[tuple[int, bool]] = []
@@ -238,7 +156,7 @@ async def test_an_outage_is_buffered_and_replayed_exactly_once(
         usage.record("k1", "m", 1, 1, NOW)
         assert await usage.flush() == 1
 
-        redis_server.send(signal.SIGSTOP)
+        server.pause()
         for _ in range(7):
             usage.record("k1", "m", 1, 1, NOW)
         assert await usage.flush() == 0  # times out: sent, and maybe applied once Redis runs
@@ -255,7 +173,7 @@ async def test_an_outage_is_buffered_and_replayed_exactly_once(
         assert [(b["key"], b["seq"]) for b in body["batches"]] == [("k1", 2)]
 
         usage.start()
-        redis_server.send(signal.SIGCONT)
+        server.resume()
         await wait_until(lambda: usage.pending == 0 and usage.buffer_path is None,
                          "the buffer replayed")
         assert await usage.usage() == [UsageRow("k1", "m", H_NOW, 12, 12, 12),
@@ -269,7 +187,8 @@ async def test_an_outage_is_buffered_and_replayed_exactly_once(
 
 
 async def test_a_restart_of_redis_with_its_aof_replays_once(tmp_path: Path, buffer_dir: Path) -> None:
-    with running_redis(tmp_path / "aof", appendonly=True) as server:
+    server = RedisServer(tmp_path / "aof").start()  # every write fsynced to its append-only file
+    try:
         async with linked(server.url) as link:
             usage = RedisUsage(link, buffer_dir=buffer_dir, flush_interval=3600)
             await usage.open()
@@ -287,6 +206,8 @@ async def test_a_restart_of_redis_with_its_aof_replays_once(tmp_path: Path, buff
                 assert await usage.usage() == [UsageRow("k1", "m", H_NOW, 4, 4, 4)]
             finally:
                 await usage.close()
+    finally:
+        server.stop()
 
 
 def dead_pid() -> int:
@@ -296,14 +217,14 @@ def dead_pid() -> int:
 
 
 async def test_the_buffer_of_a_killed_process_is_replayed_once(
-        redis_server: RedisServer, buffer_dir: Path) -> None:
-    async with linked(redis_server.url) as dying_link:
+        server: RedisServer, buffer_dir: Path) -> None:
+    async with linked(server.url) as dying_link:
         dying = RedisUsage(dying_link, buffer_dir=buffer_dir)
         await dying.open()
         usage = [("k1", "m", 3, 1, NOW), ("k1", "n", 1, 1, NOW - DAY), ("k2", "m", 2, 2, NOW)]
         dying.record(*usage[0])
         dying.record(*usage[1])
-        redis_server.send(signal.SIGSTOP)
+        server.pause()
         assert await dying.flush() == 0  # sent: Redis applies it when it runs again
         dying.record(*usage[2])
         dying.seen("k3", NOW)
@@ -311,8 +232,8 @@ async def test_the_buffer_of_a_killed_process_is_replayed_once(
         path = dying.buffer_path
         assert path is not None and dying.buffered == 3
 
-        async with linked(redis_server.url) as other_link:
-            redis_server.send(signal.SIGCONT)
+        async with linked(server.url) as other_link:
+            server.resume()
             await wait_until(lambda: other_link.up, "Redis to answer")
             other = RedisUsage(other_link, buffer_dir=buffer_dir)
             await other.open()  # the writer still runs: its buffer is not taken
@@ -324,7 +245,7 @@ async def test_the_buffer_of_a_killed_process_is_replayed_once(
     path.write_text(json.dumps(body))
     copy = path.read_bytes()
 
-    async with linked(redis_server.url) as link:
+    async with linked(server.url) as link:
         heir = RedisUsage(link, buffer_dir=buffer_dir)
         await heir.open()
         await heir.close()
@@ -341,18 +262,18 @@ async def test_the_buffer_of_a_killed_process_is_replayed_once(
 
 
 async def test_close_with_redis_down_leaves_the_buffer_for_the_next_start(
-        redis_server: RedisServer, buffer_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    async with linked(redis_server.url) as link:
+        server: RedisServer, buffer_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with linked(server.url) as link:
         usage = RedisUsage(link, buffer_dir=buffer_dir)
         await usage.open()
-        redis_server.kill()
+        server.kill()
         usage.record("k1", "m", 5, 6, NOW)
         await usage.close()
         assert messages(caplog, "1 usage events kept in")
         files = buffer_files(buffer_dir)
         assert len(files) == 1 and json.loads(files[0].read_bytes())["final"] is True
-    redis_server.start()
-    async with linked(redis_server.url) as link:
+    server.start()
+    async with linked(server.url) as link:
         usage = RedisUsage(link, buffer_dir=buffer_dir)
         await usage.open()  # a closed recorder's file is taken though its process runs
         await usage.close()
@@ -477,12 +398,12 @@ def shared_dir(path: Path) -> Path:
 
 
 async def test_a_buffer_directory_others_can_swap_is_refused(
-        redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     buffer_dir = shared_dir(tmp_path / "shared")
-    async with linked(redis_server.url) as link:
+    async with linked(server.url) as link:
         usage = RedisUsage(link, buffer_dir=buffer_dir)
         await usage.open()
-        redis_server.kill()
+        server.kill()
         usage.record("k1", "m", 1, 1, NOW)
         assert await usage.flush() == 0
         assert (usage.pending, usage.buffered) == (1, 0)

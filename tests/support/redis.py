@@ -2,8 +2,9 @@
 folder of its own, every write fsynced to its append-only file so that a SIGKILL and a
 restart on the same port and folder keep what it had acknowledged (``appendonly=False``: a
 Redis without persistence, which restarts empty). A test may pause it (SIGSTOP), resume it,
-kill it and start it again, as an outage would; with ``password`` it demands one, and its
-URL carries it, as a managed Redis's does.
+kill it and start it again, as an outage would (``save`` first, and a server without its
+append-only file starts again with what it had then); with ``password`` it demands one, and
+its URL carries it, as a managed Redis's does.
 
 Without the binary the test fails: as root with apt-get the package is installed first
 (as `.ci/run` does), otherwise the failure says how to get it. Never a skip: the fleet's
@@ -108,12 +109,19 @@ class RedisServer:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             return False
 
-    def client(self, timeout: float = 5.0) -> redis.Redis:
-        """A synchronous client (strings decoded) that does not retry: a call to a paused
-        server fails after ``timeout``. Close it, or use it in a `with`."""
+    def client(self, timeout: float = 5.0, *, decode: bool = True) -> redis.Redis:
+        """A synchronous client (strings decoded; bytes with ``decode=False``) that does not
+        retry: a call to a paused server fails after ``timeout``. Close it, or use it in a
+        `with`."""
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
-                           decode_responses=True, socket_timeout=timeout,
+                           decode_responses=decode, socket_timeout=timeout,
                            socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+
+    def save(self) -> None:
+        """SAVE: a snapshot in its folder, which a restart loads when there is no append-only
+        file (``appendonly=False``) to load instead."""
+        with self.client() as client:
+            client.save()
 
     def _signal(self, sig: int) -> None:
         assert self.proc is not None and self.proc.poll() is None, "redis-server is not running"
