@@ -1,7 +1,7 @@
 """One replica's link to the fleet's Redis: the client, whether Redis answers, and the
 names of the keys every other module of the fleet writes.
 
-Every script call goes through ``run`` (or ``run_soon`` and ``run_later``, which do not
+Every script call goes through ``run`` (or ``run_soon`` and ``run_all``, which do not
 wait) onto one connection of the link's own (fleet/wire.py): written at once while none
 is out, else with the next batch, so requests that arrive together share a round trip. A
 call that fails to reach Redis, or takes longer than REDIS_TIMEOUT, raises ``FleetDown``
@@ -42,7 +42,6 @@ PROBE_INTERVAL = 0.5  # seconds between attempts while Redis is down
 HEARTBEAT_INTERVAL = 5.0  # seconds between a replica's announcements of itself
 REPLICA_TTL = 15.0  # a replica not heard of for this long is not counted in the fleet
 HEADS = 16_384  # packed heads of calls remembered (two per API key in use)
-LATER = 0.005  # seconds a call sent with run_later may wait for a batch to go with
 
 # A replica says it is alive; the answer is how many are (the share of a limit each takes
 # when Redis goes away, REDIS_FAILURE_MODE=open).
@@ -121,8 +120,6 @@ class FleetLink:
         self.on_up: list[Callable[[], object]] = []  # called when Redis answers again
         self._scripts: dict[str, Script] = {}
         self._heads: dict[tuple[str, ...], bytes] = {}  # packed script and key names
-        self._later: list[tuple[bytes, asyncio.Future[Any]]] = []  # go with the next call
-        self._later_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wire: Wire | None = None  # the calls' connection, while Redis answers
         self._closing = False
@@ -148,57 +145,31 @@ class FleetLink:
         return s
 
     def run_soon(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
-        """Send a script call (with the calls ``run_later`` holds); the future has its
-        answer, ``FleetDown`` or Redis's error."""
-        done: asyncio.Future[Any] = self._loop_now().create_future()
+        """Send a script call; the future has its answer, ``FleetDown`` or Redis's error."""
+        return self.run_all([(script, keys, args)])[0]
+
+    def run_all(self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]
+                ) -> list[asyncio.Future[Any]]:
+        """Send script calls in one write (or with the next batch, while one is out)."""
+        loop = self._loop_now()
+        sent = [(self._packed(script, keys, args), loop.create_future())
+                for script, keys, args in calls]
         wire = self._wire
         if wire is None and self.up:  # not connected yet (a link never started: the CLI's)
-            self._first.append((self._packed(script, keys, args), done))
-            if len(self._first) == 1:
-                task = self._loop_now().create_task(self._connect_first())
+            self._first.extend(sent)
+            if len(self._first) == len(sent):
+                task = loop.create_task(self._connect_first())
                 self._reloads.add(task)
                 task.add_done_callback(self._reloads.discard)
-            return done
-        if not self.up or wire is None or wire.closed:
-            done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
-            return done
-        call = (self._packed(script, keys, args), done)
-        if self._later:  # settlements waiting go in the same write
-            later, self._later = self._later, []
-            later.append(call)
-            wire.send_all(later)
+        elif not self.up or wire is None or wire.closed:
+            for _, done in sent:
+                done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
         else:
-            wire.send_all([call])
-        return done
+            wire.send_all(sent)
+        return [done for _, done in sent]
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await self.run_soon(script, keys, args)
-
-    def run_later(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
-        """``run_soon`` for a call nothing waits on (a settlement): it goes out with the next
-        call, or within LATER seconds, so at low load it shares the next admission's
-        round trip instead of taking one of its own."""
-        loop = self._loop_now()
-        done: asyncio.Future[Any] = loop.create_future()
-        if not self.up:
-            done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
-            return done
-        self._later.append((self._packed(script, keys, args), done))
-        if self._later_timer is None:
-            self._later_timer = loop.call_later(LATER, self._send_later)
-        return done
-
-    def _send_later(self) -> None:
-        self._later_timer = None
-        later, self._later = self._later, []
-        wire = self._wire
-        if not later:
-            return
-        if wire is None or wire.closed or not self.up:
-            for _, done in later:
-                done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
-        else:
-            wire.send_all(later)
 
     def _loop_now(self) -> asyncio.AbstractEventLoop:
         """The running loop, looked up once: each lookup cost a getpid() system call on
@@ -350,9 +321,6 @@ class FleetLink:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._later_timer is not None:
-            self._later_timer.cancel()
-            self._send_later()
         if self._wire is not None:
             await self._wire.drained(self.timeout * 2)
             self._wire.close()

@@ -37,7 +37,10 @@ def _reply_error(message: str) -> ResponseError:
     return ResponseError(message)
 
 
-class Wire(asyncio.Protocol):
+class Wire:
+    """An asyncio protocol by its methods (a plain class, so that mypyc compiles it: it is
+    on every admission's path)."""
+
     def __init__(self, owner: Any, transport: asyncio.Transport, timeout: float,
                  on_lost: Callable[[BaseException], None],
                  observe: Callable[[float], None],
@@ -70,7 +73,7 @@ class Wire(asyncio.Protocol):
             raise RuntimeError("this redis-py version's connection has no stream writer")
         transport = writer.transport
         wire = cls(connection, transport, batch_timeout, on_lost, observe, on_noscript)
-        transport.set_protocol(wire)
+        transport.set_protocol(wire)  # a protocol by its methods
         return wire
 
     @property
@@ -131,6 +134,18 @@ class Wire(asyncio.Protocol):
     def _expired(self) -> None:
         self._deadline = None
         self._fail(TimeoutError(f"Redis did not answer within {self.timeout:g}s"))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass  # taken over connected: never called
+
+    def eof_received(self) -> bool:
+        return False  # Redis closed its side: the transport closes, connection_lost says so
+
+    def pause_writing(self) -> None:
+        pass  # calls are small and answered in turn: nothing to hold back
+
+    def resume_writing(self) -> None:
+        pass
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(exc or ConnectionError("Redis closed the connection"))

@@ -52,7 +52,7 @@ COMPILED: tuple[str, ...] = (
     "gateway.policy.shared_limits", "gateway.policy.shared_throttle",
     "gateway.policy.fleet_throttle",
     # a fleet's admission (REDIS_URL) and its link to Redis, on every request's path there
-    "gateway.policy.fleet_limits", "fleet.link",
+    "gateway.policy.fleet_limits", "fleet.link", "fleet.wire",
 )
 
 _ROOT = Path(__file__).resolve().parent.parent

@@ -56,15 +56,26 @@ local function level(name, cap, now)
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+-- ended requests: their slots (ARGV[first..]) back, ``delta`` tokens given back
+local function settle(tpm, delta, first)
+  if first <= #ARGV then redis.call('ZREM', KEYS[2], unpack(ARGV, first, #ARGV)) end
+  if tpm > 0 and delta ~= 0 then
+    local l = math.max(-tpm, math.min(tpm, level('t', tpm, now) + delta))
+    redis.call('HSET', KEYS[1], 'tl', l, 'tt', now)
+    redis.call('PEXPIRE', KEYS[1], 180000)
+  end
+end
 """
 
 # KEYS: the key's buckets, its slots. ARGV: rpm, tpm, concurrency (0: none), tokens to
-# reserve, whether the client asked for them (1) or it is the default, slot name, lease.
-# Answer: {0, reserved, requests left, tokens left} or {why, wait ms or capacity}, why:
-# 1 concurrency, 2 requests, 3 tokens, 4 more tokens asked than a minute holds.
+# reserve, whether the client asked for them (1) or it is the default, slot name, lease;
+# then the key's requests that ended since its last call from here: tokens they give back,
+# their slots. Answer: {0, reserved, requests left, tokens left} or {why, wait ms or
+# capacity}, why: 1 concurrency, 2 requests, 3 tokens, 4 more tokens asked than a minute holds.
 ADMIT = _LEVEL + """
 local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local want = tonumber(ARGV[4])
+settle(tpm, tonumber(ARGV[8]), 9)
 if conc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   if redis.call('ZCARD', KEYS[2]) >= conc then return {1, 1000} end
@@ -94,15 +105,10 @@ end
 return {0, want, tostring(rl), tostring(tl)}
 """
 
-# KEYS: buckets, slots. ARGV: tpm, slot name ('' none), tokens to give back (negative: charge)
+# KEYS: buckets, slots. ARGV: tpm, tokens to give back (negative: charge), then the slots
+# of the requests that ended
 SETTLE = _LEVEL + """
-if ARGV[2] ~= '' then redis.call('ZREM', KEYS[2], ARGV[2]) end
-local tpm, delta = tonumber(ARGV[1]), tonumber(ARGV[3])
-if tpm > 0 and delta ~= 0 then
-  local l = math.max(-tpm, math.min(tpm, level('t', tpm, now) + delta))
-  redis.call('HSET', KEYS[1], 'tl', l, 'tt', now)
-  redis.call('PEXPIRE', KEYS[1], 180000)
-end
+settle(tonumber(ARGV[1]), tonumber(ARGV[2]), 3)
 return 1
 """
 
@@ -116,6 +122,9 @@ return 1
 """
 
 _WHY = {1: "concurrent requests", 2: "requests per minute", 3: "tokens per minute"}
+_NOTHING_OWED = (0,)
+# seconds the end of a request may wait for its key's next admission to carry it to Redis
+SETTLE_WITHIN = 0.005
 
 
 class Hold:
@@ -145,6 +154,11 @@ class FleetLimiter:
         self._shares = RateLimiter(Limits())  # while Redis is down: a share of each limit here
         self._share_of: dict[str, tuple[Limits, int, Limits]] = {}  # of limits, size: share
         self._held: dict[str, dict[str, Hold]] = {}  # key id → its running requests' slots
+        # key id → [its tokens per minute, tokens to give back, slots to free] of its requests
+        # that ended
+        self._owed: dict[str, list[Any]] = {}
+        self._settling: asyncio.TimerHandle | None = None
+        self._names_of: dict[str, tuple[str, str]] = {}
         self._seq = 0
         self._alone = False  # logged: limits are per replica until Redis answers
         self._task: asyncio.Task[None] | None = None
@@ -170,12 +184,13 @@ class FleetLimiter:
             self._seq += 1
             member = f"{self.link.replica}:{self._seq}"
         if self.link.up:
+            owed = self._owed.pop(hold.key_id, None)  # ended requests of this key: same call
             try:
                 answer = await self.link.run(
-                    self._admit, (self.link.of_key(hold.key_id, "limits"),
-                                  self.link.of_key(hold.key_id, "slots")),
+                    self._admit, self._names(hold.key_id),
                     (lim.requests_per_minute or 0, lim.tokens_per_minute or 0,
-                     lim.max_concurrent or 0, tokens, 1 if asked else 0, member, self.lease))
+                     lim.max_concurrent or 0, tokens, 1 if asked else 0, member, self.lease,
+                     *(owed[1:] if owed else _NOTHING_OWED)))
             except FleetDown:
                 pass
             else:
@@ -265,16 +280,44 @@ class FleetLimiter:
             return
         if not self.link.up:
             return  # the lease frees the slot; the correction is lost with the outage
-        done = self.link.run_later(self._settle, (self.link.of_key(hold.key_id, "limits"),
-                                                 self.link.of_key(hold.key_id, "slots")),
-                                  (tpm, member, give_back))
-        done.add_done_callback(_quiet)
+        # owed to Redis until the key's next admission from here carries it, or SETTLE_WITHIN
+        owed = self._owed.get(hold.key_id)
+        if owed is None:
+            owed = self._owed[hold.key_id] = [tpm, 0]
+        if tpm:
+            owed[1] += give_back
+        if member:
+            owed.append(member)
+        if self._settling is None:
+            self._settling = asyncio.get_running_loop().call_later(SETTLE_WITHIN, self._settle_owed)
+
+    def _settle_owed(self) -> None:
+        """What no admission carried within SETTLE_WITHIN: one SETTLE per key, in one write."""
+        self._settling = None
+        owed, self._owed = self._owed, {}
+        if not owed or not self.link.up:
+            return
+        calls = [(self._settle, self._names(key_id), what) for key_id, what in owed.items()]
+        for done in self.link.run_all(calls):
+            done.add_done_callback(_quiet)
+
+    def _names(self, key_id: str) -> tuple[str, str]:
+        names = self._names_of.get(key_id)
+        if names is None:
+            if len(self._names_of) >= 65_536:
+                self._names_of.clear()
+            names = self._names_of[key_id] = (self.link.of_key(key_id, "limits"),
+                                              self.link.of_key(key_id, "slots"))
+        return names
 
     # leases ------------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.create_task(self._renewing(), name="fleet-leases")
 
     async def close(self) -> None:
+        if self._settling is not None:
+            self._settling.cancel()
+            self._settle_owed()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -285,9 +328,9 @@ class FleetLimiter:
             await asyncio.sleep(self.lease / 3)
             if not self.link.up or not self._held:
                 continue
-            renewals = [self.link.run_soon(self._renew, (self.link.of_key(key_id, "slots"),),
+            renewals = self.link.run_all([(self._renew, self._names(key_id)[1:],
                                            (self.lease, *held))
-                        for key_id, held in self._held.items()]
+                                          for key_id, held in self._held.items()])
             await asyncio.gather(*renewals, return_exceptions=True)
 
 
