@@ -1,13 +1,14 @@
-"""The connection a replica's script calls go out on: calls written the moment they are made,
-replies read the moment they arrive.
+"""The connection a replica's script calls go out on: calls written together, replies read
+the moment they arrive.
 
 redis-py opens the connection (TLS, AUTH, SELECT: whatever REDIS_URL says), then ``Wire``
-takes its transport over as its protocol. While no batch is out, a call is written at
-once; while one is, calls wait and go together when its last reply is in, so a busy
-replica's calls share round trips. Replies are parsed by hiredis in ``data_received`` and
-resolve their calls' futures there, in the loop turn they arrive in: through redis-py's
-stream reader each round trip took a task of its own and two more turns of the loop,
-which cost more CPU than the call itself.
+takes its transport over as its protocol. While no batch is out, the calls made in one
+turn of the event loop are written together at its end; while one is out, calls wait and
+go together when its last reply is in, so a busy replica's calls share round trips (each
+write to Redis is a system call, about as dear as the call's own work). Replies are
+parsed by hiredis in ``data_received`` and resolve their calls' futures there, in the
+loop turn they arrive in: through redis-py's stream reader each round trip took a task of
+its own and two more turns of the loop, which cost more CPU than the call itself.
 
 A batch that has no answer within the timeout, or a connection that breaks, fails every
 call waiting on it with ``FleetDown`` and closes the connection: ``on_lost`` tells the
@@ -58,6 +59,7 @@ class Wire:
         self._next: list[tuple[bytes, asyncio.Future[Any]]] = []  # calls waiting for a turn
         self._deadline: asyncio.TimerHandle | None = None
         self._drain_waiter: asyncio.Future[None] | None = None  # a close waiting for answers
+        self._flushing = False  # a write of the calls waiting is scheduled
         self._loop = asyncio.get_running_loop()
 
     @classmethod
@@ -90,11 +92,19 @@ class Wire:
             for _, done in calls:
                 done.set_exception(FleetDown("the connection to Redis is closed"))
             return
-        if self._out:
-            self._next.extend(calls)
-            return
-        self._out.extend(calls)
-        self._write(calls[0][0] if len(calls) == 1 else b"".join(p for p, _ in calls))
+        self._next.extend(calls)
+        if not self._out and not self._flushing:
+            # written once this turn of the loop is done: every call made in it, one write
+            self._flushing = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        if self._out or not self._next or self.closed:
+            return  # a batch is out (what waits goes when it is in), or nothing to send
+        batch, self._next = self._next, []
+        self._out.extend(batch)
+        self._write(batch[0][0] if len(batch) == 1 else b"".join(p for p, _ in batch))
 
     def _write(self, data: bytes) -> None:
         self.transport.write(data)
