@@ -41,6 +41,7 @@ log = logging.getLogger("llamagate.fleet")
 PROBE_INTERVAL = 0.5  # seconds between attempts while Redis is down
 HEARTBEAT_INTERVAL = 5.0  # seconds between a replica's announcements of itself
 REPLICA_TTL = 15.0  # a replica not heard of for this long is not counted in the fleet
+BULK_TIMEOUT = 30.0  # seconds for a run_bulk batch (reports, key set reads, migration)
 HEADS = 16_384  # packed heads of calls remembered (two per API key in use)
 
 # A replica says it is alive; the answer is how many are (the share of a limit each takes
@@ -125,6 +126,7 @@ class FleetLink:
         self._closing = False
         self._first: list[tuple[bytes, asyncio.Future[Any]]] = []  # waiting for a connection
         self._resent: set[asyncio.Future[Any]] = set()  # calls sent again after NOSCRIPT
+        self._reload_waiting: list[tuple[bytes, asyncio.Future[Any]]] = []
         self._reloads: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._heartbeat = self.script(HEARTBEAT)
@@ -151,7 +153,7 @@ class FleetLink:
     def run_all(self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]]
                 ) -> list[asyncio.Future[Any]]:
         """Send script calls in one write (or with the next batch, while one is out)."""
-        loop = self._loop_now()
+        loop = self.loop_now()
         sent = [(self._packed(script, keys, args), loop.create_future())
                 for script, keys, args in calls]
         wire = self._wire
@@ -171,7 +173,33 @@ class FleetLink:
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await self.run_soon(script, keys, args)
 
-    def _loop_now(self) -> asyncio.AbstractEventLoop:
+    async def run_bulk(self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]],
+                       within: float = BULK_TIMEOUT) -> list[Any]:
+        """Script calls that read or write much (an admin's usage report, the whole key set,
+        a migration), on a connection of the client's pool with a deadline of their own:
+        never on the request path's connection, where they would hold admissions up and a
+        slow one would count as Redis down. Raises FleetDown; Redis's state is left to the
+        calls on the request path."""
+        try:
+            async with asyncio.timeout(within):
+                pipe = self.client.pipeline(transaction=False)
+                for script, keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                results: list[Any] = await pipe.execute(raise_on_error=False)
+                if any(isinstance(r, NoScriptError) for r in results):
+                    await self._load_scripts()
+                    pipe = self.client.pipeline(transaction=False)
+                    for script, keys, args in calls:
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise FleetDown(str(exc) or type(exc).__name__) from None
+        for result in results:
+            if isinstance(result, ResponseError):
+                raise result
+        return results
+
+    def loop_now(self) -> asyncio.AbstractEventLoop:
         """The running loop, looked up once: each lookup cost a getpid() system call on
         Python 3.11, several per request."""
         loop = self._loop
@@ -221,36 +249,39 @@ class FleetLink:
 
     def _noscript(self, packed: bytes, done: asyncio.Future[Any], error: NoScriptError) -> None:
         """Redis does not know a call's script (registered after the link started, or lost
-        to SCRIPT FLUSH): load the scripts, then send the call once more."""
+        to SCRIPT FLUSH): one load of the scripts for every such call, then each is sent
+        once more."""
         if done in self._resent:
             done.set_exception(error)
             return
         self._resent.add(done)
         done.add_done_callback(self._resent.discard)
+        self._reload_waiting.append((packed, done))
+        if len(self._reload_waiting) == 1:
+            task = self.loop_now().create_task(self._reload_and_resend())
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
 
-        async def resend() -> None:
-            try:
-                await self._load_scripts()
-            except (RedisError, OSError, TimeoutError) as exc:
-                if not done.done():
-                    done.set_exception(FleetDown(str(exc) or type(exc).__name__))
-                return
-            wire = self._wire
-            if wire is None or wire.closed:
-                if not done.done():
-                    done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
-                return
-            wire.send(packed, done)
-        task = self._loop_now().create_task(resend())
-        self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
+    async def _reload_and_resend(self) -> None:
+        try:
+            await self._load_scripts(self.timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.failed(exc)
+        waiting, self._reload_waiting = self._reload_waiting, []
+        wire = self._wire
+        if self.up and wire is not None and not wire.closed:
+            wire.send_all([(packed, done) for packed, done in waiting if not done.done()])
+            return
+        for _, done in waiting:
+            if not done.done():
+                done.set_exception(FleetDown(f"Redis at {self.where} is unreachable"))
 
     def _observed(self, seconds: float) -> None:
         if self.observe is not None:
             self.observe(seconds)
 
-    async def _load_scripts(self) -> None:
-        async with asyncio.timeout(self.timeout * 4):
+    async def _load_scripts(self, within: float | None = None) -> None:
+        async with asyncio.timeout(within or self.timeout * 4):
             pipe = self.client.pipeline(transaction=False)
             for s in self._scripts.values():
                 pipe.script_load(s.source)
@@ -336,8 +367,10 @@ class FleetLink:
                     async with asyncio.timeout(self.timeout):
                         await self.client.ping()
                     await self._load_scripts()
-                    await self._connect()
-                except (RedisError, OSError, TimeoutError, RuntimeError):
+                    if self._wire is None or self._wire.closed:
+                        await self._connect()
+                    await self._writable()
+                except (RedisError, OSError, TimeoutError, RuntimeError, FleetDown):
                     continue
                 self._recovered()
                 beat = 0.0
@@ -346,6 +379,16 @@ class FleetLink:
                 beat = HEARTBEAT_INTERVAL
                 with contextlib.suppress(FleetDown, ResponseError):
                     await self._announce()
+
+    async def _writable(self) -> None:
+        """The heartbeat, sent while Redis still counts as down: a Redis that answers PING
+        but refuses writes (a demoted primary: READONLY; full: OOM) is not back."""
+        wire = self._wire
+        assert wire is not None
+        done: asyncio.Future[Any] = self.loop_now().create_future()
+        wire.send_all([(self._packed(self._heartbeat, [self.name("fleet", "replicas")],
+                                     [self.replica, REPLICA_TTL]), done)])
+        self.fleet_size = int(await done)
 
     async def _announce(self) -> None:
         size = await self.run(self._heartbeat, [self.name("fleet", "replicas")],

@@ -102,7 +102,11 @@ class Wire:
         self._flushing = False
         if self._out or not self._next or self.closed:
             return  # a batch is out (what waits goes when it is in), or nothing to send
-        batch, self._next = self._next, []
+        # a call given up on before it went (its client left) is not sent at all
+        batch = [call for call in self._next if not call[1].done()]
+        self._next = []
+        if not batch:
+            return
         self._out.extend(batch)
         self._write(batch[0][0] if len(batch) == 1 else b"".join(p for p, _ in batch))
 
@@ -135,9 +139,7 @@ class Wire:
                 self._deadline.cancel()
                 self._deadline = None
             if self._next:  # the batch is in: what waited goes as the next one
-                batch, self._next = self._next, []
-                out.extend(batch)
-                self._write(b"".join(packed for packed, _ in batch))
+                self._flush()
             elif self._drain_waiter is not None and not self._drain_waiter.done():
                 self._drain_waiter.set_result(None)
 

@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from fleet.link import FleetDown, FleetLink
 from keys.audit import AuditEntry
 from keys.link_sync import SyncLink
@@ -197,7 +199,7 @@ class RedisAuditor:
             try:
                 await self._add(entry)
                 return
-            except FleetDown:
+            except (FleetDown, RedisError):  # unreachable, or refusing writes (READONLY, OOM)
                 pass
         self._keep(entry)
         if self._link.up:  # back already (or a write failed while it said up): try now
@@ -236,7 +238,7 @@ class RedisAuditor:
         while self._queue:
             try:
                 await self._add(self._queue[0])
-            except FleetDown:
+            except (FleetDown, RedisError):
                 return  # down again: the next on_up goes on
             self._queue.popleft()
             written += 1

@@ -22,7 +22,6 @@ migration's SQLite rows, IMPORT); readers: keys/usage_redis_read.py.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any, Final
@@ -127,6 +126,6 @@ async def run_many(link: FleetLink, source: str, calls: Sequence[tuple[list[str]
     to a pipeline. Raises FleetDown."""
     script = link.script(source)
     out: list[Any] = []
-    for i in range(0, len(calls), chunk):
-        out += await asyncio.gather(*[link.run_soon(script, k, a) for k, a in calls[i:i + chunk]])
+    for i in range(0, len(calls), chunk):  # reports and imports: off the request path's connection
+        out += await link.run_bulk([(script, k, a) for k, a in calls[i:i + chunk]])
     return out

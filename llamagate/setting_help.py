@@ -75,7 +75,7 @@ SECTIONS: Final[tuple[tuple[str, dict[str, str]], ...]] = (
                      "(unset: this machine's files)",
         "REDIS_KEY_PREFIX": "prefix of every Redis key llamagate writes",
         "REDIS_FAILURE_MODE": "with Redis unreachable: open (per-replica limits) or closed (503)",
-        "REDIS_TIMEOUT": "seconds a Redis call may take before Redis counts as unreachable",
+        "REDIS_TIMEOUT": "seconds a round trip to Redis may take before it counts as unreachable",
         "REDIS_LEASE_SECONDS": "lease of a concurrency slot: a dead replica's slots free after it",
         "REDIS_AUDIT_MAX_ENTRIES": "entries the fleet's audit stream keeps",
         "REDIS_USAGE_RETENTION_DAYS": "days of hourly usage kept in Redis",

@@ -33,6 +33,8 @@ import math
 import time
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from fleet.link import FleetDown, FleetLink
 from gateway.errors import BackendUnavailable, BadRequest, RateLimited
 from gateway.policy.buckets import (
@@ -69,13 +71,14 @@ end
 
 # KEYS: the key's buckets, its slots. ARGV: rpm, tpm, concurrency (0: none), tokens to
 # reserve, whether the client asked for them (1) or it is the default, slot name, lease;
-# then the key's requests that ended since its last call from here: tokens they give back,
-# their slots. Answer: {0, reserved, requests left, tokens left} or {why, wait ms or
-# capacity}, why: 1 concurrency, 2 requests, 3 tokens, 4 more tokens asked than a minute holds.
+# then the key's requests that ended since its last call from here: the tokens per minute
+# they were charged under, the tokens they give back, their slots. Answer: {0, reserved,
+# requests left, tokens left} or {why, wait ms or capacity}, why: 1 concurrency, 2
+# requests, 3 tokens, 4 more tokens asked than a minute holds.
 ADMIT = _LEVEL + """
 local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local want = tonumber(ARGV[4])
-settle(tpm, tonumber(ARGV[8]), 9)
+settle(tonumber(ARGV[8]), tonumber(ARGV[9]), 10)
 if conc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   if redis.call('ZCARD', KEYS[2]) >= conc then return {1, 1000} end
@@ -122,7 +125,7 @@ return 1
 """
 
 _WHY = {1: "concurrent requests", 2: "requests per minute", 3: "tokens per minute"}
-_NOTHING_OWED = (0,)
+_NOTHING_OWED = (0, 0)
 # seconds the end of a request may wait for its key's next admission to carry it to Redis
 SETTLE_WITHIN = 0.005
 
@@ -159,6 +162,7 @@ class FleetLimiter:
         self._owed: dict[str, list[Any]] = {}
         self._settling: asyncio.TimerHandle | None = None
         self._names_of: dict[str, tuple[str, str]] = {}
+        link.on_up.append(self._settle_soon)
         self._seq = 0
         self._alone = False  # logged: limits are per replica until Redis answers
         self._task: asyncio.Task[None] | None = None
@@ -190,9 +194,16 @@ class FleetLimiter:
                     self._admit, self._names(hold.key_id),
                     (lim.requests_per_minute or 0, lim.tokens_per_minute or 0,
                      lim.max_concurrent or 0, tokens, 1 if asked else 0, member, self.lease,
-                     *(owed[1:] if owed else _NOTHING_OWED)))
-            except FleetDown:
-                pass
+                     *(owed or _NOTHING_OWED)))
+            except BaseException as exc:
+                # the call may have reached Redis (its answer lost to a timeout, the client
+                # gone): its slot, if it took one, is given back with the key's next call
+                # rather than held for a lease; what it owed still is
+                self._owe(hold.key_id, owed, member)
+                if isinstance(exc, ResponseError):  # Redis answers but refuses: READONLY, OOM
+                    self.link.failed(exc)
+                elif not isinstance(exc, FleetDown):
+                    raise  # cancelled: the client left
             else:
                 self._alone = False
                 self._admitted(hold, answer, member, tokens)
@@ -278,9 +289,8 @@ class FleetLimiter:
         tpm = hold.limits.tokens_per_minute or 0
         if not member and not (tpm and give_back):
             return
-        if not self.link.up:
-            return  # the lease frees the slot; the correction is lost with the outage
         # owed to Redis until the key's next admission from here carries it, or SETTLE_WITHIN
+        # (while Redis is unreachable: until it answers again)
         owed = self._owed.get(hold.key_id)
         if owed is None:
             owed = self._owed[hold.key_id] = [tpm, 0]
@@ -288,15 +298,35 @@ class FleetLimiter:
             owed[1] += give_back
         if member:
             owed.append(member)
-        if self._settling is None:
-            self._settling = asyncio.get_running_loop().call_later(SETTLE_WITHIN, self._settle_owed)
+        self._settle_soon()
+
+    def _owe(self, key_id: str, owed: list[Any] | None, member: str) -> None:
+        """An admission that failed: what it carried is owed again, and its slot too."""
+        again = self._owed.get(key_id)
+        if owed is not None:
+            if again is None:
+                again = self._owed[key_id] = owed
+            else:
+                again[1] += owed[1]
+                again.extend(owed[2:])
+        if member:
+            if again is None:
+                again = self._owed[key_id] = [0, 0]
+            again.append(member)
+        if again is not None:
+            self._settle_soon()
+
+    def _settle_soon(self) -> None:
+        if self._settling is None and self.link.up:
+            self._settling = self.link.loop_now().call_later(SETTLE_WITHIN, self._settle_owed)
 
     def _settle_owed(self) -> None:
-        """What no admission carried within SETTLE_WITHIN: one SETTLE per key, in one write."""
+        """What no admission carried within SETTLE_WITHIN: one SETTLE per key, in one write
+        (kept while Redis is unreachable, and sent when it answers: link.on_up)."""
         self._settling = None
-        owed, self._owed = self._owed, {}
-        if not owed or not self.link.up:
+        if not self._owed or not self.link.up:
             return
+        owed, self._owed = self._owed, {}
         calls = [(self._settle, self._names(key_id), what) for key_id, what in owed.items()]
         for done in self.link.run_all(calls):
             done.add_done_callback(_quiet)

@@ -198,3 +198,66 @@ async def test_outage_closed_refuses_a_key_without_limits_too(redis_server: Redi
         assert await admitted(a, unlimited, inference=False) is not None
     finally:
         redis_server.resume()
+
+
+async def test_a_redis_that_refuses_writes_counts_as_down(redis_server: RedisServer,
+                                                          links: list[FleetLink]) -> None:
+    """A demoted primary answers READONLY: the replica falls back instead of answering 500,
+    and is back only once Redis takes writes again (its probe writes, not just PINGs)."""
+    [a] = await replicas(redis_server, links, 1, fail_open=True)
+    limits = Limits(requests_per_minute=100)
+    redis_server.client().replicaof("127.0.0.1", "1")  # nothing there: read-only for good
+    try:
+        assert await admitted(a, limits) is not None  # admitted here alone
+        assert not a.link.up
+        for _ in range(3):  # a few probes: PING answers, the heartbeat's write does not
+            await asyncio.sleep(0.55)
+            assert not a.link.up
+    finally:
+        redis_server.client().replicaof("no", "one")
+    await _until(lambda: a.link.up, within=5)
+    assert await admitted(a, limits) is not None
+    assert redis_server.client().hget("test:{k1}:limits", "rl") is not None
+
+
+async def test_a_slot_whose_admission_was_given_up_on_is_freed(redis_server: RedisServer,
+                                                               links: list[FleetLink]) -> None:
+    """A client that leaves while its admission is out: Redis takes the slot when it gets
+    to the call, and the key's next call gives it back, well before the lease."""
+    [a] = await replicas(redis_server, links, 1, lease=30.0)
+    limits = Limits(max_concurrent=1)
+    assert await admitted(a, limits, key="warm") is not None  # Redis knows the script now
+    wire = a.link._wire
+    assert wire is not None
+    redis_server.pause()  # the call goes out and waits in Redis's socket
+    try:
+        admission = asyncio.ensure_future(a.admit(Hold("k1", limits), 0, False, True))
+        await _until(lambda: wire._out, within=1)
+        admission.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admission
+    finally:
+        redis_server.resume()
+    await _until(lambda: a.link.up, within=5)
+    await _until(lambda: redis_server.client().zcard("test:{k1}:slots") == 0, within=2)
+    assert await admitted(a, limits) is not None
+
+
+async def test_a_slot_taken_while_redis_was_paused_is_freed_when_it_answers(
+        redis_server: RedisServer, links: list[FleetLink]) -> None:
+    """An admission sent to a paused Redis times out (the request is admitted here alone),
+    and Redis runs it when it resumes: the slot it took goes back once Redis answers, not
+    a lease later."""
+    [a] = await replicas(redis_server, links, 1, lease=30.0)
+    limits = Limits(max_concurrent=1)
+    assert await admitted(a, limits, key="warm") is not None  # Redis knows the script now
+    redis_server.pause()
+    try:
+        hold = await admitted(a, limits)
+        assert hold is not None and hold.local is not None
+        a.release(hold, 0)
+    finally:
+        redis_server.resume()
+    await _until(lambda: a.link.up, within=5)
+    await _until(lambda: redis_server.client().zcard("test:{k1}:slots") == 0, within=2)
+    assert await admitted(a, limits) is not None
