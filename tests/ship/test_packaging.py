@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-OURS = frozenset({"core", "backend", "keys", "health", "gateway", "llamagate", "scripts", "tests"})
+OURS = frozenset({"core", "fleet", "backend", "keys", "health", "gateway", "llamagate", "scripts",
+                  "tests"})
 
 
 def canonical(name: str) -> str:
@@ -61,7 +62,7 @@ def distributions(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize(("folders", "allowed", "extra"), [
-    (["core", "backend", "keys", "health", "gateway", "llamagate"], RUNTIME, "dependencies"),
+    (["core", "fleet", "backend", "keys", "health", "gateway", "llamagate"], RUNTIME, "dependencies"),
     (["scripts", "tests"], RUNTIME | DEV, "the dev extra"),
 ])
 def test_every_import_is_declared(folders: list[str], allowed: set[str], extra: str) -> None:
