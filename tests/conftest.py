@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from core.logs import JsonFormatter
 from llamagate.tiny_model import write_model
 from tests.support.fake_llama import METERED, FakeLlama
 from tests.support.keytool import KeyTool
+from tests.support.redis import RedisServer
 from tests.support.service import Service
 
 # Fixtures that run the real llama-server: a test using one gets the `llama_server` marker.
@@ -73,3 +75,15 @@ async def metered_fake() -> AsyncIterator[FakeLlama]:
     """The fake with token counts a test can do sums with (fake_llama.METERED)."""
     async with _running(FakeLlama(METERED)) as upstream:
         yield upstream
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server per test (a few milliseconds to start, cheaper than cleaning a
+    shared one), on a free port of 127.0.0.1, demanding a password as a managed Redis does:
+    the URL every client is given carries it."""
+    server = RedisServer(tmp_path, password=secrets.token_urlsafe(16)).start()
+    try:
+        yield server
+    finally:
+        server.stop()

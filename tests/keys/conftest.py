@@ -36,6 +36,21 @@ def cli(paths: Paths, clock: FakeClock, capsys: pytest.CaptureFixture[str]) -> C
 
 
 @pytest.fixture
+def rcli(server: RedisServer, paths: Paths, clock: FakeClock, request: pytest.FixtureRequest,
+         capsys: pytest.CaptureFixture[str]) -> Cli:
+    """The CLI with REDIS_URL set (and the local paths given, which it must leave alone),
+    under the test module's REDIS_KEY_PREFIX (its ``PREFIX``)."""
+    environ = {"REDIS_URL": server.url, "REDIS_KEY_PREFIX": request.module.PREFIX}
+
+    def run(*argv: str) -> CliResult:
+        capsys.readouterr()
+        rc = main([*paths.args(), *argv], clock=clock, environ=environ)
+        captured = capsys.readouterr()
+        return CliResult(rc, captured.out, captured.err)
+    return run
+
+
+@pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
     """redis-server on a free port of 127.0.0.1, up for the test, stopped after it: no password,
     and no append-only file, so that a restart brings back only what ``save`` wrote."""

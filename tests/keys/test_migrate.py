@@ -15,7 +15,6 @@ import pytest
 import redis
 
 from keys.audit import AuditLog
-from keys.cli import main
 from keys.cli_migrate import merge
 from keys.db import open_db
 from keys.errors import DuplicateKeyError
@@ -26,23 +25,12 @@ from keys.store import KeyStore
 from keys.store_redis import RedisKeyStore
 from keys.usage import UsageEvent, UsageStore, aggregate, hour_bucket
 from llamagate.cli import main as llamagate_main
-from tests.keys.helpers import REPO_ROOT, T0, Cli, CliResult, FakeClock, Paths
+from tests.keys.helpers import REPO_ROOT, T0, Cli, FakeClock, Paths
 from tests.support.redis import RedisServer
 
 PREFIX = "t3:"
 STREAM = f"{PREFIX}{{audit}}"
 
-
-@pytest.fixture
-def rcli(server: RedisServer, paths: Paths, clock: FakeClock,
-         capsys: pytest.CaptureFixture[str]) -> Cli:
-    def run(*argv: str) -> CliResult:
-        capsys.readouterr()
-        rc = main([*paths.args(), *argv], clock=clock,
-                  environ={"REDIS_URL": server.url, "REDIS_KEY_PREFIX": PREFIX})
-        captured = capsys.readouterr()
-        return CliResult(rc, captured.out, captured.err)
-    return run
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from keys.keyring import AuthFailure, Keyring
 from keys.link_sync import SyncLink
 from keys.store_redis import KeyNames, RedisKeyStore, encode
 from keys.watch_redis import RedisKeyWatcher
-from tests.keys.helpers import REPO_ROOT, T0, Cli, CliResult, FakeClock, Paths
+from tests.keys.helpers import REPO_ROOT, T0, Cli, FakeClock, Paths
 from tests.support.redis import RedisServer
 from tests.support.wait import wait_until
 
@@ -31,18 +31,6 @@ PREFIX = "t1:"
 HASH, VERSION, CHANNEL = f"{PREFIX}{{keys}}", f"{PREFIX}{{keys}}:version", f"{PREFIX}keys"
 WITHIN = 1.0  # seconds: how soon a change must reach a replica
 
-
-@pytest.fixture
-def rcli(server: RedisServer, paths: Paths, clock: FakeClock,
-         capsys: pytest.CaptureFixture[str]) -> Cli:
-    """The CLI with REDIS_URL set (and the local paths given, which it must leave alone)."""
-    def run(*argv: str) -> CliResult:
-        capsys.readouterr()
-        rc = main([*paths.args(), *argv], clock=clock,
-                  environ={"REDIS_URL": server.url, "REDIS_KEY_PREFIX": PREFIX})
-        captured = capsys.readouterr()
-        return CliResult(rc, captured.out, captured.err)
-    return run
 
 
 def generate(cli: Cli, name: str) -> tuple[str, str]:

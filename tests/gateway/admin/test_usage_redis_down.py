@@ -7,13 +7,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from gateway.admin.routes import USAGE_UNREACHABLE
 from keys.cli import main as keys_main
@@ -25,15 +22,6 @@ from tests.support.wait import wait_until
 CHAT: dict[str, Any] = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                         "max_tokens": 2}
 
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """With a password, as a managed Redis has: the URL the gateway is given carries it."""
-    server = RedisServer(tmp_path, password=secrets.token_urlsafe(16)).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def generate(redis_url: str, operator: Path, name: str, *options: str) -> tuple[str, str]:
