@@ -41,7 +41,7 @@ log = logging.getLogger("llamagate.fleet")
 PROBE_INTERVAL = 0.5  # seconds between attempts while Redis is down
 HEARTBEAT_INTERVAL = 5.0  # seconds between a replica's announcements of itself
 REPLICA_TTL = 15.0  # a replica not heard of for this long is not counted in the fleet
-BULK_TIMEOUT = 30.0  # seconds for a run_bulk batch (reports, key set reads, migration)
+BULK_TIMEOUTS = 20  # REDIS_TIMEOUTs a run_bulk batch may take (reports, key set reads), 5 s at least
 HEADS = 16_384  # packed heads of calls remembered (two per API key in use)
 
 # A replica says it is alive; the answer is how many are (the share of a limit each takes
@@ -174,14 +174,16 @@ class FleetLink:
         return await self.run_soon(script, keys, args)
 
     async def run_bulk(self, calls: Sequence[tuple[Script, Sequence[str], Sequence[Any]]],
-                       within: float = BULK_TIMEOUT) -> list[Any]:
+                       within: float | None = None) -> list[Any]:
         """Script calls that read or write much (an admin's usage report, the whole key set,
         a migration), on a connection of the client's pool with a deadline of their own:
         never on the request path's connection, where they would hold admissions up and a
         slow one would count as Redis down. Raises FleetDown; Redis's state is left to the
-        calls on the request path."""
+        calls on the request path (but a Redis known to be down is not waited for)."""
+        if not self.up:
+            raise FleetDown(f"Redis at {self.where} is unreachable")
         try:
-            async with asyncio.timeout(within):
+            async with asyncio.timeout(within or max(self.timeout * BULK_TIMEOUTS, 5.0)):
                 pipe = self.client.pipeline(transaction=False)
                 for script, keys, args in calls:
                     pipe.evalsha(script.sha, len(keys), *keys, *args)

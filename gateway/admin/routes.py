@@ -141,6 +141,10 @@ def install(router: Router, keys: KeyReloader | RedisKeyWatcher,
             "ok": result.ok, "keys": result.key_count, "file_missing": result.file_missing})
         body = {"ok": result.ok, "keys": result.key_count, "error": result.error,
                 "file_missing": result.file_missing}
+        if not result.ok and keys.report().get("redis") == "unreachable":
+            # the fleet's key set cannot be read now: the last good one stays; try again later
+            raise BackendUnavailable(f"the key set cannot be reloaded: {result.error}",
+                                     code="fleet_unavailable", retry_after=2)
         # A bad file keeps the last good keys: report it as a server-side failure.
         reply_json(call, body, status=200 if result.ok else 500)
 

@@ -222,9 +222,14 @@ class FleetLimiter:
             what = _WHY[why]
             limit = {1: lim.max_concurrent, 2: lim.requests_per_minute,
                      3: lim.tokens_per_minute}[why]
+            # the bucket that refused, as the headers of an answer it admitted would show it
+            name = {2: "requests", 3: "tokens"}.get(why)
+            refused = {} if name is None else {
+                f"x-ratelimit-limit-{name}": str(limit), f"x-ratelimit-remaining-{name}": "0",
+                f"x-ratelimit-reset-{name}": format_reset(wait)}
             raise RateLimited(f"rate limit reached for this API key: {limit} {what}",
                               code="tokens_rate_limit_exceeded" if why == 3 else None,
-                              retry_after=wait)
+                              retry_after=wait, headers=refused)
         hold.reserved = int(answer[1])
         if member:
             hold.member = member

@@ -62,6 +62,8 @@ async def test_requests_per_minute_are_the_fleets(redis_server: RedisServer,
     with pytest.raises(RateLimited) as refused:
         await fleet[1].admit(hold, 0, False, True)
     assert refused.value.retry_after is not None and 0 < refused.value.retry_after <= 12.1
+    assert refused.value.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.value.headers["x-ratelimit-limit-requests"] == "5"
     # another key has its own count
     assert await admitted(fleet[0], limits, key="k2") is not None
 

@@ -74,3 +74,38 @@ async def test_usage_is_503_while_redis_is_paused_and_200_once_it_runs(
 
         body = await wait_until(answered, "/admin/usage to answer 200 once Redis runs again")
         assert [(row["key_id"], row["requests"]) for row in body["data"]] == [(app_id, 1)]
+
+
+async def test_a_key_reload_is_503_while_redis_is_down(
+        tmp_path: Path, redis_server: RedisServer, metered_fake: FakeLlama,
+        http: aiohttp.ClientSession) -> None:
+    """POST /admin/keys/reload cannot read the fleet's key set while Redis is down: 503 with
+    Retry-After (the keys in force stay), and 200 again once it answers."""
+    _, admin = generate(redis_server.url, tmp_path / "operator", "ops", "--scopes", "admin")
+    config = auth_config(tmp_path, redis_url=redis_server.url, redis_timeout=0.3)
+
+    async with serve_gateway(metered_fake.url, config, models=METERED.models) as gw:
+        async def reload() -> tuple[int, str | None, Any]:
+            async with http.post(gw.url + "/admin/keys/reload", headers=bearer(admin)) as r:
+                return r.status, r.headers.get("Retry-After"), await r.json()
+
+        status, _, body = await reload()
+        assert status == 200 and body["ok"] is True, body
+        redis_server.pause()
+        try:
+            async def refused() -> Any:
+                answer = await reload()
+                return answer if answer[0] != 200 else None
+
+            status, retry_after, body = await wait_until(refused, "a reload refused")
+            assert (status, retry_after) == (503, "2"), body
+            assert_openai_error(body, "service_unavailable", "fleet_unavailable")
+        finally:
+            redis_server.resume()
+
+        async def reloaded() -> Any:
+            status, _, body = await reload()
+            return body if status == 200 else None
+
+        body = await wait_until(reloaded, "a reload once Redis runs again")
+        assert body["ok"] is True and body["keys"] == 1
